@@ -1,0 +1,212 @@
+"""Transformer pieces shared by the MAE pretraining model and the ViT classifier.
+
+The modules mirror timm's `vision_transformer.py` as MAE used it, with the numerics that
+a naive port gets wrong spelled out where they occur: exact (erf) GELU, LayerNorm eps
+1e-6, xavier-uniform Linear init with a zero bias, and a patch embedding initialised
+like a Linear on its flattened (C*p*p) input. Module names equal the PyTorch attribute
+names (`blocks_3/attn/qkv`, `mlp/fc1`): the checkpoint converter relies on them.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`) and every
+activation between blocks is pinned to (`act_batch`, `act_len`, `act_emb`); the mesh
+rules in `semmae_jax.sharding` decide what those names mean on devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+LN_EPS = 1e-6  # timm's default is 1e-5; MAE builds every LayerNorm with eps=1e-6.
+ACT = ("act_batch", "act_len", "act_emb")
+
+
+def logical(init: Callable, *names: str | None) -> Callable:
+    """Attach logical axis names to a parameter initializer."""
+    return nn.with_logical_partitioning(init, names)
+
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def layer_norm(name: str | None, dtype: Dtype) -> nn.LayerNorm:
+    """LayerNorm(eps=1e-6); statistics are computed in float32 whatever `dtype` is."""
+    return nn.LayerNorm(
+        epsilon=LN_EPS,
+        dtype=dtype,
+        scale_init=logical(ones, "embed"),
+        bias_init=logical(zeros, "embed"),
+        name=name,
+    )
+
+
+def dense(features: int, names: tuple[str | None, str | None], name: str | None, dtype: Dtype, kernel_init=xavier) -> nn.Dense:
+    """A Linear as MAE initialises it: xavier-uniform kernel, zero bias."""
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        kernel_init=logical(kernel_init, *names),
+        bias_init=logical(zeros, names[1]),
+        name=name,
+    )
+
+
+def patch_bias_init(fan_in: int):
+    """PyTorch Conv2d's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): MAE keeps it."""
+    bound = fan_in**-0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class PatchEmbed(nn.Module):
+    """Stride-p convolution: one Dense applied to every p x p x C patch.
+
+    The kernel is xavier-uniform over the (C*p*p, D) view, as MAE does with
+    `xavier_uniform_(w.view([w.shape[0], -1]))`; Flax's own conv fans would differ.
+    """
+
+    patch_size: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch_size
+        fan_in = p * p * images.shape[-1]
+        x = nn.Conv(
+            self.embed_dim,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=logical(nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), None, None, None, "embed"),
+            bias_init=logical(patch_bias_init(fan_in), "embed"),
+            name="proj",
+        )(images)
+        n, gh, gw, d = x.shape
+        return x.reshape(n, gh * gw, d)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection.
+
+    The qkv kernel is [D, 3, heads, head_dim] (the torch [3D, D] weight, transposed and
+    split): it initialises with the same xavier bound (fans D and 3D) and lets tensor
+    parallelism split whole heads. The softmax runs in float32 for any compute dtype.
+    """
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dim = x.shape[-1]
+        head_dim = dim // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, self.num_heads, head_dim),
+            dtype=self.dtype,
+            kernel_init=logical(xavier, "embed", None, "heads", "kv"),
+            bias_init=logical(zeros, None, "heads", "kv"),
+            name="qkv",
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_heads", None, None))
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        self.sow("intermediates", "attention", weights)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        return nn.DenseGeneral(
+            dim,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=logical(xavier, "heads", "kv", "embed"),
+            bias_init=logical(zeros, "embed"),
+            name="proj",
+        )(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2 (Flax's default `nn.gelu` is the tanh approximation)."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = dense(self.hidden_dim, ("embed", "mlp"), "fc1", self.dtype)(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("act_batch", "act_len", "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype)(h)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample, as timm's `drop_path` (rescaled by 1 / keep)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return x * mask.astype(x.dtype) / jnp.asarray(keep, x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x))."""
+
+    num_heads: int
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        dim = x.shape[-1]
+        drop = DropPath(self.drop_path)
+        x = x + drop(Attention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x)), deterministic)
+        mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")
+        x = x + drop(mlp(layer_norm("norm2", self.dtype)(x)), deterministic)
+        return nn.with_logical_constraint(x, ACT)
+
+
+def make_blocks(
+    depth: int,
+    num_heads: int,
+    *,
+    mlp_ratio: float,
+    dtype: Dtype,
+    remat: bool,
+    drop_path_rates: Sequence[float] | None = None,
+) -> list[Block]:
+    """`depth` blocks for a `setup()` list attribute (Flax names them `{attr}_{i}`).
+
+    With `remat`, activations inside each block are recomputed in the backward pass
+    (`nn.remat`), trading compute for memory on the big models.
+    """
+    block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
+    rates = drop_path_rates if drop_path_rates is not None else [0.0] * depth
+    return [block_cls(num_heads, mlp_ratio, rates[i], dtype) for i in range(depth)]
+
+
+def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool = True) -> jax.Array:
+    for block in blocks:
+        x = block(x, deterministic)
+    return x
+
+
+def drop_path_schedule(rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate rising linearly from 0 to `rate` over the blocks (timm's `dpr`)."""
+    if depth == 1:
+        return [0.0]
+    return [rate * i / (depth - 1) for i in range(depth)]

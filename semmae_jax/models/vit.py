@@ -1,0 +1,97 @@
+"""Vision Transformer classifier for fine-tuning and evaluation, as MAE's `models_vit.py`
+(a timm `VisionTransformer` with `global_pool`), in Flax.
+
+`global_pool=True` (MAE's fine-tuning default): mean of the patch tokens -> `fc_norm` ->
+head, and the final `norm` does not exist. `global_pool=False`: final `norm` -> cls
+token -> head. With `num_classes=0` the model returns the pooled features (linear
+probing, frozen backbones). The position table is the checkpoint's (sin-cos at
+init) and, unlike in pretraining, it is trained.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from semmae_jax.models.layers import (
+    ACT,
+    Dtype,
+    PatchEmbed,
+    apply_blocks,
+    dense,
+    drop_path_schedule,
+    layer_norm,
+    logical,
+    make_blocks,
+)
+from semmae_jax.models.pos_embed import sincos_init
+
+HEAD_INIT_STD = 2e-5  # MAE's fine-tuning re-initialises the head with trunc_normal(std=2e-5).
+
+
+class VisionTransformer(nn.Module):
+    """ViT with mean-pool (`global_pool=True`) or cls-token classification."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    global_pool: bool = True
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    def setup(self) -> None:
+        num_patches = self.grid_size**2
+        self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
+        self.cls_token = self.param("cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.embed_dim))
+        self.pos_embed = self.param(
+            "pos_embed", logical(sincos_init(self.grid_size), None, None, "embed"), (1, num_patches + 1, self.embed_dim)
+        )
+        self.blocks = make_blocks(
+            self.depth,
+            self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            dtype=self.dtype,
+            remat=self.remat,
+            drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth),
+        )
+        if self.global_pool:
+            self.fc_norm = layer_norm(None, self.dtype)
+        else:
+            self.norm = layer_norm(None, self.dtype)
+        if self.num_classes:
+            head_init = nn.initializers.truncated_normal(HEAD_INIT_STD)
+            self.head = dense(self.num_classes, ("embed", "classes"), None, self.dtype, kernel_init=head_init)
+
+    def tokens(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """All tokens [N, 1 + L, D] after the blocks (and after `norm` when cls-pooled)."""
+        expected = (self.img_size, self.img_size, self.in_chans)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"VisionTransformer expects images [N, {', '.join(map(str, expected))}] (NHWC), got {tuple(images.shape)}"
+            )
+        x = self.patch_embed(images.astype(self.dtype))
+        cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
+        x = apply_blocks(self.blocks, nn.with_logical_constraint(x, ACT), deterministic=not train)
+        return x if self.global_pool else self.norm(x)
+
+    def features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """The pooled representation the head sees: [N, D]."""
+        x = self.tokens(images, train)
+        return self.fc_norm(x[:, 1:].mean(axis=1)) if self.global_pool else x[:, 0]
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Logits [N, num_classes] in float32 (pooled features when `num_classes == 0`)."""
+        x = self.features(images, train)
+        return (self.head(x) if self.num_classes else x).astype(jnp.float32)
