@@ -68,3 +68,52 @@ def load_params(path: str | Path, abstract_params: Any = None) -> tuple[Any, dic
 def abstract_like(tree: Any) -> Any:
     """`jax.ShapeDtypeStruct` leaves (with shardings where the leaves have them)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+class RunCheckpoints:
+    """The checkpoints of one run: an orbax `CheckpointManager` over named items.
+
+    Array items (params, optimizer state, step and rng) are saved sharded, every
+    process writing its own shards, and committed once; JSON items (progress, config)
+    by the primary process. Saving is asynchronous: the step loop goes on while the
+    arrays are written, and `wait()` blocks until the last save is committed.
+    Restoring takes abstract items whose shardings may differ from the saved ones (a
+    checkpoint moves between meshes and process counts).
+    """
+
+    def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, async_save: bool = True) -> None:
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, arrays: dict[str, Any], json_items: dict[str, dict[str, Any]]) -> None:
+        items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
+        items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(
+        self, step: int, abstract_arrays: dict[str, Any], json_names: tuple[str, ...] = ()
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """(array items placed as `abstract_arrays` say, JSON items) of step `step`."""
+        items = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_arrays.items()}
+        items.update({name: ocp.args.JsonRestore() for name in json_names})
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return {n: restored[n] for n in abstract_arrays}, {n: restored[n] for n in json_names}
+
+    def item_names(self, step: int) -> list[str]:
+        step_dir = self.directory / str(step)
+        return sorted(p.name for p in step_dir.iterdir() if p.is_dir()) if step_dir.is_dir() else []
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

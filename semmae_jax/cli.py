@@ -10,12 +10,17 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # command -> (module with `main(argv)`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("semmae_jax.train.pretrain", "MAE / SemMAE pretraining (no flags: the embedded demo)"),
     "convert": ("convert.cli", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
     "parity": ("convert.parity", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
+    "parts import-semmae": ("semmae_jax.data.import_semmae", "the original's released part data -> PNG part maps"),
 }
+# Jobs that take checkpoints (`--resume`, `--finetune`): they get `load_checkpoint_params`.
+JOBS = ("pretrain",)
 
 
 def usage() -> str:
@@ -29,9 +34,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         raise SystemExit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
+    command = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
+    rest = argv[len(command.split()) :]
     if command not in COMMANDS:
         print(f"main.py: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(COMMANDS[command][0])
-    module.main(rest)
+    if command in JOBS:
+        module.main(rest, load_params=load_checkpoint_params)
+    else:
+        module.main(rest)
+
+
+def load_checkpoint_params(path: str, model_name: str, img_size: int) -> Any:
+    """Params for `model_name` from a `.pth` (converted in memory) or an orbax checkpoint.
+
+    The glue between the jobs and the converter: the library never imports `convert`.
+    """
+    from convert import params_from_checkpoint
+
+    params, _, _ = params_from_checkpoint(path, model_name, img_size=img_size)
+    return params

@@ -31,6 +31,11 @@ def logical(init: Callable, *names: str | None) -> Callable:
 
 
 xavier = nn.initializers.xavier_uniform()
+
+
+def xavier_over(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]) -> Callable:
+    """xavier-uniform with the fans of a multi-axis kernel: the torch Linear it stands for."""
+    return nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
 zeros = nn.initializers.zeros
 ones = nn.initializers.ones
 
@@ -46,7 +51,9 @@ def layer_norm(name: str | None, dtype: Dtype) -> nn.LayerNorm:
     )
 
 
-def dense(features: int, names: tuple[str | None, str | None], name: str | None, dtype: Dtype, kernel_init=xavier) -> nn.Dense:
+def dense(
+    features: int, names: tuple[str | None, str | None], name: str | None, dtype: Dtype, kernel_init=xavier
+) -> nn.Dense:
     """A Linear as MAE initialises it: xavier-uniform kernel, zero bias."""
     return nn.Dense(
         features,
@@ -88,7 +95,7 @@ class PatchEmbed(nn.Module):
             strides=(p, p),
             padding="VALID",
             dtype=self.dtype,
-            kernel_init=logical(nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), None, None, None, "embed"),
+            kernel_init=logical(xavier_over(in_axis=(0, 1, 2), out_axis=3), None, None, None, "embed"),
             bias_init=logical(patch_bias_init(fan_in), "embed"),
             name="proj",
         )(images)
@@ -100,8 +107,9 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
     The qkv kernel is [D, 3, heads, head_dim] (the torch [3D, D] weight, transposed and
-    split): it initialises with the same xavier bound (fans D and 3D) and lets tensor
-    parallelism split whole heads. The softmax runs in float32 for any compute dtype.
+    split) and the output kernel [heads, head_dim, D]: they initialise with the torch
+    Linear's xavier bound (qkv fans D and 3D) and let tensor parallelism split whole
+    heads. The softmax runs in float32 for any compute dtype.
     """
 
     num_heads: int
@@ -111,10 +119,11 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
         head_dim = dim // self.num_heads
-        qkv = nn.DenseGeneral(
-            (3, self.num_heads, head_dim),
+        qkv = nn.Einsum(
+            (dim, 3, self.num_heads, head_dim),
+            "bnd,dthk->bnthk",
             dtype=self.dtype,
-            kernel_init=logical(xavier, "embed", None, "heads", "kv"),
+            kernel_init=logical(xavier_over(in_axis=0, out_axis=(1, 2, 3)), "embed", None, "heads", "kv"),
             bias_init=logical(zeros, None, "heads", "kv"),
             name="qkv",
         )(x)
@@ -124,11 +133,11 @@ class Attention(nn.Module):
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         self.sow("intermediates", "attention", weights)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-        return nn.DenseGeneral(
-            dim,
-            axis=(-2, -1),
+        return nn.Einsum(
+            (self.num_heads, head_dim, dim),
+            "bnhk,hkd->bnd",
             dtype=self.dtype,
-            kernel_init=logical(xavier, "heads", "kv", "embed"),
+            kernel_init=logical(xavier_over(in_axis=(0, 1), out_axis=2), "heads", "kv", "embed"),
             bias_init=logical(zeros, "embed"),
             name="proj",
         )(out)
@@ -174,7 +183,9 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dim = x.shape[-1]
         drop = DropPath(self.drop_path)
-        x = x + drop(Attention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x)), deterministic)
+        x = x + drop(
+            Attention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x)), deterministic
+        )
         mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")
         x = x + drop(mlp(layer_norm("norm2", self.dtype)(x)), deterministic)
         return nn.with_logical_constraint(x, ACT)

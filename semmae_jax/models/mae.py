@@ -35,11 +35,13 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(n, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(patches: jax.Array, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3) -> jax.Array:
+def unpatchify(
+    patches: jax.Array, patch_size: int, grid: tuple[int, int] | None = None, channels: int = 3
+) -> jax.Array:
     """Inverse of `patchify`: [N, L, p*p*C] -> [N, H, W, C] (square grid unless `grid`)."""
     n, length, _ = patches.shape
     p = patch_size
-    gh, gw = grid if grid is not None else (int(round(length**0.5)),) * 2
+    gh, gw = grid if grid is not None else (round(length**0.5),) * 2
     if gh * gw != length:
         raise ValueError(f"{length} patches do not form a {gh}x{gw} grid")
     x = patches.reshape(n, gh, gw, p, p, channels).transpose(0, 1, 3, 2, 4, 5)
@@ -119,7 +121,9 @@ class MaskedAutoencoderViT(nn.Module):
         # Decoder.
         self.decoder_embed = dense(self.decoder_embed_dim, (None, "embed"), None, self.dtype)
         self.mask_token = self.param("mask_token", tokens, (1, 1, self.decoder_embed_dim))
-        self.decoder_pos_embed = self.param("decoder_pos_embed", table, (1, self.num_patches + 1, self.decoder_embed_dim))
+        self.decoder_pos_embed = self.param(
+            "decoder_pos_embed", table, (1, self.num_patches + 1, self.decoder_embed_dim)
+        )
         self.decoder_blocks = make_blocks(self.decoder_depth, self.decoder_num_heads, **blocks)
         self.decoder_norm = layer_norm(None, self.dtype)
         self.decoder_pred = dense(self.patch_size**2 * self.in_chans, ("embed", None), None, self.dtype)

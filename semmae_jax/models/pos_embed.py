@@ -60,7 +60,7 @@ def interpolate_pos_embed(
     """
     pos_embed = np.asarray(pos_embed)
     extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
-    old = int(round(grid.shape[1] ** 0.5))
+    old = round(grid.shape[1] ** 0.5)
     if old * old != grid.shape[1]:
         raise ValueError(f"position table with {grid.shape[1]} grid rows is not a square grid")
     gh, gw = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid

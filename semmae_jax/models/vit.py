@@ -27,7 +27,10 @@ from semmae_jax.models.layers import (
 )
 from semmae_jax.models.pos_embed import sincos_init
 
-HEAD_INIT_STD = 2e-5  # MAE's fine-tuning re-initialises the head with trunc_normal(std=2e-5).
+# MAE's fine-tuning re-initialises the head with torch's trunc_normal_(std=2e-5), whose cut-off
+# is at +-2 in absolute value: at this std that is a plain normal (jax's truncated_normal cuts
+# at 2 std and shrinks the spread).
+HEAD_INIT_STD = 2e-5
 
 
 class VisionTransformer(nn.Module):
@@ -53,7 +56,9 @@ class VisionTransformer(nn.Module):
     def setup(self) -> None:
         num_patches = self.grid_size**2
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
-        self.cls_token = self.param("cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.embed_dim))
+        self.cls_token = self.param(
+            "cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.embed_dim)
+        )
         self.pos_embed = self.param(
             "pos_embed", logical(sincos_init(self.grid_size), None, None, "embed"), (1, num_patches + 1, self.embed_dim)
         )
@@ -70,7 +75,7 @@ class VisionTransformer(nn.Module):
         else:
             self.norm = layer_norm(None, self.dtype)
         if self.num_classes:
-            head_init = nn.initializers.truncated_normal(HEAD_INIT_STD)
+            head_init = nn.initializers.normal(HEAD_INIT_STD)
             self.head = dense(self.num_classes, ("embed", "classes"), None, self.dtype, kernel_init=head_init)
 
     def tokens(self, images: jax.Array, train: bool = False) -> jax.Array:

@@ -1,0 +1,79 @@
+"""Job configs: a typed dataclass per job, presets in `configs/NAME.py`, flags on top.
+
+Field names are the original's flag names (`batch_size`, `blr`, `epochs`,
+`mask_ratio`, ...), so `--NAME VALUE` overrides the field of the same name and the
+original command lines work as written. A preset file defines `get_config()` returning
+the job's dataclass (its docstring gives the command, the expected time and result).
+Only flags actually given override the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _flag_type(annotation: Any) -> tuple[type, bool]:
+    """(base type, optional) of a field annotation such as `float | None`."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        base = [a for a in args if a is not type(None)]
+        return base[0], True
+    return annotation, False
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, aliases: dict[str, dict[str, Any]] | None = None) -> None:
+    """One flag per dataclass field (`--name`; booleans also `--no-name`), help from `metadata['help']`.
+
+    Defaults are suppressed so that `parse_args` holds only the flags given; `aliases`
+    maps extra flag names to (field, value), e.g. `--cls_token` -> global_pool=False.
+    """
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        base, optional = _flag_type(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        flag = f"--{field.name}"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = (lambda v, b=base: None if v.lower() == "none" else b(v)) if optional else base
+            choices = field.metadata.get("choices")
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices, help=help_text, metavar=base.__name__.upper())
+    for flag, (dest, value) in (aliases or {}).items():
+        parser.add_argument(flag, dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=f"same as --{dest}={value}")
+
+
+def load_preset(name_or_path: str, config_cls: type[C]) -> C:
+    """`configs/NAME.py` (or a path) -> its `get_config()`, which must be a `config_cls`."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py"))
+        raise FileNotFoundError(f"--config: no preset {name_or_path!r} (looked for {path}); presets: {', '.join(known)}")
+    spec = importlib.util.spec_from_file_location(f"semmae_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    if not isinstance(config, config_cls):
+        raise TypeError(f"--config {path}: get_config() returned {type(config).__name__}, expected {config_cls.__name__}")
+    return config
+
+
+def apply_flags(config: C, flags: argparse.Namespace) -> C:
+    """The preset with the given flags on top (unknown names were rejected by argparse)."""
+    given = {k: v for k, v in vars(flags).items() if k in {f.name for f in dataclasses.fields(config)}}
+    return dataclasses.replace(config, **given)
+
+
+def field(default: Any, help: str, **metadata: Any) -> Any:
+    """A dataclass field with its flag's help text."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})

@@ -1,0 +1,53 @@
+"""Run logs: TensorBoard scalars and images, and the original's JSON-lines `log.txt`.
+
+Only the primary process writes; on the others every method is a no-op, so callers
+need no `if process_index == 0` of their own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from semmae_jax.distributed import is_primary
+
+
+class RunLog:
+    """`log.txt` in `output_dir` (one JSON object per epoch) and TensorBoard in `log_dir`."""
+
+    def __init__(self, output_dir: str | Path, log_dir: str | Path | None = None) -> None:
+        self.enabled = is_primary()
+        self.output_dir = Path(output_dir)
+        self._writer = None
+        if self.enabled:
+            from flax.metrics.tensorboard import SummaryWriter  # imports TensorFlow: only where logging happens
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(log_dir or output_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.scalar(name, float(value), step)
+            self._writer.flush()
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self._writer is not None:
+            self._writer.image(name, image, step)
+            self._writer.flush()
+
+    def epoch_line(self, values: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.output_dir / "log.txt", "a") as f:
+                f.write(json.dumps(values) + "\n")
+
+    def print(self, *args: Any) -> None:
+        if self.enabled:
+            print(*args, flush=True)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

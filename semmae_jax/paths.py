@@ -1,0 +1,24 @@
+"""Parameter paths as 'blocks_3/attn/qkv/kernel' strings: the language of every regex table
+(sharding rules, optimizer tables, converter key table)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+
+def path_str(key_path: tuple) -> str:
+    """A jax key path -> 'a/b/c'."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in key_path)
+
+
+def flat_by_path(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+    """{'a/b/c': leaf} for every leaf of `tree`."""
+    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
+    """A tree like `tree` with fn('a/b/c', leaf) at every leaf."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree, is_leaf=is_leaf)

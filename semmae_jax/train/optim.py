@@ -1,0 +1,114 @@
+"""Optimizers as the original recipes build them, with optax, driven by tables.
+
+Per-parameter behaviour is decided by regex tables over parameter paths
+('blocks_3/mlp/fc1/kernel'), the first match winning, and is logged once at start:
+
+* `NO_WEIGHT_DECAY`: 1-d parameters (norms, biases), tokens and position tables.
+  (MAE's pretraining used timm-0.3.2's `add_weight_decay` with an empty skip list,
+  which decays `cls_token` and `mask_token`; we apply its fine-tuning rule, which
+  exempts them, in both: two vectors, no measurable difference.)
+* frozen parameters (MAE's sin-cos tables) get no update and no optimizer state.
+* layer-wise lr decay (fine-tuning) is an lr-multiplier table: `layer_id` gives 0 to
+  cls_token / pos_embed / patch_embed, i+1 to block i, depth+1 to the rest, and the
+  multiplier is decay ** (depth + 1 - layer_id), as MAE's `param_groups_lrd`.
+
+The learning rate follows MAE's `adjust_learning_rate`: linear warm-up from 0, then a
+half-cycle cosine down to `min_lr`, evaluated at every optimizer update (not per epoch).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+
+from semmae_jax.paths import flat_by_path, map_with_path
+
+NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", r"(^|/)(cls_token|mask_token|pos_embed|decoder_pos_embed)$")
+
+
+def matches(path: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(p, path) for p in patterns)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True where weight decay applies."""
+    return map_with_path(lambda path, x: x.ndim > 1 and not matches(path, NO_WEIGHT_DECAY), params)
+
+
+def layer_id(path: str, depth: int) -> int:
+    """MAE's `get_layer_id_for_vit`: which 'layer' a parameter belongs to for lr decay."""
+    top = path.split("/")[0]
+    if top in ("cls_token", "pos_embed", "patch_embed", "mask_token"):
+        return 0
+    block = re.fullmatch(r"blocks_(\d+)", top)
+    return int(block.group(1)) + 1 if block else depth + 1
+
+
+def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
+    """The lr multiplier of every parameter under layer-wise decay."""
+    return map_with_path(lambda path, x: decay ** (depth + 1 - layer_id(path, depth)), params)
+
+
+def warmup_cosine(base_lr: float, min_lr: float, warmup_updates: int, total_updates: int) -> optax.Schedule:
+    """MAE's schedule over optimizer updates: 0 -> base_lr linearly, then cosine to min_lr."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=base_lr,
+        warmup_steps=max(warmup_updates, 0),
+        decay_steps=max(total_updates, warmup_updates + 1),
+        end_value=min_lr,
+    )
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+    """Multiply each update by a fixed per-parameter factor (the layer-decay table)."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * s, updates, scales))
+
+
+def adamw(
+    params: Any,
+    schedule: optax.Schedule,
+    *,
+    weight_decay: float,
+    betas: tuple[float, float],
+    frozen: Sequence[str] = (),
+    lr_scales: Any = None,
+    accum_iter: int = 1,
+) -> optax.GradientTransformation:
+    """Torch-style AdamW (decoupled decay, eps 1e-8) with the tables above.
+
+    `frozen` names top-level parameters that are never updated; `accum_iter` > 1
+    averages gradients over that many micro-batches before each update, as MAE's
+    `accum_iter`.
+    """
+    parts = [
+        optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=1e-8),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
+        optax.scale_by_learning_rate(schedule),
+    ]
+    if lr_scales is not None:
+        parts.append(scale_by_tree(lr_scales))
+    tx = optax.chain(*parts)
+    if frozen:
+        labels = map_with_path(lambda path, x: "frozen" if path.split("/")[0] in frozen else "train", params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return optax.MultiSteps(tx, every_k_schedule=accum_iter) if accum_iter > 1 else tx
+
+
+def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[str] = ()) -> list[str]:
+    """One line per parameter: decay on/off, lr multiplier, frozen; logged once at start."""
+    decay = flat_by_path(weight_decay_mask(params))
+    scales = flat_by_path(lr_scales) if lr_scales is not None else {}
+    lines = []
+    for path, leaf in flat_by_path(params).items():
+        rule = (
+            "frozen"
+            if path.split("/")[0] in frozen
+            else f"wd={'on' if decay[path] else 'off'} lr_scale={scales.get(path, 1.0):.4g}"
+        )
+        lines.append(f"{path} {tuple(leaf.shape)} {rule}")
+    return lines

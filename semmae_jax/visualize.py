@@ -1,0 +1,81 @@
+"""Pictures of what the model sees and makes: image | part map | mask | reconstruction.
+
+Pure numpy + PIL, so it runs anywhere the logs are written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from semmae_jax.models.mae import patchify, unpatchify
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Distinct colours for part ids 0..; "no part" is drawn black.
+PALETTE = np.array(
+    [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)],
+    np.uint8,
+)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """ImageNet-normalised NHWC float -> uint8 pixels."""
+    return np.clip((images * IMAGENET_STD + IMAGENET_MEAN) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def part_colours(labels: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Per-patch part ids [L] -> an RGB picture of the patch grid at `size` (H, W)."""
+    rgb = np.where(labels[:, None] >= 0, PALETTE[np.maximum(labels, 0) % len(PALETTE)], 0).astype(np.uint8)
+    image = Image.fromarray(rgb.reshape(*grid, 3))
+    return np.asarray(image.resize(size[::-1], Image.NEAREST))
+
+
+def reconstruction(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch_size: int, norm_pix_loss: bool) -> np.ndarray:
+    """Predicted pixels in image space, the visible patches pasted back (as MAE's demo).
+
+    With `norm_pix_loss` the prediction is per-patch standardised, so it is mapped back
+    with each target patch's own mean and (unbiased) std.
+    """
+    target = np.asarray(patchify(images, patch_size))
+    pred = np.asarray(pred, np.float32)
+    if norm_pix_loss:
+        mean = target.mean(-1, keepdims=True)
+        std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+        pred = pred * std + mean
+    mixed = np.where(mask[..., None] > 0, pred, target)
+    return np.asarray(unpatchify(mixed, patch_size, grid=(images.shape[1] // patch_size, images.shape[2] // patch_size)))
+
+
+def masked_view(images: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """The input with the removed patches greyed out."""
+    patches = np.asarray(patchify(images, patch_size))
+    grey = np.zeros_like(patches)  # zero in normalised space = the dataset mean colour
+    grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
+    return np.asarray(unpatchify(np.where(mask[..., None] > 0, grey, patches), patch_size, grid=grid))
+
+
+def pretrain_panel(
+    images: np.ndarray, part_labels: np.ndarray, mask: np.ndarray, pred: np.ndarray, patch_size: int, norm_pix_loss: bool
+) -> np.ndarray:
+    """One row per image: input | part map | masked input | reconstruction (uint8 HWC)."""
+    n, h, w, _ = images.shape
+    grid = (h // patch_size, w // patch_size)
+    rows = []
+    for i in range(n):
+        cells = [
+            to_uint8(images[i]),
+            part_colours(np.asarray(part_labels[i]), grid, (h, w)),
+            to_uint8(masked_view(images[i : i + 1], mask[i : i + 1], patch_size)[0]),
+            to_uint8(reconstruction(images[i : i + 1], pred[i : i + 1], mask[i : i + 1], patch_size, norm_pix_loss)[0]),
+        ]
+        rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(path: str | Path, image: np.ndarray) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
