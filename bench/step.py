@@ -18,19 +18,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torchvision  # noqa: E402,F401  (before TensorFlow, see tests/conftest.py)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-from convert.arch import full_config  # noqa: E402
-from convert.references import hf_mae  # noqa: E402
-from semmae_jax import sharding  # noqa: E402
-from semmae_jax.models import create_model, frozen_param_names  # noqa: E402
-from semmae_jax.train import optim  # noqa: E402
-from semmae_jax.train.state import create_state  # noqa: E402
-from semmae_jax.train.steps import jit_step, make_pretrain_step  # noqa: E402
+from convert.arch import full_config
+from convert.references import hf_mae
+from semmae_jax import sharding
+from semmae_jax.models import create_model, frozen_param_names
+from semmae_jax.train import optim
+from semmae_jax.train.state import create_state
+from semmae_jax.train.steps import jit_step, make_pretrain_step
 
 BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)
 

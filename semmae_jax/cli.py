@@ -12,15 +12,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-# command -> (module with `main(argv)`, one-line description)
+# command -> ("module:function(argv)", one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("semmae_jax.train.pretrain", "MAE / SemMAE pretraining (no flags: the embedded demo)"),
-    "convert": ("convert.cli", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
-    "parity": ("convert.parity", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
-    "parts import-semmae": ("semmae_jax.data.import_semmae", "the original's released part data -> PNG part maps"),
+    "pretrain": ("semmae_jax.train.pretrain:main", "MAE / SemMAE pretraining (no flags: the embedded demo)"),
+    "finetune": ("semmae_jax.train.finetune:main", "fine-tune (or --eval) a ViT classifier"),
+    "eval": ("semmae_jax.train.finetune:eval_main", "shorthand for `finetune --eval`"),
+    "linprobe": ("semmae_jax.train.linprobe:main", "linear probing of a pretrained encoder (LARS, BatchNorm head)"),
+    "convert": ("convert.cli:main", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
+    "parity": ("convert.parity:main", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
+    "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),
 }
 # Jobs that take checkpoints (`--resume`, `--finetune`): they get `load_checkpoint_params`.
-JOBS = ("pretrain",)
+JOBS = ("pretrain", "finetune", "eval", "linprobe")
 
 
 def usage() -> str:
@@ -39,15 +42,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"main.py: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    module = importlib.import_module(COMMANDS[command][0])
+    module_name, function = COMMANDS[command][0].split(":")
+    entry = getattr(importlib.import_module(module_name), function)
     if command in JOBS:
-        module.main(rest, load_params=load_checkpoint_params)
+        entry(rest, load_params=load_checkpoint_params)
     else:
-        module.main(rest)
+        entry(rest)
 
 
-def load_checkpoint_params(path: str, model_name: str, img_size: int) -> Any:
-    """Params for `model_name` from a `.pth` (converted in memory) or an orbax checkpoint.
+def load_checkpoint_params(path: str, model_name: str | None, img_size: int) -> Any:
+    """Params from a `.pth` (converted in memory) or an orbax checkpoint, checked against
+    `model_name` (or as saved, when None), position tables resized to `img_size`.
 
     The glue between the jobs and the converter: the library never imports `convert`.
     """

@@ -100,3 +100,20 @@ class VisionTransformer(nn.Module):
         """Logits [N, num_classes] in float32 (pooled features when `num_classes == 0`)."""
         x = self.features(images, train)
         return (self.head(x) if self.num_classes else x).astype(jnp.float32)
+
+
+class ProbeHead(nn.Module):
+    """MAE's linear-probing head: BatchNorm without affine (eps 1e-6), then a Linear.
+
+    The Linear starts from torch's trunc_normal_(std=0.01) (a normal at this std). The
+    batch statistics are those of the global batch (one all-reduced BatchNorm), where
+    the original's per-GPU BatchNorm1d saw each GPU's share.
+    """
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-6, use_bias=False, use_scale=False,
+                         name="bn")(features.astype(jnp.float32))
+        return nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01), name="head")(x)

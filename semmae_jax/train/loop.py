@@ -34,8 +34,6 @@ from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.train.state import TrainState
 
-ARRAY_ITEMS = ("params", "opt_state", "train_state")
-
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -71,27 +69,24 @@ class Schedule:
 # ---------------------------------------------------------------- checkpoints
 
 
+def _items(state: TrainState, rng_data: Any) -> dict[str, Any]:
+    items = {"params": state.params, "opt_state": state.opt_state, "train_state": {"step": state.step, "rng": rng_data}}
+    return {**items, "model_state": state.model_state} if state.model_state else items
+
+
 def state_items(state: TrainState) -> dict[str, Any]:
     """The array items of a checkpoint (the rng as raw key data: orbax stores plain arrays)."""
-    return {
-        "params": state.params,
-        "opt_state": state.opt_state,
-        "train_state": {"step": state.step, "rng": jax.random.key_data(state.rng)},
-    }
+    return _items(state, jax.random.key_data(state.rng))
 
 
 def abstract_items(state_shapes: TrainState) -> dict[str, Any]:
-    """`state_items` of the abstract (sharded) state, for a restore that places arrays."""
+    """`state_items` of the abstract state, for a restore that places arrays.
+
+    `state_shapes` must carry the target shardings (`checkpoint.abstract_like(state)`):
+    they, not the saved ones, decide where each restored shard goes.
+    """
     key_data = jax.eval_shape(jax.random.key_data, state_shapes.rng)
-    replicated = state_shapes.step.sharding
-    return {
-        "params": state_shapes.params,
-        "opt_state": state_shapes.opt_state,
-        "train_state": {
-            "step": state_shapes.step,
-            "rng": jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=replicated),
-        },
-    }
+    return _items(state_shapes, jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=state_shapes.step.sharding))
 
 
 def restore_state(checkpoints: RunCheckpoints, step: int, state_shapes: TrainState) -> TrainState:
@@ -99,7 +94,7 @@ def restore_state(checkpoints: RunCheckpoints, step: int, state_shapes: TrainSta
     train = arrays["train_state"]
     return TrainState(
         step=train["step"], params=arrays["params"], opt_state=arrays["opt_state"],
-        rng=jax.random.wrap_key_data(train["rng"]),
+        rng=jax.random.wrap_key_data(train["rng"]), model_state=arrays.get("model_state", {}),
     )
 
 

@@ -78,14 +78,16 @@ def adamw(
     frozen: Sequence[str] = (),
     lr_scales: Any = None,
     accum_iter: int = 1,
+    clip_grad: float | None = None,
 ) -> optax.GradientTransformation:
     """Torch-style AdamW (decoupled decay, eps 1e-8) with the tables above.
 
     `frozen` names top-level parameters that are never updated; `accum_iter` > 1
     averages gradients over that many micro-batches before each update, as MAE's
-    `accum_iter`.
+    `accum_iter`; `clip_grad` clips the (averaged) gradient's global norm first.
     """
-    parts = [
+    parts = [optax.clip_by_global_norm(clip_grad)] if clip_grad else []
+    parts += [
         optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=1e-8),
         optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
         optax.scale_by_learning_rate(schedule),
@@ -112,3 +114,22 @@ def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[s
         )
         lines.append(f"{path} {tuple(leaf.shape)} {rule}")
     return lines
+
+
+def lars(
+    params: Any, schedule: optax.Schedule, *, weight_decay: float = 0.0, momentum: float = 0.9,
+    trust_coefficient: float = 0.001,
+) -> optax.GradientTransformation:
+    """MAE's `util/lars.py` LARS: for >1-d params, decay then the trust ratio; momentum; lr.
+
+    The order matters with a schedule: the original accumulates momentum on the unscaled
+    update and multiplies by the current lr at application (`p -= lr * mu`), so the
+    learning rate comes last here (optax's own `lars` scales before the momentum).
+    """
+    matrices = map_with_path(lambda path, x: x.ndim > 1, params)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=matrices),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=0.0), matrices),
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(schedule),
+    )

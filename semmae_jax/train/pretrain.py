@@ -22,7 +22,7 @@ import numpy as np
 
 from semmae_jax import config as config_lib
 from semmae_jax import distributed, masking, sharding, visualize
-from semmae_jax.checkpoint import RunCheckpoints
+from semmae_jax.checkpoint import RunCheckpoints, abstract_like
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model, frozen_param_names
@@ -159,7 +159,7 @@ def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> Trai
         # Restore: this run's checkpoint > --resume > scratch.
         checkpoints = RunCheckpoints(Path(config.output_dir) / "checkpoints", max_to_keep=config.keep_checkpoints)
         params_loader = None if load_params is None else lambda path: load_params(path, config.model, model.img_size)
-        state = resume(state, jax.eval_shape(lambda s: s, state), checkpoints, config.resume, params_loader, log)
+        state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log)
         step = jit_step(make_pretrain_step(model, tx, mask_ratio=config.mask_ratio, setting=config.setting,
                                            num_parts=config.num_parts),
                         shardings, sharding.batch_sharding(mesh), mesh)

@@ -7,6 +7,7 @@ under `jax.jit(..., out_shardings=...)` so each device only ever holds its shard
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # base key; per-step keys are fold_in(rng, step)
+    model_state: Any = flax.struct.field(default_factory=dict)  # other collections, e.g. batch_stats
 
     def step_key(self, stream: int) -> jax.Array:
         """A key unique to (this step, stream), so a resumed run draws what the first would."""
@@ -39,8 +41,53 @@ def state_shardings(abstract_state: TrainState, logical_specs: Any, mesh: Mesh) 
     """NamedShardings for every leaf of the state, following `sharding.PARAM_RULES`."""
     pspecs = sharding.param_specs(abstract_state.params, logical_specs, mesh)
     ospecs = sharding.specs_like_params(abstract_state.opt_state, pspecs, abstract_state.params)
-    specs = TrainState(step=PartitionSpec(), params=pspecs, opt_state=ospecs, rng=PartitionSpec())
+    mspecs = jax.tree.map(lambda x: PartitionSpec(), abstract_state.model_state)
+    specs = TrainState(step=PartitionSpec(), params=pspecs, opt_state=ospecs, rng=PartitionSpec(), model_state=mspecs)
     return sharding.named(mesh, specs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePlan:
+    """A TrainState before it exists: shapes and shardings (`abstract`), the optimizer,
+    and the function that builds it (from given params, or from an init when None)."""
+
+    abstract: TrainState
+    shardings: TrainState
+    tx: optax.GradientTransformation
+    build: Callable[[Any], TrainState]
+    abstract_params: Any
+
+
+def plan_state(
+    model: nn.Module,
+    make_tx: Callable[[Any], optax.GradientTransformation],
+    example_inputs: tuple[jax.ShapeDtypeStruct, ...],
+    mesh: Mesh,
+    seed: int,
+) -> StatePlan:
+    """Shapes via `jax.eval_shape`, placement via `sharding.PARAM_RULES`; nothing allocated.
+
+    `make_tx` receives the abstract params, as the optimizer's tables (decay masks,
+    layer scales) depend on them.
+    """
+    init_key = jax.random.key(seed)
+    rngs = {"params": init_key, "mask": init_key, "dropout": init_key}
+    boxed = jax.eval_shape(lambda *x: model.init(rngs, *x), *example_inputs)["params"]
+    abstract_params = nn.unbox(boxed)
+    tx = make_tx(abstract_params)
+
+    @sharding.with_logical_rules
+    def build(params: Any) -> TrainState:
+        variables = nn.unbox(model.init(rngs, *[jnp.zeros(x.shape, x.dtype) for x in example_inputs]))
+        params = variables.pop("params") if params is None else params
+        variables.pop("params", None)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          rng=jax.random.key(seed + 1), model_state=variables)
+
+    shapes = jax.eval_shape(build, abstract_params)
+    shardings = state_shardings(shapes, nn.get_partition_spec(boxed), mesh)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return StatePlan(abstract, shardings, tx, build, abstract_params)
 
 
 def create_state(
@@ -51,35 +98,18 @@ def create_state(
     seed: int,
     init_params: Any = None,
 ) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
-    """Initialise (or place `init_params` into) a sharded TrainState.
+    """Initialise (or place `init_params` into) a sharded TrainState, never unsharded.
 
-    Returns (state, its shardings, the optimizer). `make_tx` receives the abstract
-    params, as the optimizer's tables (decay masks, layer scales) depend on them.
+    Returns (state, its shardings, the optimizer).
     """
-    init_key = jax.random.key(seed)
-    rngs = {"params": init_key, "mask": init_key, "dropout": init_key}
-    boxed = jax.eval_shape(lambda *x: model.init(rngs, *x), *example_inputs)["params"]
-    logical_specs = nn.get_partition_spec(boxed)
-    abstract_params = nn.unbox(boxed)
-    tx = make_tx(abstract_params)
-
-    def build(params: Any) -> TrainState:
-        if params is None:
-            params = nn.unbox(model.init(rngs, *[jnp.zeros(x.shape, x.dtype) for x in example_inputs])["params"])
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key(seed + 1)
-        )
-
-    build = sharding.with_logical_rules(build)
-    abstract_state = jax.eval_shape(build, abstract_params)
-    shardings = state_shardings(abstract_state, logical_specs, mesh)
+    plan = plan_state(model, make_tx, example_inputs, mesh, seed)
     if init_params is None:
-        state = jax.jit(lambda: build(None), out_shardings=shardings)()
+        state = jax.jit(lambda: plan.build(None), out_shardings=plan.shardings)()
     else:
-        _check_same_shapes(init_params, abstract_params)
-        placed = jax.device_put(init_params, shardings.params)
-        state = jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(placed)
-    return state, shardings, tx
+        _check_same_shapes(init_params, plan.abstract_params)
+        placed = jax.device_put(init_params, plan.shardings.params)
+        state = jax.jit(plan.build, in_shardings=(plan.shardings.params,), out_shardings=plan.shardings)(placed)
+    return state, plan.shardings, plan.tx
 
 
 def _check_same_shapes(given: Any, expected: Any) -> None:

@@ -1,0 +1,101 @@
+"""Per-device memory of the compiled pretraining step, data-parallel vs FSDP, on big meshes.
+
+    python bench/memory.py [--models mae_vit_base_patch16,...] [--devices 8,64,256] [--batch 4096]
+
+Nothing runs: each (model, mesh) step is lowered on fake CPU devices and compiled, and
+XLA's memory analysis gives the bytes one device needs (arguments + outputs + temporaries
+- donated aliases). One subprocess per device count, since the fake-device count is
+fixed when JAX starts. This is the evidence that a run fits once the batch and the
+parameters are spread over more machines than one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+STRATEGIES = {"data": "data:-1", "fsdp": "fsdp:-1"}
+
+
+def measure(model_name: str, mesh_spec: str, batch: int, dtype: str, remat: bool) -> dict:
+    """Compile one step for the abstract state and batch; XLA's per-device memory figures."""
+    import jax
+    import jax.numpy as jnp
+
+    from semmae_jax import sharding
+    from semmae_jax.models import create_model, frozen_param_names
+    from semmae_jax.train import optim
+    from semmae_jax.train.state import plan_state
+    from semmae_jax.train.steps import jit_step, make_pretrain_step
+
+    model = create_model(model_name, dtype=dtype, remat=remat)
+    mesh = sharding.make_mesh(mesh_spec)
+
+    def make_tx(params):
+        return optim.adamw(params, optim.warmup_cosine(1e-4, 0.0, 10, 100), weight_decay=0.05, betas=(0.9, 0.95),
+                           frozen=frozen_param_names(model))
+
+    images = jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32)
+    with jax.set_mesh(mesh):
+        plan = plan_state(model, make_tx, (images,), mesh, seed=0)
+        batch_sharding = sharding.batch_sharding(mesh)
+        abstract_batch = {
+            "image": jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=batch_sharding),
+            "part_labels": jax.ShapeDtypeStruct((batch, model.num_patches), jnp.int32, sharding=batch_sharding),
+        }
+        step = jit_step(make_pretrain_step(model, plan.tx, mask_ratio=0.75, setting=3, num_parts=8), plan.shardings,
+                        batch_sharding, mesh)
+        compiled = step.lower(plan.abstract, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    params = sum(x.size for x in jax.tree.leaves(plan.abstract.params))
+    return {"model": model_name, "mesh": dict(mesh.shape), "devices": mesh.size, "params": params,
+            "state_gib": mem.argument_size_in_bytes / 2**30, "temp_gib": mem.temp_size_in_bytes / 2**30,
+            "total_gib": total / 2**30}
+
+
+def child(args: argparse.Namespace) -> None:
+    for name in args.models.split(","):
+        for strategy, spec in STRATEGIES.items():
+            result = measure(name, spec, args.batch, args.dtype, args.remat)
+            print(json.dumps({**result, "strategy": strategy}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14")
+    parser.add_argument("--devices", default="8,64,256")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    rows = []
+    for count in map(int, args.devices.split(",")):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
+        command = [sys.executable, __file__, "--child", "--models", args.models, "--batch", str(args.batch),
+                   "--dtype", args.dtype] + (["--remat"] if args.remat else [])
+        out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    print(f"global batch {args.batch}, compute {args.dtype}{', remat' if args.remat else ''}; GiB per device "
+          f"(state = params + optimizer + batch shard, total = XLA's peak estimate)\n")
+    print("| model | devices | data-parallel: state / total | FSDP: state / total |")
+    print("|---|---|---|---|")
+    for name in args.models.split(","):
+        for count in map(int, args.devices.split(",")):
+            cells = {r["strategy"]: r for r in rows if r["model"] == name and r["devices"] == count}
+            data, fsdp = cells["data"], cells["fsdp"]
+            print(f"| {name} | {count} | {data['state_gib']:.2f} / {data['total_gib']:.2f} | "
+                  f"{fsdp['state_gib']:.2f} / {fsdp['total_gib']:.2f} |")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,98 @@
+"""Classification evaluation: top-1 / top-5 / loss over every image exactly once.
+
+The evaluation loader pads the last batches and marks the padding (`mask`), so the
+sums below ignore it; counts are integers and the sums are reduced over the global
+(sharded) batch inside the jitted step, so the figures do not depend on the mesh, the
+batch size or the number of processes. Output in the original's words:
+`* Acc@1 X Acc@5 Y loss Z`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from semmae_jax import sharding
+from semmae_jax.data.global_arrays import prefetch_to_device
+from semmae_jax.distributed import is_primary
+
+LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> logits [B, C]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    acc1: float  # percent
+    acc5: float
+    loss: float  # mean cross-entropy
+    count: int
+    per_class: dict[int, dict[str, float]]
+
+    def original_lines(self) -> str:
+        """What MAE's `engine_finetune.evaluate` and `main_finetune` print."""
+        return (f"* Acc@1 {self.acc1:.3f} Acc@5 {self.acc5:.3f} loss {self.loss:.3f}\n"
+                f"Accuracy of the network on the {self.count} test images: {self.acc1:.1f}%")
+
+    def metrics(self) -> dict[str, float]:
+        return {"test_acc1": self.acc1, "test_acc5": self.acc5, "test_loss": self.loss}
+
+    def write_per_class(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({str(k): v for k, v in sorted(self.per_class.items())}, indent=1))
+
+
+def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict[str, jax.Array]:
+    """Masked sums for one batch: correct@1, correct@5, cross-entropy, per-class counts."""
+    logits = logits.astype(jnp.float32)
+    valid = mask.astype(jnp.int32)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit1 = (top5[:, 0] == labels).astype(jnp.int32) * valid
+    hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.int32) * valid
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * valid[:, None]
+    return {
+        "correct1": hit1.sum(), "correct5": hit5.sum(), "loss": jnp.sum(nll * mask), "count": valid.sum(),
+        "class_count": one_hot.sum(0), "class_correct1": (one_hot * hit1[:, None]).sum(0),
+    }
+
+
+def make_eval_step(logits_fn: LogitsFn, num_classes: int, mesh: jax.sharding.Mesh, variables_sharding: Any) -> Callable:
+    """Jitted (variables, batch, running sums) -> running sums, all on the devices."""
+
+    @sharding.with_logical_rules
+    def step(variables: Any, batch: dict[str, jax.Array], sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        new = batch_sums(logits_fn(variables, batch["image"]), batch["label"], batch["mask"], num_classes)
+        return jax.tree.map(jnp.add, sums, new)
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(variables_sharding, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=replicated, donate_argnums=(2,))
+
+
+def evaluate(eval_step: Callable, variables: Any, batches: Iterable[dict[str, np.ndarray]], num_batches: int,
+             num_classes: int, mesh: jax.sharding.Mesh) -> EvalResult:
+    """Run the loader once; every process gets the same result."""
+    zero = {"correct1": np.int32(0), "correct5": np.int32(0), "loss": np.float32(0), "count": np.int32(0),
+            "class_count": np.zeros(num_classes, np.int32), "class_correct1": np.zeros(num_classes, np.int32)}
+    sums = jax.device_put(zero, sharding.replicated(mesh))
+    for batch in tqdm(prefetch_to_device(batches, mesh), total=num_batches, desc="eval", disable=not is_primary()):
+        sums = eval_step(variables, batch, sums)
+    sums = jax.tree.map(np.asarray, jax.device_get(sums))
+    count = int(sums["count"])
+    per_class = {
+        c: {"images": int(n), "acc1": 100.0 * int(k) / int(n)}
+        for c, (n, k) in enumerate(zip(sums["class_count"], sums["class_correct1"], strict=True)) if n
+    }
+    return EvalResult(
+        acc1=100.0 * int(sums["correct1"]) / max(count, 1),
+        acc5=100.0 * int(sums["correct5"]) / max(count, 1),
+        loss=float(sums["loss"]) / max(count, 1),
+        count=count,
+        per_class=per_class,
+    )

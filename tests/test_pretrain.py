@@ -1,0 +1,138 @@
+"""End-to-end pretraining: the demo command, resume after a kill, another mesh, a NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from semmae_jax import checkpoint, sharding
+from semmae_jax.cli import main as cli_main
+from semmae_jax.data import demo_data
+
+REPO = Path(__file__).resolve().parent.parent
+# A tiny model on the demo data: 32 x 32 crops, 4 x 4 patches; 2 steps of 16 images an epoch.
+TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
+        "--num_workers", "2", "--log_every", "1", "--vis_every", "1", "--save_every", "1", "--warmup_epochs", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_cache(tmp_path_factory):
+    """One demo dataset for the module, in a private cache (also seen by subprocesses)."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("SEMMAE_CACHE")
+    os.environ["SEMMAE_CACHE"] = str(cache)
+    demo_data()
+    yield cache
+    if old is None:
+        del os.environ["SEMMAE_CACHE"]
+    else:
+        os.environ["SEMMAE_CACHE"] = old
+
+
+def pretrain(*flags: str) -> None:
+    cli_main(["pretrain", *TINY, *flags])
+
+
+def final_params(output_dir: Path):
+    params, _ = checkpoint.load_params(output_dir / "checkpoints")
+    return params
+
+
+@pytest.mark.slow
+def test_no_argument_demo_runs_end_to_end(tmp_path):
+    """`python main.py pretrain` with only shortening flags: falling loss, checkpoint, logs, picture.
+
+    The batch is per device and the tests see 8 fake devices: 8 x 8 is the demo's 64.
+    """
+    out = tmp_path / "demo"
+    cli_main(["pretrain", "--batch_size", "8", "--epochs", "3", "--steps_per_epoch", "4", "--log_every", "2",
+              "--output_dir", str(out)])
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2]
+    assert {"train_loss", "train_lr", "train_alpha", "epoch"} <= set(lines[0])
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[0]["train_alpha"] < lines[-1]["train_alpha"] <= 1.0  # setting 3: intra -> inter
+    assert (out / "checkpoints" / "12" / "params").is_dir()
+    assert list(out.glob("events.out.tfevents.*"))
+    assert (out / "reconstruction_epoch0002.png").is_file()
+    params, _ = checkpoint.load_params(out / "checkpoints")
+    assert params["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (128, 512)  # the demo preset's model
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path):
+    flags = ["--epochs", "3", "--seed", "3"]
+    pretrain(*flags, "--output_dir", str(tmp_path / "straight"))
+    victim = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the same 8 devices as this process
+    proc = subprocess.Popen([sys.executable, "main.py", "pretrain", *TINY, *flags, "--output_dir", str(victim)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not list(victim.glob("checkpoints/*/commit_success.txt")):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    killed_at = checkpoint.RunCheckpoints(victim / "checkpoints").latest_step()
+    assert killed_at is not None and killed_at < 6
+    pretrain(*flags, "--output_dir", str(victim))  # the same command again: resumes
+    jax.tree.map(np.testing.assert_array_equal, final_params(victim), final_params(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
+    out = tmp_path / "run"
+    pretrain("--epochs", "1", "--mesh", "data:8", "--output_dir", str(out))
+    saved = final_params(out)
+    pretrain("--epochs", "2", "--mesh", "data:2,fsdp:2,tensor:2", "--output_dir", str(out))
+    steps = checkpoint.RunCheckpoints(out / "checkpoints").all_steps()
+    assert steps == [2, 4]
+    restored, _ = checkpoint.load_params(out / "checkpoints" / "2")
+    jax.tree.map(np.testing.assert_array_equal, restored, saved)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain("--epochs", "1", "--output_dir", str(out))
+    good = final_params(out)
+    with pytest.raises(SystemExit, match=r"Loss is (nan|inf) at epoch 1 step [34], stopping training; "
+                                         r"the last good checkpoint is step 2"):
+        pretrain("--epochs", "3", "--lr", "1e30", "--output_dir", str(out))
+    assert checkpoint.RunCheckpoints(out / "checkpoints").latest_step() == 2
+    jax.tree.map(np.testing.assert_array_equal, final_params(out), good)
+
+
+def test_bad_flags_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown model 'mae_vit_tiny'"):
+        pretrain("--model", "mae_vit_tiny", "--output_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match="needs 3 devices, but 8 are available"):
+        pretrain("--mesh", "data:3", "--output_dir", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"--data_path .* does not exist"):
+        pretrain("--data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path))
+
+
+def test_the_originals_command_line_is_accepted(tmp_path):
+    """main_pretrain_setting3.py's flags as the SemMAE README writes them, on an image folder."""
+    from semmae_jax.train.pretrain import parse
+
+    root = demo_data()
+    config = parse(["--output_dir", str(tmp_path), "--log_dir", str(tmp_path), "--batch_size", "128",
+                    "--model", "mae_vit_base_patch16", "--norm_pix_loss", "--mask_ratio", "0.75", "--epochs", "800",
+                    "--warmup_epochs", "40", "--blr", "1.5e-4", "--weight_decay", "0.05", "--setting", "3",
+                    "--data_path", str(root)])
+    assert (config.model, config.batch_size, config.norm_pix_loss, config.setting, config.blr) == (
+        "mae_vit_base_patch16", 128, True, 3, 1.5e-4)
+    assert config.data_path == str(root) and config.warmup_epochs == 40
+    assert sharding.parse_mesh(config.mesh)["data"] == -1
