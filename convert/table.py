@@ -2,33 +2,55 @@
 
 One declarative table drives both directions, so they cannot drift:
 
-| torch key (regex)                               | flax path                        | transform            |
-|-------------------------------------------------|----------------------------------|----------------------|
-| cls_token, pos_embed, mask_token, decoder_pos_embed | same name                    | none                 |
-| patch_embed.proj.weight  [D, C, p, p]           | patch_embed/proj/kernel [p,p,C,D]| OIHW -> HWIO         |
-| {blocks,decoder_blocks}.i.norm{1,2}.weight      | {..}_i/norm{1,2}/scale           | none                 |
-| {..}.i.attn.qkv.weight   [3D, D]                | {..}_i/attn/qkv/kernel [D,3,H,hd]| transpose, reshape   |
-| {..}.i.attn.qkv.bias     [3D]                   | {..}_i/attn/qkv/bias   [3,H,hd]  | reshape              |
-| {..}.i.attn.proj.weight  [D, D]                 | {..}_i/attn/proj/kernel [H,hd,D] | transpose, reshape   |
-| any other Linear .weight [out, in]              | .../kernel [in, out]             | transpose            |
-| LayerNorm .weight / .bias                       | .../scale / .../bias             | none                 |
+| torch key (regex)                                   | flax path                         | transform            |
+|-----------------------------------------------------|-----------------------------------|----------------------|
+| cls_token, pos_embed, mask_token, decoder_pos_embed | same name                         | none                 |
+| patch_embed.proj.weight  [D, C, p, p]               | patch_embed/proj/kernel [p,p,C,D] | OIHW -> HWIO         |
+| {blocks,decoder_blocks}.i.norm{1,2}.weight          | {..}_i/norm{1,2}/scale            | none                 |
+| {..}.i.attn.qkv.weight   [3D, D]                    | {..}_i/attn/qkv/kernel [D,3,H,hd] | transpose, reshape   |
+| {..}.i.attn.qkv.bias     [3D]                       | {..}_i/attn/qkv/bias   [3,H,hd]   | reshape              |
+| {..}.i.attn.proj.weight  [D, D]                     | {..}_i/attn/proj/kernel [H,hd,D]  | transpose, reshape   |
+| any other Linear .weight [out, in]                  | .../kernel [in, out]              | transpose            |
+| LayerNorm .weight / .bias                           | .../scale / .../bias              | none                 |
 
 Every transform is a transpose and/or reshape, so a round trip gives back every tensor
-bit for bit, whatever its dtype (bfloat16 included). Arrays are numpy on the Flax side.
+bit for bit, whatever its dtype (bfloat16 included). Transforms use only array methods
+(`.T`, `.transpose`, `.reshape`), so the same rule maps a numpy array and, under
+`jax.eval_shape`, a bare shape; callers make the results contiguous.
+
+Canonical torch key order (`canonical_order`) is the order of the original code's
+`state_dict()`: a module's own parameters first, in registration order, then its
+submodules in registration order; inside a block norm1, attn.qkv, attn.proj, norm2,
+mlp.fc1, mlp.fc2, each weight before bias:
+
+- MAE pretraining (`models_mae.py`): cls_token, pos_embed, mask_token, decoder_pos_embed,
+  patch_embed.*, blocks.*, norm.*, decoder_embed.*, decoder_blocks.*, decoder_norm.*,
+  decoder_pred.*
+- fine-tuned, global pool (`models_vit.py`, timm 0.3.2 + `fc_norm` added after
+  `del self.norm`): cls_token, pos_embed, patch_embed.*, blocks.*, head.*, fc_norm.*
+- fine-tuned, cls token: cls_token, pos_embed, patch_embed.*, blocks.*, norm.*, head.*
+- encoder only (released MAE encoders, DINO, iBOT): cls_token, pos_embed, patch_embed.*,
+  blocks.*, norm.*
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 
-Array = np.ndarray
+Array = Any  # a numpy array, or a tracer under `jax.eval_shape`
 Shape = tuple[int, ...]
 
 _BLOCKS = r"(blocks|decoder_blocks)\.(\d+)\."
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted: unreadable, refused, or not the model's."""
 
 
 @dataclass(frozen=True)
@@ -46,12 +68,12 @@ def _same(x: Array, heads: int = 0) -> Array:
 
 
 def _linear_t(x: Array, heads: int = 0) -> Array:
-    return np.ascontiguousarray(x.T)
+    return x.T
 
 
 def _qkv_kernel(x: Array, heads: int) -> Array:
     three_d, dim = x.shape
-    return np.ascontiguousarray(x.T).reshape(dim, 3, heads, three_d // 3 // heads)
+    return x.T.reshape(dim, 3, heads, three_d // 3 // heads)
 
 
 def _qkv_bias(x: Array, heads: int) -> Array:
@@ -60,7 +82,7 @@ def _qkv_bias(x: Array, heads: int) -> Array:
 
 def _proj_kernel(x: Array, heads: int) -> Array:
     out, dim = x.shape
-    return np.ascontiguousarray(x.T).reshape(heads, dim // heads, out)
+    return x.T.reshape(heads, dim // heads, out)
 
 
 RULES: tuple[Rule, ...] = (
@@ -68,22 +90,17 @@ RULES: tuple[Rule, ...] = (
     Rule(
         r"^patch_embed\.proj\.weight$",
         "patch_embed/proj/kernel",
-        lambda x, h: np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
-        lambda x: np.ascontiguousarray(x.transpose(3, 2, 0, 1)),
+        lambda x, h: x.transpose(2, 3, 1, 0),
+        lambda x: x.transpose(3, 2, 0, 1),
     ),
     Rule(r"^patch_embed\.proj\.bias$", "patch_embed/proj/bias", _same, _same),
-    Rule(
-        _BLOCKS + r"attn\.qkv\.weight$",
-        r"\1_\2/attn/qkv/kernel",
-        _qkv_kernel,
-        lambda x: np.ascontiguousarray(x.reshape(x.shape[0], -1).T),
-    ),
+    Rule(_BLOCKS + r"attn\.qkv\.weight$", r"\1_\2/attn/qkv/kernel", _qkv_kernel, lambda x: x.reshape(x.shape[0], -1).T),
     Rule(_BLOCKS + r"attn\.qkv\.bias$", r"\1_\2/attn/qkv/bias", _qkv_bias, lambda x: x.reshape(-1)),
     Rule(
         _BLOCKS + r"attn\.proj\.weight$",
         r"\1_\2/attn/proj/kernel",
         _proj_kernel,
-        lambda x: np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T),
+        lambda x: x.reshape(-1, x.shape[-1]).T,
     ),
     Rule(_BLOCKS + r"(attn\.proj|mlp\.fc1|mlp\.fc2)\.bias$", r"\1_\2/\3/bias", _same, _same),
     Rule(_BLOCKS + r"(mlp\.fc1|mlp\.fc2)\.weight$", r"\1_\2/\3/kernel", _linear_t, _linear_t),
@@ -94,6 +111,17 @@ RULES: tuple[Rule, ...] = (
     Rule(r"^(decoder_embed|decoder_pred|head)\.weight$", r"\1/kernel", _linear_t, _linear_t),
     Rule(r"^(decoder_embed|decoder_pred|head)\.bias$", r"\1/bias", _same, _same),
 )
+
+# Position of each top-level torch name in the original's `state_dict()` (see the module
+# docstring); the two classifier layouts never hold both `norm` and `fc_norm`, so one
+# sequence orders them both.
+_TOP_ORDER = {
+    "mae": ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "blocks", "norm",
+            "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred"),
+    "vit": ("cls_token", "pos_embed", "patch_embed", "blocks", "norm", "head", "fc_norm"),
+}  # fmt: skip
+_BLOCK_ORDER = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+_LEAF_ORDER = ("weight", "bias")
 
 
 def flax_path(torch_key: str) -> tuple[str, Rule]:
@@ -106,27 +134,70 @@ def flax_path(torch_key: str) -> tuple[str, Rule]:
 
 
 def torch_key(path: str) -> str:
-    """The torch key for a Flax path: the inverse of `flax_path`."""
+    """The torch key for a Flax path: the inverse of `flax_path`; KeyError if none."""
     parts = path.split("/")
     if len(parts) == 1:
-        return path
-    head, leaf = parts[:-1], parts[-1]
-    if re.fullmatch(r"(blocks|decoder_blocks)_\d+", head[0]):
-        prefix, index = head[0].rsplit("_", 1)
-        head = [prefix, index, *head[1:]]
-    suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    return ".".join([*head, suffix])
+        key = path
+    else:
+        head, leaf = parts[:-1], parts[-1]
+        if re.fullmatch(r"(blocks|decoder_blocks)_\d+", head[0]):
+            prefix, index = head[0].rsplit("_", 1)
+            head = [prefix, index, *head[1:]]
+        suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(leaf, leaf)
+        key = ".".join([*head, suffix])
+    if flax_path(key)[0] != path:
+        raise KeyError(path)
+    return key
+
+
+def is_known(torch_key: str) -> bool:
+    """Whether a torch key has a rule (and so a place in a Flax model)."""
+    try:
+        flax_path(torch_key)
+    except KeyError:
+        return False
+    return True
+
+
+def heads_for(key: str, num_heads: int, decoder_num_heads: int) -> int:
+    """The head count that splits `key`'s attention weights: the decoder has its own."""
+    return decoder_num_heads if key.startswith("decoder_blocks.") else num_heads
 
 
 def to_flax_array(key: str, value: Array, num_heads: int) -> tuple[str, Array]:
+    """(flax path, array) for one torch tensor; `num_heads` of the block it belongs to."""
     path, rule = flax_path(key)
     return path, rule.to_flax(value, num_heads)
 
 
+def torch_key_and_shape(path: str, shape: Shape) -> tuple[str, Shape]:
+    """The torch key and shape of a Flax param of `shape`, traced (`jax.eval_shape`), no data."""
+    key = torch_key(path)
+    _, rule = flax_path(key)
+    return key, tuple(jax.eval_shape(rule.to_torch, jax.ShapeDtypeStruct(shape, jnp.float32)).shape)
+
+
 def to_torch_array(path: str, value: Array) -> tuple[str, Array]:
+    """(torch key, tensor) for one Flax array: the inverse of `to_flax_array`."""
     key = torch_key(path)
     _, rule = flax_path(key)
     return key, rule.to_torch(value)
+
+
+def canonical_order(keys: Iterable[str], family: str) -> list[str]:
+    """`keys` sorted as the original's `state_dict()` of `family` ('mae' or 'vit') lists them."""
+    top = _TOP_ORDER[family]
+
+    def rank(key: str) -> tuple:
+        name, _, rest = key.partition(".")
+        if name in ("blocks", "decoder_blocks"):
+            index, _, rest = rest.partition(".")
+            module, _, leaf = rest.rpartition(".")
+            return top.index(name), int(index), _BLOCK_ORDER.index(module), _LEAF_ORDER.index(leaf)
+        leaf = key.rpartition(".")[2] if rest else ""
+        return top.index(name), 0, 0, _LEAF_ORDER.index(leaf) if leaf else 0
+
+    return sorted(keys, key=rank)
 
 
 def unflatten(flat: Mapping[str, Array]) -> dict:

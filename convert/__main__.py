@@ -1,0 +1,5 @@
+"""`python -m convert ...`: see `convert.cli`."""
+
+from convert.cli import main
+
+main()
