@@ -1,0 +1,63 @@
+"""Input data: sources (image folders, TFDS), transforms with part maps, tf.data pipelines.
+
+Names are resolved lazily so that `semmae_jax.data.part_maps` and `demo` can be used
+without paying for TensorFlow's start-up.
+
+    pretrain_batches(data_path, part_path=None, *, batch_size, img_size=224, patch_size=16, seed=0)
+    open_source(data_path, split, *, dataset='folder'|'tfds:NAME', tfds_data_dir, part_path, missing_parts)
+    TrainLoader(source, *, batch_size, transform, seed, num_workers, process_index, process_count)
+        .steps_per_epoch, .epoch_batches(epoch, start_step=0), .skipped
+    EvalLoader(source, *, batch_size, transform, ...).num_batches, .batches(); eval_batches(...)
+    TrainTransform(img_size, patch_size, ...), EvalTransform(img_size, crop_pct=0.875)
+    global_batch(batch, mesh, batch_axes), prefetch_to_device(batches, mesh, batch_axes, size=2)
+    demo_data(cache_dir=None) -> Path
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from semmae_jax.data.demo import demo_data
+    from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
+    from semmae_jax.data.pipeline import EvalLoader, TrainLoader, eval_batches, pretrain_batches
+    from semmae_jax.data.sources import image_folder, open_source
+    from semmae_jax.data.transforms import EvalTransform, TrainTransform
+
+_EXPORTS = {
+    "demo_data": "demo",
+    "global_batch": "global_arrays",
+    "prefetch_to_device": "global_arrays",
+    "EvalLoader": "pipeline",
+    "TrainLoader": "pipeline",
+    "eval_batches": "pipeline",
+    "pretrain_batches": "pipeline",
+    "image_folder": "sources",
+    "open_source": "sources",
+    "EvalTransform": "transforms",
+    "TrainTransform": "transforms",
+}
+__all__ = [  # noqa: RUF022  (grouped as _EXPORTS)
+    "demo_data",
+    "global_batch",
+    "prefetch_to_device",
+    "EvalLoader",
+    "TrainLoader",
+    "eval_batches",
+    "pretrain_batches",
+    "image_folder",
+    "open_source",
+    "EvalTransform",
+    "TrainTransform",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,240 @@
+"""Synthetic demo dataset: creatures made of recurring semantic parts, with exact part maps.
+
+With no `--data_path`, the jobs train on this instead of ImageNet. It is written once
+to a cache folder in the real layout, so the demo runs the real pipeline:
+
+    ROOT/train/<class>/<class>_0000.jpg ...    (128 per class by default)
+    ROOT/val/<class>/...                       (32 per class)
+    ROOT/parts/{train,val}/<class>/<name>.png  ground-truth part maps (mirrored tree)
+    ROOT/meta.json                             part names, classes, sizes
+
+Each 96 x 96 image (the demo model crops 64) is a textured background and one
+creature at a random position, scale, tilt and facing direction. A creature is a
+union of ellipses, each belonging to a semantic part whose id means the same thing in
+every image: 0 background, 1 head, 2 torso, 3 front legs, 4 hind legs, 5 tail. Each
+part has its own colour family and texture, so parts are learnable without labels;
+the four classes differ in body plan (proportions, leg length, tail) and torso
+texture, so fine-tuning can beat chance. The part map is rendered with the image,
+pixel for pixel.
+
+Generation is deterministic (numpy seeded per image, PIL only) and takes a few
+seconds. It runs in a temporary folder that is renamed into place at the end, so an
+interrupted run never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from semmae_jax.data.part_maps import write_part_map
+
+VERSION = "demo-v1"
+IMAGE_SIZE = 96
+PART_NAMES = ("background", "head", "torso", "front legs", "hind legs", "tail")
+BACKGROUND, HEAD, TORSO, FRONT_LEGS, HIND_LEGS, TAIL = range(len(PART_NAMES))
+# Hue of each part's colour family (background: any hue, low saturation).
+PART_HUES = {HEAD: 0.0, TORSO: 0.6, FRONT_LEGS: 0.33, HIND_LEGS: 0.13, TAIL: 0.8}
+DRAW_ORDER = (TAIL, HIND_LEGS, TORSO, FRONT_LEGS, HEAD)  # later parts occlude earlier ones
+
+
+class Ellipse(NamedTuple):
+    """In the creature's frame: torso at the origin, +x forward, +y down; degrees."""
+
+    x: float
+    y: float
+    rx: float
+    ry: float
+    angle: float = 0.0
+
+
+# Body plans: part -> ellipses. Class folders sort in this order (label ids 0..3).
+BODY_PLANS: dict[str, dict[int, tuple[Ellipse, ...]]] = {
+    "blob": {
+        TORSO: (Ellipse(0, 0, 1.0, 0.85),),
+        HEAD: (Ellipse(0.95, -0.55, 0.55, 0.5),),
+        FRONT_LEGS: (Ellipse(0.5, 0.8, 0.16, 0.3), Ellipse(0.2, 0.85, 0.16, 0.3)),
+        HIND_LEGS: (Ellipse(-0.5, 0.8, 0.16, 0.3), Ellipse(-0.2, 0.85, 0.16, 0.3)),
+        TAIL: (Ellipse(-1.05, -0.2, 0.35, 0.14, -30),),
+    },
+    "hound": {
+        TORSO: (Ellipse(0, 0, 1.2, 0.5),),
+        HEAD: (Ellipse(1.35, -0.6, 0.42, 0.32, -20), Ellipse(1.0, -0.35, 0.3, 0.16, -40)),
+        FRONT_LEGS: (Ellipse(0.8, 0.8, 0.11, 0.5), Ellipse(0.5, 0.85, 0.11, 0.5)),
+        HIND_LEGS: (Ellipse(-0.8, 0.8, 0.11, 0.5), Ellipse(-0.5, 0.85, 0.11, 0.5)),
+        TAIL: (Ellipse(-1.45, -0.45, 0.5, 0.1, -40),),
+    },
+    "lizard": {
+        TORSO: (Ellipse(0, 0, 1.3, 0.35),),
+        HEAD: (Ellipse(1.55, 0, 0.4, 0.26),),
+        FRONT_LEGS: (Ellipse(0.75, 0.45, 0.32, 0.1, 40), Ellipse(0.75, -0.45, 0.32, 0.1, -40)),
+        HIND_LEGS: (Ellipse(-0.75, 0.45, 0.32, 0.1, -40), Ellipse(-0.75, -0.45, 0.32, 0.1, 40)),
+        TAIL: (Ellipse(-2.2, 0, 1.0, 0.12),),
+    },
+    "stork": {
+        TORSO: (Ellipse(0, 0, 0.8, 0.5, -10),),
+        HEAD: (Ellipse(0.9, -1.15, 0.32, 0.24), Ellipse(0.65, -0.6, 0.1, 0.45, 30)),
+        FRONT_LEGS: (Ellipse(0.2, 1.05, 0.07, 0.65),),
+        HIND_LEGS: (Ellipse(-0.2, 1.05, 0.07, 0.65),),
+        TAIL: (Ellipse(-0.9, -0.2, 0.32, 0.15, -20),),
+    },
+}
+TORSO_TEXTURE = {"blob": "spots", "hound": "stripes", "lizard": "checks", "stork": "smooth"}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _creature_frame(rng: np.random.Generator, extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel grid -> creature coordinates (u, v) for a random pose that keeps it mostly in view."""
+    scale = rng.uniform(0.28, 0.42) * IMAGE_SIZE / extent  # pixels per creature unit
+    margin = 0.6 * extent * scale
+    cx, cy = (rng.uniform(min(margin, IMAGE_SIZE / 2), max(IMAGE_SIZE - margin, IMAGE_SIZE / 2)) for _ in range(2))
+    tilt = np.deg2rad(rng.uniform(-25, 25))
+    facing = rng.choice([-1.0, 1.0])
+    y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64) + 0.5
+    dx, dy = (x - cx) / scale, (y - cy) / scale
+    u = np.cos(tilt) * dx + np.sin(tilt) * dy
+    v = -np.sin(tilt) * dx + np.cos(tilt) * dy
+    return facing * u, v
+
+
+def _inside(u: np.ndarray, v: np.ndarray, e: Ellipse) -> np.ndarray:
+    a = np.deg2rad(e.angle)
+    du, dv = u - e.x, v - e.y
+    pu = np.cos(a) * du + np.sin(a) * dv
+    pv = -np.sin(a) * du + np.cos(a) * dv
+    return (pu / e.rx) ** 2 + (pv / e.ry) ** 2 <= 1.0
+
+
+def _texture(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A pattern in [-1, 1] that moves with the creature."""
+    phase = rng.uniform(0, 2 * np.pi)
+    if kind == "spots":
+        return np.sign(np.sin(7 * u + phase) * np.sin(7 * v + phase)) * (np.cos(7 * u) * np.cos(7 * v) > 0.3)
+    if kind == "stripes":
+        return np.sin(9 * u + phase)
+    if kind == "checks":
+        return np.sign(np.sin(10 * u + phase) * np.sin(10 * v))
+    if kind == "rings":
+        return np.sin(12 * np.hypot(u, v) + phase)
+    if kind == "gradient":
+        return np.clip(v, -1, 1)
+    return np.zeros_like(u)  # smooth
+
+
+PART_TEXTURES = {HEAD: "rings", FRONT_LEGS: "gradient", HIND_LEGS: "gradient", TAIL: "stripes"}
+
+
+def _part_colour(part: int, rng: np.random.Generator) -> np.ndarray:
+    hue = (PART_HUES[part] + rng.uniform(-0.03, 0.03)) % 1.0
+    return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 0.9), rng.uniform(0.55, 0.95)))
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """Low-saturation colours blended by a smooth random field, plus grain: [S, S, 3] in 0..1."""
+    y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / IMAGE_SIZE
+    field = sum(
+        np.sin(2 * np.pi * (f * (np.cos(a) * x + np.sin(a) * y)) + p)
+        for f, a, p in rng.uniform([1, 0, 0], [4, np.pi, 2 * np.pi], size=(3, 3))
+    )
+    blend = (field / 6 + 0.5)[..., None]
+    colours = [np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.25), rng.uniform(0.3, 0.8))) for _ in "ab"]
+    return colours[0] * blend + colours[1] * (1 - blend)
+
+
+def render(class_name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One (uint8 [S, S, 3] image, uint8 [S, S] part map) of a creature of `class_name`."""
+    plan = BODY_PLANS[class_name]
+    extent = max(np.hypot(e.x, e.y) + max(e.rx, e.ry) for ellipses in plan.values() for e in ellipses)
+    u, v = _creature_frame(rng, extent)
+    image, labels = _background(rng), np.full((IMAGE_SIZE, IMAGE_SIZE), BACKGROUND, np.uint8)
+    for part in DRAW_ORDER:
+        inside = np.any([_inside(u, v, e) for e in plan[part]], axis=0)
+        kind = TORSO_TEXTURE[class_name] if part == TORSO else PART_TEXTURES[part]
+        shade = 1.0 + 0.2 * _texture(kind, u, v, rng)[..., None]
+        image = np.where(inside[..., None], _part_colour(part, rng) * shade, image)
+        labels[inside] = part
+    grain = rng.normal(0, 0.02, image.shape)
+    return np.clip(np.round((image + grain) * 255), 0, 255).astype(np.uint8), labels
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_demo_dataset(root: str | Path, per_class: dict[str, int] | None = None, seed: int = 0) -> None:
+    """Write the dataset under `root` (which must not hold one already).
+
+    Args:
+      root: destination folder.
+      per_class: images per class and split; {'train': 128, 'val': 32} by default.
+      seed: every image is drawn from numpy seeded by (seed, split, class, index).
+    """
+    root = Path(root)
+    per_class = per_class or {"train": 128, "val": 32}
+    for split_id, (split, count) in enumerate(per_class.items()):
+        for class_id, class_name in enumerate(BODY_PLANS):
+            for k in range(count):
+                image, labels = render(class_name, np.random.default_rng([seed, split_id, class_id, k]))
+                relative = Path(split) / class_name / f"{class_name}_{k:04d}"
+                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(root / relative.with_suffix(".jpg"), quality=92)
+                write_part_map(root / "parts" / relative.with_suffix(".png"), labels)
+    meta = {
+        "version": VERSION,
+        "image_size": IMAGE_SIZE,
+        "part_names": PART_NAMES,
+        "classes": list(BODY_PLANS),
+        "images_per_class": per_class,
+        "seed": seed,
+    }
+    (root / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def write_large_jpegs(root: str | Path, num_images: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """`root/train/<class>/*.jpg`: demo creatures enlarged to ImageNet-like JPEGs (width, height).
+
+    For benchmarks and transform tests that need realistic decode costs: the enlarged
+    image gets fine grain so that it compresses like a photograph (~100 kB at 500 x 375).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for k in range(num_images):
+        class_name = list(BODY_PLANS)[k % len(BODY_PLANS)]
+        image = Image.fromarray(render(class_name, rng)[0]).resize(size, Image.Resampling.BICUBIC)
+        grain = rng.normal(0, 6, (size[1], size[0], 3))
+        pixels = np.clip(np.asarray(image, np.float64) + grain, 0, 255).astype(np.uint8)
+        (root / "train" / class_name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "train" / class_name / f"{class_name}_{k:05d}.jpg", quality=90)
+    return root
+
+
+def demo_data(cache_dir: str | Path | None = None) -> Path:
+    """The demo dataset's root, generated on first use: `<cache_dir>/demo-v1`.
+
+    `cache_dir` defaults to `$SEMMAE_CACHE`, else `~/.cache/semmae_jax`. Use the root
+    as `--data_path` and `root / 'parts'` as `--part_path`.
+    """
+    cache = Path(cache_dir or os.environ.get("SEMMAE_CACHE") or "~/.cache/semmae_jax").expanduser()
+    final = cache / VERSION
+    if final.is_dir():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{VERSION}-incomplete-", dir=cache))
+    try:
+        write_demo_dataset(scratch)
+        scratch.rename(final)  # atomic: the folder appears complete or not at all
+    except OSError:
+        if not final.is_dir():  # not a concurrent run finishing first
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final

@@ -1,0 +1,283 @@
+"""Where examples come from: image folders in the original's layout, or TFDS.
+
+A source knows its examples and the order they are read in; the transforms and the
+batching are the pipeline's (`pipeline.py`). Both kinds hand the pipeline a `Stream`:
+a tf.data dataset of cheap *references* (a path, or TFDS's still-encoded bytes) in the
+order one process reads them, plus a way to name an element for error messages.
+
+Image folders (`--data_path DIR`): `DIR/train/<class>/...`, `DIR/val/<class>/...`.
+Classes and files are listed exactly as torchvision's `ImageFolder` does (class folders
+`sorted` by name, files found recursively and sorted, the same extensions), so label
+ids match checkpoints trained in PyTorch. A class folder with no image is an error, as
+in `ImageFolder`: skipping it would silently shift no ids but would hide a broken copy.
+
+Training order (image folders): the whole file list is shuffled per epoch by numpy
+seeded with (seed, epoch); the first `steps * global_batch` files are used (drop
+remainder) and global batch k is split across processes in process order, so that
+process p holds rows [p * B, (p + 1) * B) of every global batch. Evaluation: each
+process reads a contiguous, near-equal share of the files in listing order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple, Protocol
+
+import numpy as np
+import tensorflow as tf
+
+from semmae_jax.data.part_maps import part_map_path
+
+log = logging.getLogger(__name__)
+
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_PIL_ONLY_PATTERN = r".*\.(ppm|pgm|tiff?)"  # formats tf.io cannot decode: PIL decodes them
+MissingParts = Literal["error", "unlabelled"]
+
+
+class Shard(NamedTuple):
+    """This process's place among the processes that read one dataset."""
+
+    index: int
+    count: int
+
+
+class Stream(NamedTuple):
+    """References one process reads, in order, each with a 'pos' (its place in the stream).
+
+    `length` counts the real elements (an evaluation stream is padded after them by the
+    pipeline); `name(pos)` says which example a position holds, for error messages.
+    """
+
+    refs: tf.data.Dataset
+    length: int
+    name: Callable[[int], str]
+
+
+class Source(Protocol):
+    """What the pipeline needs from a dataset (`FolderSource`, `TfdsSource`)."""
+
+    num_examples: int
+    num_classes: int
+
+    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int: ...
+
+    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream: ...
+
+    def eval_stream(self, shard: Shard) -> Stream: ...
+
+    def load(self, ref: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Graph op: a reference -> raw example {'image': bytes, 'part': bytes, 'pil': bool}."""
+        ...
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One 32-bit seed for (seed, epoch), for numpy and tf.data shuffles."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def eval_share(num_examples: int, shard: Shard) -> tuple[int, int]:
+    """[start, stop) of this process's evaluation share: contiguous, sizes differing by at most 1."""
+    base, extra = divmod(num_examples, shard.count)
+    start = shard.index * base + min(shard.index, extra)
+    return start, start + base + (shard.index < extra)
+
+
+# --------------------------------------------------------------------- image folders
+
+
+def find_classes(directory: str | Path) -> list[str]:
+    """Class folder names in label-id order, as torchvision's `find_classes`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder {directory} does not exist or is not a directory")
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    if not classes:
+        raise FileNotFoundError(f"no class folder in {directory}: expected {directory}/<class>/<image>")
+    return classes
+
+
+def list_images(directory: str | Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
+    """(paths, labels) in torchvision's `make_dataset` order; an empty class is an error."""
+    paths, labels, empty = [], [], []
+    for label, name in enumerate(classes):
+        found = [
+            os.path.join(root, fname)
+            for root, _, fnames in sorted(os.walk(Path(directory) / name, followlinks=True))
+            for fname in sorted(fnames)
+            if fname.lower().endswith(IMG_EXTENSIONS)
+        ]
+        if not found:
+            empty.append(str(Path(directory) / name))
+        paths += found
+        labels += [label] * len(found)
+    if empty:
+        raise FileNotFoundError(
+            f"no image in class folder(s) {', '.join(empty)} (extensions: {', '.join(IMG_EXTENSIONS)})"
+        )
+    return paths, labels
+
+
+def split_dir(data_path: str | Path, split: str) -> Path:
+    """`DATA/<split>`; for 'train', a bare ImageFolder `DATA/<class>/...` is accepted too."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data_path {root} does not exist or is not a directory")
+    if (root / split).is_dir():
+        return root / split
+    if split == "train" and not (root / "val").is_dir():
+        log.info("%s has no train/ folder: reading it as one image folder of classes", root)
+        return root
+    raise FileNotFoundError(f"no {split}/ folder in --data_path {root} (expected {root}/{split}/<class>/<image>)")
+
+
+def _part_files(
+    paths: Sequence[str], data_path: Path, part_path: Path, missing: MissingParts
+) -> tuple[list[str], list[str]]:
+    """(the part map of every image, '' where none; the images without one).
+
+    An image without a part map is an error naming it under 'error'. The part tree is
+    walked once rather than probing a path per image.
+    """
+    expected = [str(part_map_path(part_path, data_path, p)) for p in paths]
+    existing = {os.path.join(root, f) for root, _, files in os.walk(part_path, followlinks=True) for f in files}
+    absent = [image for image, part in zip(paths, expected, strict=True) if part not in existing]
+    if absent and missing == "error":
+        shown = "\n  ".join(f"{image} (expected {part_map_path(part_path, data_path, image)})" for image in absent[:5])
+        raise FileNotFoundError(
+            f"{len(absent)} of {len(paths)} images have no part map under --part_path {part_path}, e.g.:\n  {shown}\n"
+            "(use missing_parts='unlabelled' to train them with every patch unlabelled)"
+        )
+    if absent:
+        log.warning(
+            "%d of %d images have no part map under %s: treated as unlabelled (e.g. %s)",
+            len(absent),
+            len(paths),
+            part_path,
+            absent[0],
+        )
+    return [part if part in existing else "" for part in expected], absent
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FolderSource:
+    """One split of an image-folder dataset, with optional part maps (a mirrored PNG tree)."""
+
+    root: Path  # the split's folder, holding the class folders
+    classes: tuple[str, ...]
+    paths: np.ndarray  # str [N]
+    labels: np.ndarray  # int64 [N]
+    part_paths: np.ndarray  # str [N], '' for an image without a part map
+    missing_parts: tuple[str, ...] = ()  # images without a part map (under 'unlabelled')
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
+        return self.num_examples // (batch_size * shard.count)
+
+    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream:
+        steps = self.steps_per_epoch(batch_size, shard)
+        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(self.num_examples)
+        mine = order[: steps * batch_size * shard.count].reshape(steps, shard.count, batch_size)[:, shard.index]
+        return self._stream(mine.reshape(-1), first_pos=start_step * batch_size)
+
+    def eval_stream(self, shard: Shard) -> Stream:
+        return self._stream(np.arange(*eval_share(self.num_examples, shard)), first_pos=0)
+
+    def _stream(self, ids: np.ndarray, first_pos: int) -> Stream:
+        """References for `ids[first_pos:]`; nothing before `first_pos` is ever read."""
+        rest = ids[first_pos:]
+        refs = tf.data.Dataset.from_tensor_slices(
+            {
+                "path": self.paths[rest],
+                "part": self.part_paths[rest],
+                "label": self.labels[rest],
+                "id": rest.astype(np.int64),
+                "pos": np.arange(first_pos, len(ids), dtype=np.int64),
+            }
+        )
+        return Stream(refs, len(ids), lambda pos: str(self.paths[ids[pos]]))
+
+    def load(self, ref: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        path = ref["path"]
+        part = tf.cond(
+            tf.strings.length(ref["part"]) > 0, lambda: tf.io.read_file(ref["part"]), lambda: tf.constant(b"")
+        )
+        pil = tf.strings.regex_full_match(tf.strings.lower(path), _PIL_ONLY_PATTERN)
+        return {"image": tf.io.read_file(path), "part": part, "pil": pil}
+
+
+def image_folder(
+    data_path: str | Path,
+    split: str = "train",
+    part_path: str | Path | None = None,
+    missing_parts: MissingParts = "error",
+) -> FolderSource:
+    """List `data_path/split` (torchvision's order) and, with `part_path`, its part maps.
+
+    Args:
+      data_path: the dataset root (`--data_path`), holding `train/` and `val/`.
+      split: 'train' or 'val'.
+      part_path: root of the part-map tree mirroring `data_path` (`--part_path`).
+      missing_parts: an image without a part map is an error naming it ('error'), or
+        trained with every patch unlabelled and counted ('unlabelled').
+    """
+    root = split_dir(data_path, split)
+    classes = find_classes(root)
+    paths, labels = list_images(root, classes)
+    parts, absent = [""] * len(paths), []
+    if part_path is not None:
+        if not Path(part_path).is_dir():
+            raise FileNotFoundError(f"--part_path {part_path} does not exist or is not a directory")
+        parts, absent = _part_files(paths, Path(data_path), Path(part_path), missing_parts)
+    return FolderSource(
+        root=root,
+        classes=tuple(classes),
+        paths=np.asarray(paths, dtype=object).astype(str),
+        labels=np.asarray(labels, dtype=np.int64),
+        part_paths=np.asarray(parts, dtype=object).astype(str),
+        missing_parts=tuple(absent),
+    )
+
+
+def open_source(
+    data_path: str | Path | None = None,
+    split: Literal["train", "val"] = "train",
+    *,
+    dataset: str = "folder",
+    tfds_data_dir: str | None = None,
+    part_path: str | Path | None = None,
+    missing_parts: MissingParts = "error",
+) -> Source:
+    """The dataset named by the command-line flags.
+
+    Args:
+      data_path: `--data_path`, for `dataset='folder'`.
+      split: 'train' or 'val' ('val' is TFDS's 'validation', else 'test').
+      dataset: 'folder' (an image folder at `data_path`) or 'tfds:NAME' (`--dataset`).
+      tfds_data_dir: `--tfds_data_dir`, TFDS's data dir (ImageNet's archives go in its
+        `downloads/manual/`, as TFDS documents).
+      part_path, missing_parts: part maps, image folders only (see `image_folder`).
+    """
+    if dataset.startswith("tfds:"):
+        if part_path is not None:
+            raise ValueError("--part_path works with image folders (--data_path) only, not with TFDS")
+        from semmae_jax.data.tfds_source import tfds_source  # lazily: TFDS is slow to import
+
+        return tfds_source(dataset.removeprefix("tfds:"), split, tfds_data_dir)
+    if dataset != "folder":
+        raise ValueError(f"unknown dataset {dataset!r}: use 'folder' (with --data_path) or 'tfds:NAME'")
+    if data_path is None:
+        raise ValueError("an image-folder dataset needs --data_path")
+    return image_folder(data_path, split, part_path, missing_parts)

@@ -1,0 +1,295 @@
+"""Image transforms in TensorFlow graph ops, copying torchvision's (MAE's) numerics.
+
+Every transform takes one *raw* example, `{'image': encoded bytes, 'part': encoded
+part-map PNG or b'' for none, 'pil': whether the format needs PIL}`, and a stateless
+seed of shape [2], and returns a dict of tensors with the image still uint8; the
+pipeline normalises whole batches (`normalize`), which costs less than per image.
+With the seed coming from (seed, epoch, example id), an example's augmentation does
+not depend on which thread or process handles it: that is what makes the pipeline
+deterministic and resumable.
+
+* `TrainTransform`: MAE's pretraining augmentation, RandomResizedCrop (torchvision's
+  parameter sampling) + horizontal flip. A JPEG is decoded only inside its crop window
+  (`decode_and_crop_jpeg`). The part map goes through the same geometry (window scaled
+  to the map's own resolution, nearest sampling, same flip) and is reduced to one
+  label per patch by majority vote, equal to `part_maps.patch_vote`. One optional hook,
+  `pixel_augment` on uint8 pixels, is RandAugment's place for fine-tuning; tensor-level
+  augmentations (random erasing, mixup / cutmix) belong on the device, in the step, as
+  timm's fast loader does them on the GPU.
+* `EvalTransform`: resize the short side to `int(img_size / crop_pct)` with
+  torchvision's size rule, bicubic with antialiasing (as PIL), center crop.
+
+Resized pixels are rounded to uint8 as PIL's are, which keeps the numbers close to
+torchvision's. Cheap alternatives are selected with `tf.where` rather than branched
+with `tf.cond`: each cond costs a function call per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from semmae_jax.data.part_maps import NO_PART, UNLABELLED
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Interpolation = Literal["bicubic", "bilinear", "nearest"]
+# An augmentation stage: (image, stateless seed [2]) -> image of the same shape.
+Augment = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+# (height, width) of the decoded image -> crop window [top, left, height, width].
+WindowFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _pil_decode(data: np.ndarray) -> np.ndarray:
+    with Image.open(io.BytesIO(data.tobytes())) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_full(raw: dict[str, tf.Tensor]) -> tf.Tensor:
+    """The whole image as uint8 [H, W, 3].
+
+    JPEGs use the accurate integer DCT, which is what PIL (libjpeg's default) uses;
+    formats TensorFlow cannot read (TIFF, PPM/PGM) go through PIL.
+    """
+    data = raw["image"]
+
+    def with_tf() -> tf.Tensor:
+        return tf.cond(
+            tf.io.is_jpeg(data),
+            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+        )
+
+    def with_pil() -> tf.Tensor:
+        # The bytes travel as uint8: a numpy bytes scalar would drop trailing NUL bytes.
+        pixels = tf.numpy_function(_pil_decode, [tf.io.decode_raw(data, tf.uint8)], tf.uint8, stateful=False)
+        return tf.ensure_shape(pixels, [None, None, 3])
+
+    return tf.cond(raw["pil"], with_pil, with_tf)
+
+
+def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Decode only the window `window_fn(height, width)` of the image.
+
+    Returns (crop uint8 [h, w, 3], window [top, left, h, w], full size [H, W]). A JPEG's
+    size is read from its header and only the window is decoded; other formats are
+    decoded whole and sliced.
+    """
+    data = raw["image"]
+
+    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        size = tf.io.extract_jpeg_shape(data)[:2]
+        window = window_fn(size[0], size[1])
+        crop = tf.io.decode_and_crop_jpeg(data, window, channels=3, dct_method="INTEGER_ACCURATE")
+        return crop, window, size
+
+    def whole() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        image = decode_full(raw)
+        size = tf.shape(image)[:2]
+        window = window_fn(size[0], size[1])
+        return tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0)), window, size
+
+    return tf.cond(tf.logical_and(tf.io.is_jpeg(data), tf.logical_not(raw["pil"])), jpeg, whole)
+
+
+# ------------------------------------------------------------------------- geometry
+
+
+def random_resized_crop_window(
+    seed: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tf.Tensor:
+    """torchvision's `RandomResizedCrop.get_params` as int32 [top, left, height, width].
+
+    Ten (area, log-ratio) attempts are drawn at once and the first that fits is taken;
+    if none fits, the center crop with the aspect ratio clamped to `ratio`, exactly as
+    torchvision's fallback. Sizes are rounded half to even, as Python's `round`.
+    """
+    area_seed, ratio_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    h_in, w_in = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    target_area = h_in * w_in * tf.random.stateless_uniform([10], area_seed, scale[0], scale[1])
+    log_ratio = np.log(np.asarray(ratio, np.float32))
+    aspect = tf.exp(tf.random.stateless_uniform([10], ratio_seed, log_ratio[0], log_ratio[1]))
+    w = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    h = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = tf.reduce_min(tf.where(fits, tf.range(10), 9))  # any index when none fits: unused then
+    u = tf.random.stateless_uniform([2], offset_seed)
+    top = tf.minimum(tf.cast(u[0] * tf.cast(height - h[first] + 1, tf.float32), tf.int32), height - h[first])
+    left = tf.minimum(tf.cast(u[1] * tf.cast(width - w[first] + 1, tf.float32), tf.int32), width - w[first])
+    sampled = tf.stack([top, left, h[first], w[first]])
+    # Fallback: the center crop with the aspect ratio clamped (selected, not branched: both are cheap).
+    in_ratio = w_in / h_in
+    crop_w = tf.where(in_ratio > max(ratio), tf.cast(tf.round(h_in * max(ratio)), tf.int32), width)
+    crop_h = tf.where(in_ratio < min(ratio), tf.cast(tf.round(w_in / min(ratio)), tf.int32), height)
+    fallback = tf.stack([(height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w])
+    return tf.where(tf.reduce_any(fits), sampled, fallback)
+
+
+def resize(image: tf.Tensor, size: tf.Tensor | tuple[int, int], method: Interpolation) -> tf.Tensor:
+    """Resize to `size` as PIL does: antialiased when shrinking, rounded to uint8."""
+    resized = tf.image.resize(image, size, method=method, antialias=method != "nearest")
+    return tf.saturate_cast(tf.round(resized), tf.uint8)
+
+
+def torchvision_resize_size(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tensor:
+    """`transforms.Resize(size)` (an int): short side -> size, long side -> int(size * long / short)."""
+    short = tf.cast(tf.minimum(height, width), tf.float64)
+    long = tf.cast(tf.maximum(height, width), tf.float64)
+    new_long = tf.cast(size * long / short, tf.int32)  # truncation, as Python's int()
+    return tf.where(height <= width, tf.stack([size, new_long]), tf.stack([new_long, size]))
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    """`transforms.CenterCrop(size)` for an image at least `size` on each side (its rounding)."""
+    shape = tf.shape(image)
+    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
+    return image[top : top + size, left : left + size]
+
+
+def flip_columns(size: int, flip: tf.Tensor) -> tf.Tensor:
+    """Column order of a width-`size` image, mirrored if `flip` (a gather: no branch, no copy of both)."""
+    columns = tf.range(size)
+    return tf.where(flip, size - 1 - columns, columns)
+
+
+def normalize(images: tf.Tensor) -> tf.Tensor:
+    """uint8 [..., H, W, 3] -> ToTensor + Normalize(ImageNet mean, std), float32.
+
+    Applied to whole batches. The constants are tiled to [H, W, 3] so that they
+    broadcast over leading dimensions only: broadcasting over a trailing dimension of
+    3 is several times slower.
+    """
+    shape = images.shape[-3:]
+    scale = np.broadcast_to(1 / (255 * np.asarray(IMAGENET_STD)), shape).astype(np.float32)
+    offset = np.broadcast_to(-np.asarray(IMAGENET_MEAN) / IMAGENET_STD, shape).astype(np.float32)
+    return tf.cast(images, tf.float32) * scale + offset
+
+
+# ------------------------------------------------------------------------ part maps
+
+
+def warp_part_map(
+    part_map: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: int, flip: tf.Tensor
+) -> tf.Tensor:
+    """Crop the [h, w] map with the image's window, resize (nearest) to out_size, flip.
+
+    The map may have any resolution: each output pixel samples the map at the point of
+    the original image it shows (pixel centers, the convention of the image resize),
+    scaled to the map's resolution. With a map at the image's resolution this is the
+    nearest-neighbour resize of the cropped map.
+    """
+    centers = (tf.range(out_size, dtype=tf.float64) + 0.5) / out_size
+    window = tf.cast(window, tf.float64)
+    image_size = tf.cast(image_size, tf.float64)
+    map_size = tf.shape(part_map, out_type=tf.int32)
+    rows = _sample_index(window[0] + centers * window[2], image_size[0], map_size[0])
+    cols = _sample_index(window[1] + centers * window[3], image_size[1], map_size[1])
+    return tf.gather(tf.gather(part_map, rows, axis=0), tf.gather(cols, flip_columns(out_size, flip)), axis=1)
+
+
+def _sample_index(image_coords: tf.Tensor, image_len: tf.Tensor, map_len: tf.Tensor) -> tf.Tensor:
+    index = tf.cast(tf.floor(image_coords * tf.cast(map_len, tf.float64) / image_len), tf.int32)
+    return tf.clip_by_value(index, 0, map_len - 1)
+
+
+def patch_vote(part_map: tf.Tensor, patch_size: int) -> tf.Tensor:
+    """Majority value per patch of a uint8 [H, W] map (static shape) -> int32 [L], -1 for "no part".
+
+    Same contract as `part_maps.patch_vote` (the numpy reference): "no part" votes, ties
+    go to the smallest value (made explicit in the score, as `argmax` leaves ties open).
+    """
+    rows, cols, p = part_map.shape[0] // patch_size, part_map.shape[1] // patch_size, patch_size
+    patches = tf.reshape(tf.transpose(tf.reshape(part_map, [rows, p, cols, p]), [0, 2, 1, 3]), [rows * cols, p * p])
+    counts = tf.math.bincount(tf.cast(patches, tf.int32), axis=-1, minlength=NO_PART + 1, maxlength=NO_PART + 1)
+    score = counts * (NO_PART + 1) + (NO_PART - tf.range(NO_PART + 1))
+    winner = tf.ensure_shape(tf.argmax(score, axis=1, output_type=tf.int32), [rows * cols])
+    return tf.where(winner == NO_PART, UNLABELLED, winner)
+
+
+# ----------------------------------------------------------------------- transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop + flip, the part map warped alongside (MAE pretraining).
+
+    Returns {'image': uint8 [S, S, 3], 'part_labels': int32 [L]} (all -1 without a
+    map); the pipeline normalises whole batches. `pixel_augment` (RandAugment's place)
+    acts on the image only: geometric operations would misalign the part map, so use
+    it (fine-tuning) without part maps.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: Interpolation = "bicubic"
+    hflip: float = 0.5
+    pixel_augment: Augment | None = None
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+
+    def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        crop, window, size = decode_window(
+            raw, lambda h, w: random_resized_crop_window(crop_seed, h, w, self.scale, self.ratio)
+        )
+        flip = tf.random.stateless_uniform([], flip_seed) < self.hflip
+        image = resize(crop, (self.img_size, self.img_size), self.interpolation)
+        image = tf.gather(image, flip_columns(self.img_size, flip), axis=1)
+        if self.pixel_augment is not None:
+            image = self.pixel_augment(image, augment_seed)
+        return {"image": image, "part_labels": self._part_labels(raw["part"], window, size, flip)}
+
+    def _part_labels(self, part_png: tf.Tensor, window: tf.Tensor, size: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+        num_patches = (self.img_size // self.patch_size) ** 2
+
+        def vote() -> tf.Tensor:
+            part_map = tf.io.decode_png(part_png, channels=1)[..., 0]
+            warped = warp_part_map(part_map, window, size, self.img_size, flip)
+            return patch_vote(tf.ensure_shape(warped, [self.img_size, self.img_size]), self.patch_size)
+
+        return tf.cond(tf.strings.length(part_png) > 0, vote, lambda: tf.fill([num_patches], UNLABELLED))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalTransform:
+    """Resize (short side) + center crop, torchvision's eval pipeline (normalised per batch).
+
+    Returns {'image': uint8 [S, S, 3]}. `crop_pct` 0.875 gives MAE's 256 -> 224.
+    """
+
+    img_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: Interpolation = "bicubic"
+
+    @property
+    def resize_size(self) -> int:
+        return int(self.img_size / self.crop_pct)
+
+    def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        del seed  # deterministic
+        image = decode_full(raw)
+        shape = tf.shape(image)
+        image = resize(image, torchvision_resize_size(shape[0], shape[1], self.resize_size), self.interpolation)
+        return {"image": tf.ensure_shape(center_crop(image, self.img_size), [self.img_size, self.img_size, 3])}
+
+
+Transform = TrainTransform | EvalTransform

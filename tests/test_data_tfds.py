@@ -1,0 +1,123 @@
+"""The TFDS source, offline: a tiny image-classification builder prepared in a temporary dir
+(any network connection attempt is recorded and fails the test)."""
+
+import socket
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from semmae_jax.data.pipeline import EvalLoader, TrainLoader
+from semmae_jax.data.sources import open_source
+from semmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+
+NAME = "semmae_tiny_shapes"
+TRAIN, TEST = 26, 11
+
+
+class SemmaeTinyShapes(tfds.core.GeneratorBasedBuilder):
+    """PNGs whose red channel is flat at 6 * index + 3 (green is noise); label index % 3."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {
+            "image": tfds.features.Image(encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=3),
+        }
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, TRAIN), "test": self._generate_examples(TRAIN, TRAIN + TEST)}
+
+    def _generate_examples(self, start, stop):
+        rng = np.random.default_rng(start)
+        for k in range(start, stop):
+            pixels = np.full((18 + k % 5, 21, 3), (6 * k + 3, 0, 90), np.uint8)
+            pixels[..., 1] = rng.integers(0, 256, pixels.shape[:2])
+            yield k, {"image": pixels, "label": k % 3}
+
+
+def example_ids(batch) -> np.ndarray:
+    red = batch["image"][..., 0].mean(axis=(1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    return np.round((red * 255 - 3) / 6).astype(int)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    attempts = []
+
+    def refuse(sock, address):
+        attempts.append(address)
+        raise OSError("network access is not allowed in this test")
+
+    directory = tmp_path_factory.mktemp("tfds")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", refuse)
+        open_source(dataset=f"tfds:{NAME}", tfds_data_dir=str(directory))  # prepares it
+    assert not attempts
+    return str(directory)
+
+
+def loader(data_dir, process_index=0, process_count=1, seed=0) -> TrainLoader:
+    source = open_source(dataset=f"tfds:{NAME}", tfds_data_dir=data_dir)
+    transform = TrainTransform(img_size=16, patch_size=8)
+    return TrainLoader(
+        source, batch_size=4, transform=transform, seed=seed, process_index=process_index, process_count=process_count
+    )
+
+
+def test_splits_and_classes(data_dir):
+    train = open_source(dataset=f"tfds:{NAME}", tfds_data_dir=data_dir)
+    val = open_source(split="val", dataset=f"tfds:{NAME}", tfds_data_dir=data_dir)
+    assert (train.num_examples, val.num_examples, train.num_classes) == (TRAIN, TEST, 3)
+    assert val.split == "test"  # no 'validation' split here
+
+
+def test_training_is_sharded_deterministic_and_resumable(data_dir):
+    shards = [loader(data_dir, p, 2) for p in range(2)]
+    assert [s.steps_per_epoch for s in shards] == [3, 3]  # 13 records each, drop remainder
+    first, second = (list(s.epoch_batches(0)) for s in shards)
+    ids = [np.concatenate([example_ids(b) for b in batches]) for batches in (first, second)]
+    assert not set(ids[0]) & set(ids[1])
+    assert all(0 <= k < TRAIN for k in np.concatenate(ids))
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in first]), ids[0] % 3)
+    next_epoch = np.concatenate([example_ids(b) for b in shards[0].epoch_batches(1)])
+    assert not np.array_equal(ids[0], next_epoch)  # another epoch, another order
+
+    resumed = list(loader(data_dir, 0, 2).epoch_batches(0, start_step=1))  # a fresh loader: same seeds
+    for ours, theirs in zip(resumed, first[1:], strict=True):
+        for name in theirs:
+            np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_evaluation_covers_every_record_once(data_dir):
+    source = open_source(split="val", dataset=f"tfds:{NAME}", tfds_data_dir=data_dir)
+    seen = []
+    for p in range(2):
+        evaluation = EvalLoader(source, batch_size=4, transform=EvalTransform(16), process_index=p, process_count=2)
+        batches = list(evaluation.batches())
+        assert len(batches) == evaluation.num_batches == 2
+        seen += [k for b in batches for k in example_ids(b)[b["mask"]]]
+    assert sorted(seen) == list(range(TRAIN, TRAIN + TEST))
+
+
+class SemmaeTinyTexts(tfds.core.GeneratorBasedBuilder):
+    """Not an image dataset."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {"text": tfds.features.Text(), "label": tfds.features.ClassLabel(num_classes=2)}
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        yield 0, {"text": "no image here", "label": 0}
+
+
+def test_a_dataset_without_image_and_label_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="tfds:semmae_tiny_texts is not an image-classification dataset"):
+        open_source(dataset="tfds:semmae_tiny_texts", tfds_data_dir=str(tmp_path))
