@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -22,3 +24,9 @@ def flat_by_path(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dic
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> Any:
     """A tree like `tree` with fn('a/b/c', leaf) at every leaf."""
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), tree, is_leaf=is_leaf)
+
+
+def summarize(paths: list[str]) -> str:
+    """'blocks_0/mlp/fc1/kernel', 'blocks_1/...' -> 'blocks_*/mlp/fc1/kernel (x2), ...': short reports."""
+    counts = Counter(re.sub(r"_\d+(?=/|$)", "_*", path) for path in paths)
+    return ", ".join(f"{p} (x{n})" if n > 1 else p for p, n in counts.items()) or "none"

@@ -26,7 +26,7 @@ from semmae_jax.checkpoint import RunCheckpoints, abstract_like
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
-from semmae_jax.paths import flat_by_path
+from semmae_jax.paths import flat_by_path, map_with_path, summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
 from semmae_jax.train.loop import Schedule, Trainer, resume
 from semmae_jax.train.state import TrainState, create_state, plan_state
@@ -140,13 +140,8 @@ def merge_pretrained(target: Any, source: Any) -> tuple[Any, list[str], list[str
     """
     src, dst = flat_by_path(source), flat_by_path(target)
     taken = {p for p, x in dst.items() if p in src and tuple(np.shape(src[p])) == tuple(x.shape)}
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: _placed(src[p], x) if (p := _path(path)) in taken else x, target)
+    params = map_with_path(lambda path, x: _placed(src[path], x) if path in taken else x, target)
     return params, sorted(set(dst) - taken), sorted(set(src) - taken)
-
-
-def _path(key_path: tuple) -> str:
-    return "/".join(str(k.key) for k in key_path)
 
 
 def _placed(value: Any, like: jax.Array) -> jax.Array:
@@ -301,7 +296,8 @@ def _load_pretrained(state: TrainState, config: FinetuneConfig, model: Any, load
         raise ValueError("--finetune needs the checkpoint reader (run through main.py)")
     source = load_params(config.finetune, None, model.img_size)
     params, missing, unused = merge_pretrained(state.params, source)
-    log.print(f"loaded {config.finetune}: missing (freshly initialised) {missing}; unused {unused}")
+    log.print(f"loaded {config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
+              f"  unused: {summarize(unused)}")
     return state.replace(params=params)
 
 

@@ -27,6 +27,7 @@ from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
+from semmae_jax.paths import summarize
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.finetune import ParamsLoader, check_classes, merge_pretrained
 from semmae_jax.train.loop import Schedule, Trainer, resume
@@ -196,5 +197,5 @@ def _encoder_params(encoder: Any, images: jax.ShapeDtypeStruct, mesh: jax.shardi
     params, missing, unused = merge_pretrained(plan.abstract.params, load_params(config.finetune, None, encoder.img_size))
     if missing:
         raise ValueError(f"{config.finetune} lacks encoder parameters {missing} of {config.model}")
-    log.print(f"probing the encoder of {config.finetune}; unused: {unused}")
+    log.print(f"probing the encoder of {config.finetune}; unused: {summarize(unused)}")
     return params

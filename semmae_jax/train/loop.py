@@ -203,7 +203,7 @@ class Trainer:
     log: RunLog
     images_per_step: int
     step_scalar: Callable[[float], float] = lambda progress: 0.0
-    scalar_name: str = "alpha"
+    scalar_name: str | None = None  # shown and logged when set (pretraining: "alpha")
     on_epoch_end: Callable[[int, TrainState, dict[str, jax.Array]], dict[str, float]] | None = None
 
     def run(self, state: TrainState) -> TrainState:
@@ -254,9 +254,12 @@ class Trainer:
         check_finite(values, where, self.checkpoints)
         since, steps_before = window
         rate = (bar.n - steps_before) * self.images_per_step / max(time.perf_counter() - since, 1e-9)
-        values.update({"lr": self.lr_at(step), self.scalar_name: scalar, "images_per_sec": rate})
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
-                        **{self.scalar_name: f"{scalar:.3f}"}, img_s=f"{rate:.1f}")
+        values.update({"lr": self.lr_at(step), "images_per_sec": rate})
+        shown = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}", "img_s": f"{rate:.1f}"}
+        if self.scalar_name:
+            values[self.scalar_name] = scalar
+            shown[self.scalar_name] = f"{scalar:.3f}"
+        bar.set_postfix(shown)
         self.log.scalars(step, {f"train/{k}": v for k, v in values.items()})
         return time.perf_counter(), bar.n
 
@@ -265,12 +268,9 @@ class Trainer:
         check_finite(means, f"the end of epoch {epoch}", self.checkpoints)
         step = int(state.step)
         line = {f"train_{k}": v for k, v in means.items()}
-        line.update({
-            "train_lr": self.lr_at(step),
-            f"train_{self.scalar_name}": self.step_scalar(self.schedule.progress(step - 1)),
-            "epoch": epoch,
-            "seconds": time.perf_counter() - stats.start,
-        })
+        line.update({"train_lr": self.lr_at(step), "epoch": epoch, "seconds": time.perf_counter() - stats.start})
+        if self.scalar_name:
+            line[f"train_{self.scalar_name}"] = self.step_scalar(self.schedule.progress(step - 1))
         if self.on_epoch_end is not None and first_batch is not None:
             line.update(self.on_epoch_end(epoch, state, first_batch))
         self.log.epoch_line(line)

@@ -174,6 +174,7 @@ def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> Trai
             log=log,
             images_per_step=global_batch,
             step_scalar=lambda progress: masking.masking_alpha(config.setting, progress, config.gamma),
+            scalar_name="alpha",
             on_epoch_end=_picture_hook(model, config, schedule, log, mesh),
         )
         state = trainer.run(state)
