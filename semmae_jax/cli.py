@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("semmae_jax.train.finetune:main", "fine-tune (or --eval) a ViT classifier"),
     "eval": ("semmae_jax.train.finetune:eval_main", "shorthand for `finetune --eval`"),
     "linprobe": ("semmae_jax.train.linprobe:main", "linear probing of a pretrained encoder (LARS, BatchNorm head)"),
+    "launch": ("semmae_jax.launch:main", "run a command as N local processes joined by jax.distributed"),
     "convert": ("convert.cli:main", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
     "parity": ("convert.parity:main", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
     "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,16 +40,53 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, aliases:
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
         base, optional = _flag_type(hints[field.name])
-        help_text = field.metadata.get("help", "")
+        help_text = _inherited_metadata(config_cls, field.name, "help") or ""
         flag = f"--{field.name}"
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
             kind = (lambda v, b=base: None if v.lower() == "none" else b(v)) if optional else base
-            choices = field.metadata.get("choices")
+            choices = _inherited_metadata(config_cls, field.name, "choices")
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices, help=help_text, metavar=base.__name__.upper())
     for flag, (dest, value) in (aliases or {}).items():
         parser.add_argument(flag, dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=f"same as --{dest}={value}")
+
+
+def _inherited_metadata(config_cls: type, name: str, key: str) -> Any:
+    """A field's metadata entry, from the class or the nearest base that sets it.
+
+    A job config redeclares a shared field to change its default without repeating
+    the help text.
+    """
+    for cls in config_cls.__mro__:
+        for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+            if f.name == name and key in f.metadata:
+                return f.metadata[key]
+    return None
+
+
+def parse_job_config(
+    argv: Sequence[str], config_cls: type[C], prog: str, description: str | None,
+    default_preset: Callable[[argparse.Namespace], str | None] = lambda args: None,
+    aliases: dict[str, tuple[str, Any]] | None = None,
+) -> C:
+    """`--config PRESET` (or `default_preset(flags)`), then the given flags on top."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="preset in configs/ (name or path)")
+    add_config_flags(parser, config_cls, aliases)
+    args = parser.parse_args(argv)
+    preset = args.config or default_preset(args)
+    base = load_preset(preset, config_cls) if preset else config_cls()
+    return apply_flags(base, args)
+
+
+def run_job(prog: str, job: Callable[..., Any], *args: Any) -> Any:
+    """Run a job; the errors a user can fix end it with one line, not a traceback."""
+    try:
+        return job(*args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f"{prog}: error: {error}") from error
 
 
 def load_preset(name_or_path: str, config_cls: type[C]) -> C:
@@ -74,6 +112,6 @@ def apply_flags(config: C, flags: argparse.Namespace) -> C:
     return dataclasses.replace(config, **given)
 
 
-def field(default: Any, help: str, **metadata: Any) -> Any:
-    """A dataclass field with its flag's help text."""
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+def field(default: Any, help: str | None = None, **metadata: Any) -> Any:
+    """A dataclass field with its flag's help text (None: inherited from a base's field)."""
+    return dataclasses.field(default=default, metadata=({"help": help} if help else {}) | metadata)

@@ -9,7 +9,6 @@ drop path, RandAugment and random erasing, mixup / cutmix with label smoothing.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,13 +20,14 @@ import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import distributed, sharding
+from semmae_jax import sharding
 from semmae_jax.checkpoint import RunCheckpoints, abstract_like
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.paths import flat_by_path, map_with_path, summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
+from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.loop import Schedule, Trainer, resume
 from semmae_jax.train.state import TrainState, create_state, plan_state
 from semmae_jax.train.steps import jit_step
@@ -37,7 +37,7 @@ MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(RunFlags, DataFlags, ScheduleFlags):
     """Defaults are the original `main_finetune.py`'s."""
 
     # Model.
@@ -48,16 +48,11 @@ class FinetuneConfig:
     nb_classes: int = field(1000, "number of classes")
     dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
     remat: bool = field(False, "recompute each block's activations in the backward pass")
-    # Optimisation.
-    batch_size: int = field(64, "batch size per device (global = batch_size x devices)")
-    accum_iter: int = field(1, "gradient accumulation: micro-batches per optimizer update")
-    epochs: int = field(50, "training epochs")
-    warmup_epochs: int = field(5, "linear warm-up epochs")
-    lr: float | None = field(None, "absolute learning rate (default: blr x effective batch / 256)")
-    blr: float = field(1e-3, "base learning rate")
-    min_lr: float = field(1e-6, "learning rate at the end of the cosine")
+    # Optimisation (the shared flags with the fine-tuning defaults).
+    epochs: int = field(50)
+    warmup_epochs: int = field(5)
+    min_lr: float = field(1e-6)
     layer_decay: float = field(0.75, "layer-wise lr decay")
-    weight_decay: float = field(0.05, "AdamW weight decay")
     clip_grad: float | None = field(None, "clip gradients to this global norm")
     # Augmentation.
     aa: str | None = field("rand-m9-mstd0.5-inc1", "RandAugment policy (timm syntax); 'none' for none")
@@ -73,28 +68,9 @@ class FinetuneConfig:
     smoothing: float = field(0.1, "label smoothing")
     # Checkpoints and evaluation.
     finetune: str | None = field(None, "pretrained checkpoint to start from (orbax dir or .pth)")
-    resume: str = field("auto", "'auto' (this run's latest checkpoint), a run directory, an orbax checkpoint or a .pth")
     eval: bool = field(False, "evaluate --resume on the validation split and stop")
     dist_eval: bool = field(False, "accepted for the original's command lines: evaluation is always distributed")
-    # Data.
-    data_path: str | None = field(None, "image folder root with train/ and val/ (default: the demo data)")
-    dataset: str = field("folder", "'folder' (--data_path) or 'tfds:NAME'")
-    tfds_data_dir: str | None = field(None, "TFDS data dir")
-    num_workers: int = field(10, "parallel decoding calls (tf.data)")
-    steps_per_epoch: int | None = field(None, "cap on the steps of an epoch (quick runs)")
     eval_batch_size: int | None = field(None, "evaluation batch per device (default: --batch_size)")
-    # Run.
-    output_dir: str = field("./output_dir", "checkpoints, log.txt and the per-class accuracies")
-    log_dir: str | None = field(None, "TensorBoard directory (default: --output_dir)")
-    seed: int = field(0, "seed")
-    mesh: str = field(sharding.DEFAULT_MESH, "device mesh, e.g. data:-1,fsdp:2,tensor:1")
-    save_every: int = field(1, "checkpoint every N epochs (and at the end)")
-    save_every_steps: int = field(0, "also checkpoint every N steps (0: off)")
-    keep_checkpoints: int = field(2, "checkpoints kept (the best one is kept apart)")
-    log_every: int = field(20, "fetch and log metrics every N steps")
-    coordinator_address: str | None = field(None, "HOST:PORT of process 0")
-    num_processes: int | None = field(None, "number of processes")
-    process_id: int | None = field(None, "this process's index")
 
     def mixup_config(self) -> mixup.MixupConfig:
         return mixup.MixupConfig(
@@ -105,22 +81,13 @@ class FinetuneConfig:
 
 
 def parse(argv: Sequence[str]) -> FinetuneConfig:
-    parser = argparse.ArgumentParser(prog="main.py finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="preset in configs/ (name or path)")
-    config_lib.add_config_flags(parser, FinetuneConfig, aliases={"--cls_token": ("global_pool", False)})
-    args = parser.parse_args(argv)
-    base = config_lib.load_preset(args.config, FinetuneConfig) if args.config else FinetuneConfig()
-    return config_lib.apply_flags(base, args)
+    return config_lib.parse_job_config(argv, FinetuneConfig, "main.py finetune", __doc__,
+                                       aliases={"--cls_token": ("global_pool", False)})
 
 
 def main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
     """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`)."""
-    config = parse(argv)
-    try:
-        run(config, load_params)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        raise SystemExit(f"main.py finetune: error: {error}") from error
+    config_lib.run_job("main.py finetune", run, parse(argv), load_params)
 
 
 def eval_main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
@@ -181,7 +148,7 @@ def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: Fin
 
 def run(config: FinetuneConfig, load_params: ParamsLoader | None = None) -> evaluate.EvalResult | None:
     """Fine-tune (or, with `eval`, only evaluate); returns the last evaluation."""
-    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    config.start_runtime()
     from semmae_jax import data
 
     mesh = sharding.make_mesh(config.mesh)
@@ -189,7 +156,7 @@ def run(config: FinetuneConfig, load_params: ParamsLoader | None = None) -> eval
     model = create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
                          global_pool=config.global_pool, drop_path_rate=config.drop_path, dtype=config.dtype,
                          remat=config.remat)
-    data_path = config.data_path if config.data_path or config.dataset != "folder" else str(data.demo_data())
+    data_path = config.resolved_data_path()
     val = data.open_source(data_path, "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
     check_classes(val.num_classes, config.nb_classes)
     eval_global = (config.eval_batch_size or config.batch_size) * jax.device_count()
@@ -231,8 +198,7 @@ def _evaluate_only(config, model, mesh, val_loader, logits_fn, load_params, log)
 
 
 def _optimizer(config: FinetuneConfig, model: Any, steps: Schedule, global_batch: int):
-    eff_batch = global_batch * config.accum_iter
-    lr = config.lr if config.lr is not None else config.blr * eff_batch / 256
+    lr, eff_batch = config.learning_rate(global_batch)
     schedule = optim.warmup_cosine(lr, config.min_lr, config.warmup_epochs * steps.steps_per_epoch // config.accum_iter,
                                    steps.total_steps // config.accum_iter)
 
@@ -264,7 +230,7 @@ def _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_par
         state, shardings, tx = create_state(model, make_tx, example, mesh, config.seed)
         if config.finetune:
             state = _load_pretrained(state, config, model, load_params, log)
-        checkpoints = RunCheckpoints(Path(config.output_dir) / "checkpoints", max_to_keep=config.keep_checkpoints)
+        checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
         params_loader = None if load_params is None else lambda p: load_params(p, config.model, model.img_size)
         state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log)
         step = jit_step(make_finetune_step(model, tx, config), shardings, sharding.batch_sharding(mesh), mesh)

@@ -10,10 +10,8 @@ are trained and checkpointed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import distributed, sharding
+from semmae_jax import sharding
 from semmae_jax.checkpoint import RunCheckpoints, abstract_like
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
@@ -30,12 +28,13 @@ from semmae_jax.models.vit import ProbeHead
 from semmae_jax.paths import summarize
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.finetune import ParamsLoader, check_classes, merge_pretrained
+from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.loop import Schedule, Trainer, resume
 from semmae_jax.train.state import TrainState, create_state, plan_state
 
 
 @dataclasses.dataclass(frozen=True)
-class LinprobeConfig:
+class LinprobeConfig(RunFlags, DataFlags, ScheduleFlags):
     """Defaults are the original `main_linprobe.py`'s."""
 
     model: str = field("vit_large_patch16", "registered classifier name (its encoder is probed)")
@@ -43,51 +42,23 @@ class LinprobeConfig:
     global_pool: bool = field(False, "mean-pooled features instead of the cls token")
     nb_classes: int = field(1000, "number of classes")
     dtype: str = field("float32", "compute dtype of the encoder", choices=("float32", "bfloat16"))
-    batch_size: int = field(512, "batch size per device (global = batch_size x devices)")
-    accum_iter: int = field(1, "gradient accumulation steps")
-    epochs: int = field(90, "training epochs")
-    warmup_epochs: int = field(10, "linear warm-up epochs")
-    lr: float | None = field(None, "absolute learning rate (default: blr x effective batch / 256)")
-    blr: float = field(0.1, "base learning rate")
-    min_lr: float = field(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = field(0.0, "LARS weight decay")
+    batch_size: int = field(512)
+    epochs: int = field(90)
+    warmup_epochs: int = field(10)
+    blr: float = field(0.1)
+    weight_decay: float = field(0.0)
     finetune: str | None = field(None, "pretrained checkpoint whose encoder is probed (orbax dir or .pth)")
-    resume: str = field("auto", "'auto' (this run's latest checkpoint) or a run directory")
     eval: bool = field(False, "evaluate the probe of --resume and stop")
     dist_eval: bool = field(False, "accepted for the original's command lines: evaluation is always distributed")
-    data_path: str | None = field(None, "image folder root with train/ and val/ (default: the demo data)")
-    dataset: str = field("folder", "'folder' (--data_path) or 'tfds:NAME'")
-    tfds_data_dir: str | None = field(None, "TFDS data dir")
-    num_workers: int = field(10, "parallel decoding calls (tf.data)")
-    steps_per_epoch: int | None = field(None, "cap on the steps of an epoch (quick runs)")
-    output_dir: str = field("./output_dir", "checkpoints and log.txt")
-    log_dir: str | None = field(None, "TensorBoard directory (default: --output_dir)")
-    seed: int = field(0, "seed")
-    mesh: str = field(sharding.DEFAULT_MESH, "device mesh")
-    save_every: int = field(1, "checkpoint every N epochs (and at the end)")
-    keep_checkpoints: int = field(2, "checkpoints kept")
-    log_every: int = field(20, "fetch and log metrics every N steps")
-    coordinator_address: str | None = field(None, "HOST:PORT of process 0")
-    num_processes: int | None = field(None, "number of processes")
-    process_id: int | None = field(None, "this process's index")
 
 
 def parse(argv: Sequence[str]) -> LinprobeConfig:
-    parser = argparse.ArgumentParser(prog="main.py linprobe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="preset in configs/ (name or path)")
-    config_lib.add_config_flags(parser, LinprobeConfig, aliases={"--cls_token": ("global_pool", False)})
-    args = parser.parse_args(argv)
-    base = config_lib.load_preset(args.config, LinprobeConfig) if args.config else LinprobeConfig()
-    return config_lib.apply_flags(base, args)
+    return config_lib.parse_job_config(argv, LinprobeConfig, "main.py linprobe", __doc__,
+                                       aliases={"--cls_token": ("global_pool", False)})
 
 
 def main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
-    config = parse(argv)
-    try:
-        run(config, load_params)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        raise SystemExit(f"main.py linprobe: error: {error}") from error
+    config_lib.run_job("main.py linprobe", run, parse(argv), load_params)
 
 
 def make_probe_step(encoder: Any, head: ProbeHead, tx: optax.GradientTransformation) -> Callable:
@@ -112,7 +83,7 @@ def make_probe_step(encoder: Any, head: ProbeHead, tx: optax.GradientTransformat
 
 
 def run(config: LinprobeConfig, load_params: ParamsLoader | None = None) -> evaluate.EvalResult | None:
-    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    config.start_runtime()
     from semmae_jax import data
 
     mesh = sharding.make_mesh(config.mesh)
@@ -120,7 +91,7 @@ def run(config: LinprobeConfig, load_params: ParamsLoader | None = None) -> eval
     encoder = create_model(config.model, img_size=config.input_size, num_classes=0, global_pool=config.global_pool,
                            dtype=config.dtype)
     head = ProbeHead(config.nb_classes)
-    data_path = config.data_path if config.data_path or config.dataset != "folder" else str(data.demo_data())
+    data_path = config.resolved_data_path()
     sources = {split: data.open_source(data_path, split, dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
                for split in ("train", "val")}
     check_classes(sources["val"].num_classes, config.nb_classes)
@@ -134,8 +105,7 @@ def run(config: LinprobeConfig, load_params: ParamsLoader | None = None) -> eval
                                  num_workers=config.num_workers)
     schedule = Schedule(config.epochs, min(loader.steps_per_epoch, config.steps_per_epoch or 10**12),
                         config.save_every, 0, config.log_every)
-    eff_batch = global_batch * config.accum_iter
-    lr = config.lr if config.lr is not None else config.blr * eff_batch / 256
+    lr, eff_batch = config.learning_rate(global_batch)
     lr_schedule = optim.warmup_cosine(lr, config.min_lr, config.warmup_epochs * schedule.steps_per_epoch,
                                       schedule.total_steps)
     log.print(f"linear probe of {config.model}: effective batch {eff_batch}, lr {lr:.3e}")
@@ -145,7 +115,7 @@ def run(config: LinprobeConfig, load_params: ParamsLoader | None = None) -> eval
         encoder_params = _encoder_params(encoder, images, mesh, config, load_params, log)
         state, shardings, tx = create_state(head, lambda p: optim.lars(p, lr_schedule, weight_decay=config.weight_decay),
                                             (features,), mesh, config.seed)
-        checkpoints = RunCheckpoints(Path(config.output_dir) / "checkpoints", max_to_keep=config.keep_checkpoints)
+        checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
         state = resume(state, abstract_like(state), checkpoints, config.resume, None, log)
         replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         encoder_sharding = jax.tree.map(lambda x: x.sharding, encoder_params)

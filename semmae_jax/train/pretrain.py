@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from semmae_jax import config as config_lib
-from semmae_jax import distributed, masking, sharding, visualize
+from semmae_jax import masking, sharding, visualize
 from semmae_jax.checkpoint import RunCheckpoints, abstract_like
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
+from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.loop import Schedule, Trainer, resume
 from semmae_jax.train.state import TrainState, create_state
 from semmae_jax.train.steps import jit_step, make_pretrain_step
@@ -35,7 +36,7 @@ ParamsLoader = Callable[[str, str, int], Any]  # (path, model name, img_size) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(RunFlags, DataFlags, ScheduleFlags):
     """Defaults are the original `main_pretrain.py`'s; `configs/*.py` presets change them."""
 
     # Model.
@@ -49,76 +50,42 @@ class PretrainConfig:
     setting: int = field(0, "masking: 0 random (MAE), 1 intra-part, 2 inter-part, 3 adaptive", choices=(0, 1, 2, 3))
     gamma: float = field(2.0, "adaptive masking: alpha = (epoch / epochs) ** gamma")
     num_parts: int = field(8, "static bound on the part ids in the part maps")
-    # Optimisation.
-    batch_size: int = field(64, "batch size per device (global = batch_size x devices)")
-    accum_iter: int = field(1, "gradient accumulation: micro-batches per optimizer update")
-    epochs: int = field(400, "training epochs")
-    warmup_epochs: int = field(40, "linear warm-up epochs")
-    lr: float | None = field(None, "absolute learning rate (default: blr x effective batch / 256)")
-    blr: float = field(1e-3, "base learning rate: lr = blr x effective batch / 256")
-    min_lr: float = field(0.0, "learning rate at the end of the cosine")
-    weight_decay: float = field(0.05, "AdamW weight decay")
-    # Data.
-    data_path: str | None = field(None, "image folder root with train/ (default: the demo data)")
     part_path: str | None = field(None, "part-map tree mirroring --data_path (default with the demo: its parts)")
-    dataset: str = field("folder", "'folder' (--data_path) or 'tfds:NAME'")
-    tfds_data_dir: str | None = field(None, "TFDS data dir (ImageNet archives in its downloads/manual/)")
     missing_part_map: str = field("error", "an image without a part map: 'error' or 'unlabelled'",
                                   choices=("error", "unlabelled"))
-    num_workers: int = field(10, "parallel decoding calls (tf.data)")
-    steps_per_epoch: int | None = field(None, "cap on the steps of an epoch (quick runs)")
-    # Run.
-    output_dir: str = field("./output_dir", "checkpoints, log.txt and pictures")
-    log_dir: str | None = field(None, "TensorBoard directory (default: --output_dir)")
-    resume: str = field("auto", "'auto' (this run's latest checkpoint), a run directory, an orbax checkpoint or a .pth")
-    seed: int = field(0, "seed of the data order, augmentation, init and masking")
-    mesh: str = field(sharding.DEFAULT_MESH, "device mesh, e.g. data:-1,fsdp:2,tensor:1")
-    save_every: int = field(20, "checkpoint every N epochs (and at the end)")
-    save_every_steps: int = field(0, "also checkpoint every N steps (0: off)")
-    keep_checkpoints: int = field(3, "checkpoints kept")
-    log_every: int = field(20, "fetch and log metrics every N steps")
+    # Run (the original saved every 20 epochs).
+    save_every: int = field(20)
+    keep_checkpoints: int = field(3)
     vis_every: int = field(10, "picture of reconstructions every N epochs (and at the end)")
-    # Multi-process (jax.distributed's own names; or detected from SLURM / MPI / TPU).
-    coordinator_address: str | None = field(None, "HOST:PORT of process 0")
-    num_processes: int | None = field(None, "number of processes")
-    process_id: int | None = field(None, "this process's index")
 
 
 def parse(argv: Sequence[str]) -> PretrainConfig:
-    parser = argparse.ArgumentParser(prog="main.py pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="preset in configs/ (name or path); default: demo without --data_path")
-    config_lib.add_config_flags(parser, PretrainConfig)
-    args = parser.parse_args(argv)
-    uses_data = getattr(args, "data_path", None) or getattr(args, "dataset", "folder") != "folder"
-    preset = args.config or (None if uses_data else "demo")
-    base = config_lib.load_preset(preset, PretrainConfig) if preset else PretrainConfig()
-    return config_lib.apply_flags(base, args)
+    """Flags over a preset; without a dataset the `demo` preset is the default."""
+
+    def default_preset(args: argparse.Namespace) -> str | None:
+        uses_data = getattr(args, "data_path", None) or getattr(args, "dataset", "folder") != "folder"
+        return None if uses_data else "demo"
+
+    return config_lib.parse_job_config(argv, PretrainConfig, "main.py pretrain", __doc__, default_preset)
 
 
 def main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
     """`python main.py pretrain ...`; `load_params` reads `--resume` files that are not run directories."""
-    config = parse(argv)
-    try:
-        run(config, load_params)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        raise SystemExit(f"main.py pretrain: error: {error}") from error
+    config_lib.run_job("main.py pretrain", run, parse(argv), load_params)
 
 
 def data_paths(config: PretrainConfig) -> tuple[str | None, str | None]:
-    """(data_path, part_path), the demo data's when no dataset is named."""
+    """(data_path, part_path), the demo data's (with its part maps) when no dataset is named."""
+    data_path = config.resolved_data_path()
     if config.data_path or config.dataset != "folder":
-        return config.data_path, config.part_path
-    from semmae_jax.data import demo_data
-
-    root = demo_data()
-    return str(root), config.part_path or str(root / "parts")
+        return data_path, config.part_path
+    return data_path, config.part_path or str(Path(data_path) / "parts")
 
 
 def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> TrainState:
     """The pretraining job, phase by phase; returns the final state."""
     # Runtime: processes, mesh, logs.
-    distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    config.start_runtime()
     from semmae_jax import data  # TensorFlow starts here, after jax.distributed
 
     mesh = sharding.make_mesh(config.mesh)
@@ -138,8 +105,7 @@ def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> Trai
                         save_every=config.save_every, save_every_steps=config.save_every_steps,
                         log_every=config.log_every)
     # Optimizer and sharded state.
-    eff_batch = global_batch * config.accum_iter
-    lr = config.lr if config.lr is not None else config.blr * eff_batch / 256
+    lr, eff_batch = config.learning_rate(global_batch)
     updates = schedule.total_steps // config.accum_iter
     warmup = config.warmup_epochs * schedule.steps_per_epoch // config.accum_iter
     lr_schedule = optim.warmup_cosine(lr, config.min_lr, warmup, updates)
@@ -157,7 +123,7 @@ def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> Trai
         state, shardings, tx = create_state(model, make_tx, example, mesh, config.seed)
         _log_placement(log, state, shardings)
         # Restore: this run's checkpoint > --resume > scratch.
-        checkpoints = RunCheckpoints(Path(config.output_dir) / "checkpoints", max_to_keep=config.keep_checkpoints)
+        checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
         params_loader = None if load_params is None else lambda path: load_params(path, config.model, model.img_size)
         state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log)
         step = jit_step(make_pretrain_step(model, tx, mask_ratio=config.mask_ratio, setting=config.setting,

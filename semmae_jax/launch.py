@@ -1,0 +1,103 @@
+"""`python main.py launch -n N [--devices_per_process K] -- COMMAND [flags]`.
+
+Starts N local processes of `main.py COMMAND`, joined by JAX's own multi-process runtime
+(`jax.distributed`, coordinator on 127.0.0.1, gloo collectives on CPU), each with K fake
+CPU devices unless `--devices_per_process 0`. It is how this project tests multi-host
+code on one machine; on a cluster the scheduler starts the processes instead (see the
+README's launch recipes). The launcher supervises: if one process fails, the others are
+stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits with that
+process's code; `--timeout` bounds the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+MAIN = Path(__file__).resolve().parent.parent / "main.py"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_command(command: Sequence[str], index: int, count: int, port: int) -> list[str]:
+    return [sys.executable, str(MAIN), *command, "--coordinator_address", f"127.0.0.1:{port}",
+            "--num_processes", str(count), "--process_id", str(index)]
+
+
+def start(command: Sequence[str], count: int, devices_per_process: int, port: int) -> list[subprocess.Popen]:
+    env = dict(os.environ)
+    if devices_per_process:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"
+        env["JAX_PLATFORMS"] = "cpu"
+    procs = [subprocess.Popen(process_command(command, i, count, port), env=env) for i in range(count)]
+    for i, proc in enumerate(procs):
+        print(f"launch: process {i} pid {proc.pid}", flush=True)
+    return procs
+
+
+def stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
+    """SIGTERM the live ones (they checkpoint if they can), SIGKILL what is left after `grace`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def supervise(procs: Sequence[subprocess.Popen], timeout: float | None, grace: float) -> int:
+    """Wait for all; the first failure (or the timeout) stops the rest. Returns the exit code."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        codes = [proc.poll() for proc in procs]
+        failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            index, code = failed[0]
+            print(f"launch: process {index} exited with code {code}; stopping the others", file=sys.stderr, flush=True)
+            stop(procs, grace)
+            return code if code > 0 else 128 - code
+        if all(c == 0 for c in codes):
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"launch: timeout after {timeout:.0f} s; stopping all processes", file=sys.stderr, flush=True)
+            stop(procs, grace)
+            return 124
+        time.sleep(0.2)
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="main.py launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--num_processes", type=int, default=2)
+    parser.add_argument("--devices_per_process", type=int, default=4, help="fake CPU devices each (0: real devices)")
+    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before everything is stopped")
+    parser.add_argument("--grace", type=float, default=20.0, help="seconds between SIGTERM and SIGKILL")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [flags] for every process")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command after --, e.g. -- pretrain --epochs 1")
+    procs = start(command, args.num_processes, args.devices_per_process, args.port or free_port())
+    try:
+        code = supervise(procs, args.timeout, args.grace)
+    except KeyboardInterrupt:
+        stop(procs, args.grace)
+        code = 130
+    raise SystemExit(code)

@@ -1,0 +1,81 @@
+"""Flags every job shares, as dataclass bases of the job configs.
+
+A job config (`PretrainConfig`, `FinetuneConfig`, ...) inherits these and redeclares a
+field only where its original script had another default (the help text is inherited,
+see `semmae_jax.config`). Names are the original scripts' flag names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from semmae_jax import distributed, sharding
+from semmae_jax.config import field
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFlags:
+    """Batch, length and learning rate (MAE's `main_pretrain.py` defaults)."""
+
+    batch_size: int = field(64, "batch size per device (global = batch_size x devices)")
+    accum_iter: int = field(1, "gradient accumulation: micro-batches per optimizer update")
+    epochs: int = field(400, "training epochs")
+    warmup_epochs: int = field(40, "linear warm-up epochs")
+    lr: float | None = field(None, "absolute learning rate (default: blr x effective batch / 256)")
+    blr: float = field(1e-3, "base learning rate: lr = blr x effective batch / 256")
+    min_lr: float = field(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = field(0.05, "weight decay")
+
+    def learning_rate(self, global_batch: int) -> tuple[float, int]:
+        """(lr, effective batch): the original's `lr = blr * eff_batch_size / 256` unless --lr."""
+        effective = global_batch * self.accum_iter
+        return (self.lr if self.lr is not None else self.blr * effective / 256), effective
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFlags:
+    """Where the images come from."""
+
+    data_path: str | None = field(None, "image folder root with train/ and val/ (default: the demo data)")
+    dataset: str = field("folder", "'folder' (--data_path) or 'tfds:NAME'")
+    tfds_data_dir: str | None = field(None, "TFDS data dir (ImageNet archives in its downloads/manual/)")
+    num_workers: int = field(10, "parallel decoding calls (tf.data)")
+    steps_per_epoch: int | None = field(None, "cap on the steps of an epoch (quick runs)")
+
+    def resolved_data_path(self) -> str | None:
+        """`--data_path`, or the demo dataset's root when no dataset is named."""
+        if self.data_path or self.dataset != "folder":
+            return self.data_path
+        from semmae_jax.data import demo_data
+
+        return str(demo_data())
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags:
+    """Outputs, checkpoints, the mesh and the processes."""
+
+    output_dir: str = field("./output_dir", "checkpoints, log.txt and pictures")
+    log_dir: str | None = field(None, "TensorBoard directory (default: --output_dir)")
+    resume: str = field("auto", "'auto' (this run's latest checkpoint), a run directory, an orbax checkpoint or a .pth")
+    seed: int = field(0, "seed of the data order, augmentation, init and masking")
+    mesh: str = field(sharding.DEFAULT_MESH, "device mesh, e.g. data:-1,fsdp:2,tensor:1")
+    save_every: int = field(1, "checkpoint every N epochs (and at the end)")
+    save_every_steps: int = field(0, "also checkpoint every N steps (0: off)")
+    keep_checkpoints: int = field(2, "checkpoints kept")
+    log_every: int = field(20, "fetch and log metrics every N steps")
+    # jax.distributed's own names; without them, SLURM / Open MPI / TPU pods are detected.
+    coordinator_address: str | None = field(None, "HOST:PORT of process 0 (multi-process runs)")
+    num_processes: int | None = field(None, "number of processes")
+    process_id: int | None = field(None, "this process's index")
+    heartbeat_timeout_seconds: int = field(100, "a peer silent this long is declared dead and the job stops")
+
+    def start_runtime(self) -> None:
+        """Join the job's processes (if several): before anything touches a device."""
+        distributed.initialize(self.coordinator_address, self.num_processes, self.process_id,
+                               heartbeat_timeout_seconds=self.heartbeat_timeout_seconds)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
