@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PARAMS = "params"
@@ -48,18 +49,17 @@ def save_params(directory: str | Path, params: Any, meta: dict[str, Any] | None 
     return root / str(step)
 
 
-def load_params(path: str | Path, abstract_params: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Params (and the JSON meta, empty if none) from a checkpoint root or step directory.
+def load_params(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Params as host numpy arrays (and the JSON meta, empty if none) from a checkpoint
+    root or step directory, whatever devices or processes saved them.
 
-    `abstract_params` (a tree of `jax.ShapeDtypeStruct`, with shardings when restoring
-    onto a mesh) checks the stored shapes and places the arrays; without it the arrays
-    come back as saved, on the default device.
+    Callers place them on their own mesh (`jax.device_put` with their shardings).
     """
     step_dir = resolve_step_dir(path)
-    handler = ocp.StandardCheckpointHandler()
-    with ocp.Checkpointer(handler) as checkpointer:
-        args = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
-        params = checkpointer.restore(step_dir / PARAMS, args=args)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        tree = checkpointer.metadata(step_dir / PARAMS).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        params = checkpointer.restore(step_dir / PARAMS, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     meta_file = step_dir / META / "metadata"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     return params, meta

@@ -1,0 +1,127 @@
+"""Real multi-process runs on this machine: 2 processes x 4 fake devices, joined by
+`jax.distributed` (gloo), against 1 process x 8 devices with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from convert.arch import full_config
+from convert.references import randomize_, timm_classifier
+from convert.safe_load import save_torch_checkpoint
+from semmae_jax import checkpoint
+from semmae_jax.cli import main as cli_main
+from semmae_jax.data import demo_data
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
+        "--num_workers", "2", "--log_every", "1", "--save_every", "1", "--warmup_epochs", "1", "--vis_every", "100"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_root(tmp_path_factory) -> Path:
+    old = os.environ.get("SEMMAE_CACHE")
+    os.environ["SEMMAE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield demo_data()
+    if old is None:
+        del os.environ["SEMMAE_CACHE"]
+    else:
+        os.environ["SEMMAE_CACHE"] = old
+
+
+def launch(*command: str, timeout: float = 400, processes: int = 2) -> subprocess.CompletedProcess:
+    """`main.py launch -n 2 --devices_per_process 4 -- COMMAND`, always reaped."""
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "main.py", "launch", "-n", str(processes), "--devices_per_process", str(8 // processes),
+            "--timeout", str(timeout - 30), "--grace", "5", "--", *command]
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def params_of(output_dir: Path, step: int):
+    return checkpoint.load_params(output_dir / "checkpoints" / str(step))[0]
+
+
+def train_losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["train_loss"] for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = launch("pretrain", *TINY, "--epochs", "2", "--output_dir", str(two))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli_main(["pretrain", *TINY, "--epochs", "2", "--output_dir", str(one)])  # 1 process x 8 devices
+    np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_of(two, 4),
+                 params_of(one, 4))
+    # Two processes' checkpoint continues in one process, one process's in two: same result.
+    cli_main(["pretrain", *TINY, "--epochs", "3", "--output_dir", str(two)])
+    result = launch("pretrain", *TINY, "--epochs", "3", "--output_dir", str(one))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming this run from its checkpoint at step 4" in result.stdout
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_of(two, 6),
+                 params_of(one, 6))
+
+
+def acc_line(text: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith("* Acc@1"))
+
+
+def test_two_process_evaluation_counts_every_image_once(tmp_path, demo_root, capsys):
+    model = randomize_(timm_classifier(full_config("vit_test_patch4", num_classes=4)), seed=1)
+    pth = tmp_path / "vit.pth"
+    save_torch_checkpoint(pth, {k: v.numpy() for k, v in model.state_dict().items()})
+    flags = ["--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4", "--batch_size", "3",
+             "--resume", str(pth), "--data_path", str(demo_root), "--num_workers", "2"]
+    result = launch("eval", *flags, "--output_dir", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli_main(["eval", *flags, "--output_dir", str(tmp_path / "one")])
+    assert acc_line(result.stdout) == acc_line(capsys.readouterr().out)
+    assert "on the 128 test images" in result.stdout
+
+
+def test_a_killed_peer_stops_the_job_and_the_last_checkpoint_stays_usable(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "main.py", "launch", "-n", "2", "--devices_per_process", "4", "--grace", "5", "--",
+            "pretrain", *TINY, "--epochs", "50", "--heartbeat_timeout_seconds", "10", "--output_dir", str(out)]
+    launcher = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = {}
+        while len(pids) < 2:
+            match = re.match(r"launch: process (\d) pid (\d+)", launcher.stdout.readline())
+            if match:
+                pids[int(match[1])] = int(match[2])
+        deadline = time.time() + 300
+        while not list(out.glob("checkpoints/*/commit_success.txt")):
+            assert launcher.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
+            time.sleep(0.1)
+        os.kill(pids[1], signal.SIGKILL)
+        killed_at = time.time()
+        _, stderr = launcher.communicate(timeout=120)
+        assert time.time() - killed_at < 60  # bounded: no hang in a collective
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode != 0
+    assert "launch: process 1 exited with code -9; stopping the others" in stderr
+    for pid in pids.values():  # every process is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    latest = checkpoint.RunCheckpoints(out / "checkpoints").latest_step()
+    saved = params_of(out, latest)
+    cli_main(["pretrain", *TINY, "--epochs", str(latest // 2 + 1), "--output_dir", str(out)])  # resumes in 1 process
+    assert checkpoint.RunCheckpoints(out / "checkpoints").latest_step() == latest + 2
+    assert jax.tree.leaves(saved)
