@@ -1,27 +1,17 @@
-"""MAE ViT-Huge/14 pretraining, the recipe of MAE's PRETRAIN.md (random masking, 800 epochs).
+"""MAE ViT-H/14 pretraining, MAE's PRETRAIN.md recipe.
 
     python main.py pretrain --config mae_vit_huge_patch14 --data_path $IMAGENET
 
-MAE used 64 images per GPU on 64 GPUs: effective batch 4096, lr = 1.5e-4 x 4096 / 256
-= 2.4e-3. `--batch_size` is per device, so the effective batch follows the device count;
-keep it at 4096 with `--accum_iter` on fewer devices. MAE's fine-tuned top-1 on ImageNet-1k:
-ViT-B 83.6, ViT-L 85.9, ViT-H 86.9.
+Same hyper-parameters as `mae_vit_base_patch16` (effective batch 4096); on accelerators
+consider `--dtype bfloat16 --remat` and an FSDP mesh (`--mesh data:-1,fsdp:8`, see the
+README's memory table). MAE's fine-tuned top-1 on ImageNet-1k: 86.9.
 """
 
+import dataclasses
+
+from configs.mae_vit_base_patch16 import get_config as base_config
 from semmae_jax.train.pretrain import PretrainConfig
 
 
 def get_config() -> PretrainConfig:
-    return PretrainConfig(
-        model="mae_vit_huge_patch14",
-        input_size=224,
-        mask_ratio=0.75,
-        norm_pix_loss=True,
-        setting=0,
-        batch_size=64,
-        epochs=800,
-        warmup_epochs=40,
-        blr=1.5e-4,
-        weight_decay=0.05,
-        output_dir="./output_mae_vit_huge_patch14",
-    )
+    return dataclasses.replace(base_config(), model="mae_vit_huge_patch14", output_dir="./output_mae_vit_huge_patch14")

@@ -4,7 +4,6 @@ loading a pretraining checkpoint, mesh-independent metrics, a short fine-tune th
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import flax.linen as nn
@@ -21,22 +20,11 @@ from convert.references import randomize_, timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
-from semmae_jax.data import demo_data
 from semmae_jax.models import create_model
 from semmae_jax.train.finetune import merge_pretrained
 
+pytestmark = pytest.mark.usefixtures("demo_root")
 TINY = ["--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4", "--num_workers", "2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_root(tmp_path_factory) -> Path:
-    old = os.environ.get("SEMMAE_CACHE")
-    os.environ["SEMMAE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield demo_data()
-    if old is None:
-        del os.environ["SEMMAE_CACHE"]
-    else:
-        os.environ["SEMMAE_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

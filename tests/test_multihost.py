@@ -15,30 +15,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import torch
 
 from convert.arch import full_config
 from convert.references import randomize_, timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
-from semmae_jax.data import demo_data
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
         "--num_workers", "2", "--log_every", "1", "--save_every", "1", "--warmup_epochs", "1", "--vis_every", "100"]
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_root(tmp_path_factory) -> Path:
-    old = os.environ.get("SEMMAE_CACHE")
-    os.environ["SEMMAE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield demo_data()
-    if old is None:
-        del os.environ["SEMMAE_CACHE"]
-    else:
-        os.environ["SEMMAE_CACHE"] = old
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_root")]
 
 
 def launch(*command: str, timeout: float = 400, processes: int = 2) -> subprocess.CompletedProcess:

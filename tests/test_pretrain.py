@@ -16,26 +16,12 @@ import pytest
 
 from semmae_jax import checkpoint, sharding
 from semmae_jax.cli import main as cli_main
-from semmae_jax.data import demo_data
 
+pytestmark = pytest.mark.usefixtures("demo_root")
 REPO = Path(__file__).resolve().parent.parent
 # A tiny model on the demo data: 32 x 32 crops, 4 x 4 patches; 2 steps of 16 images an epoch.
 TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
         "--num_workers", "2", "--log_every", "1", "--vis_every", "1", "--save_every", "1", "--warmup_epochs", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_cache(tmp_path_factory):
-    """One demo dataset for the module, in a private cache (also seen by subprocesses)."""
-    cache = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("SEMMAE_CACHE")
-    os.environ["SEMMAE_CACHE"] = str(cache)
-    demo_data()
-    yield cache
-    if old is None:
-        del os.environ["SEMMAE_CACHE"]
-    else:
-        os.environ["SEMMAE_CACHE"] = old
 
 
 def pretrain(*flags: str) -> None:
@@ -123,11 +109,11 @@ def test_bad_flags_are_clear_errors(tmp_path):
         pretrain("--data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path))
 
 
-def test_the_originals_command_line_is_accepted(tmp_path):
+def test_the_originals_command_line_is_accepted(tmp_path, demo_root):
     """main_pretrain_setting3.py's flags as the SemMAE README writes them, on an image folder."""
     from semmae_jax.train.pretrain import parse
 
-    root = demo_data()
+    root = demo_root
     config = parse(["--output_dir", str(tmp_path), "--log_dir", str(tmp_path), "--batch_size", "128",
                     "--model", "mae_vit_base_patch16", "--norm_pix_loss", "--mask_ratio", "0.75", "--epochs", "800",
                     "--warmup_epochs", "40", "--blr", "1.5e-4", "--weight_decay", "0.05", "--setting", "3",
