@@ -14,15 +14,17 @@ tests), so both sides run exactly the same weights:
   compared: loss (relative), reconstruction `pred` (max abs), mask.
 
 The batch is the first eval batch of `--data_path` (the project's eval transform) or a
-fixed random one. Both sides compute in float32 (`jax.default_matmul_precision`).
-Exit status 1 when any difference is over its tolerance.
+fixed random one; with `--all_images`, classifiers run over the whole validation split
+and the report adds each side's Acc@1 on the same images. Both sides compute in float32
+(`jax.default_matmul_precision`). Exit status 1 when any difference is over its tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="registered model name (default: inferred / from the meta)")
     p.add_argument("--data_path", default=None, help="dataset root: compare on its first eval batch")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--all_images", action="store_true", help="classifiers: the whole val split, with Acc@1 on both sides")
     p.add_argument("--img_size", type=int, default=None, help="resample the position tables to this image size")
     p.add_argument("--norm_pix_loss", action="store_true", help="MAE: per-patch normalised pixel targets")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches removed")
@@ -92,23 +95,25 @@ def compare(args: argparse.Namespace) -> list[Row]:
         overrides = {**overrides, "norm_pix_loss": args.norm_pix_loss}
     config = full_config(name, **overrides)
     state_dict = flax_to_torch(params, name, model_overrides=overrides)
-    images = batch(args, config)
-    print(
-        f"model {name} {overrides}; {len(images)} images of {config['img_size']}px from {args.data_path or 'a seeded random batch'}"
-    )
+    batches = list(image_batches(args, config))
+    count = sum(len(images) for images, _ in batches)
+    print(f"model {name} {overrides}; {count} images of {config['img_size']}px from "
+          f"{args.data_path or 'a seeded random batch'}")
     model = create_model(name, **overrides)
     with jax.default_matmul_precision("float32"), torch.no_grad():
         if model_family(name) == "mae":
-            return mae_rows(model, params, state_dict, config, images, args)
-        return classifier_rows(model, params, state_dict, config, images, args)
+            return mae_rows(model, params, state_dict, config, batches[0][0], args)
+        return classifier_rows(model, params, state_dict, config, batches, args)
 
 
 def classifier_rows(
-    model: Any, params: Any, state_dict: Any, config: dict, images: np.ndarray, args: argparse.Namespace
+    model: Any, params: Any, state_dict: Any, config: dict, batches: list[tuple[np.ndarray, Any]],
+    args: argparse.Namespace,
 ) -> list[Row]:
     reference = references.load_numpy_state_dict(references.timm_classifier(config), state_dict)
-    expected = reference(_nchw(images)).numpy()
-    got = np.asarray(jax.jit(model.apply)({"params": params}, images))
+    apply = jax.jit(model.apply)
+    got = np.concatenate([np.asarray(apply({"params": params}, images)) for images, _ in batches])
+    expected = np.concatenate([reference(_nchw(images)).numpy() for images, _ in batches])
     what = "logit" if config["num_classes"] else "feature"
     diff = np.abs(got - expected).max()
     rows = [
@@ -117,6 +122,10 @@ def classifier_rows(
     ]
     if config["num_classes"]:
         rows.append(Row("top-1 agreement", float(np.mean(got.argmax(-1) == expected.argmax(-1))), 1.0, at_least=True))
+    if batches[0][1] is not None:
+        labels = np.concatenate([labels for _, labels in batches])
+        rows += [Row("Acc@1 % JAX", 100.0 * float(np.mean(got.argmax(-1) == labels))),
+                 Row("Acc@1 % PyTorch", 100.0 * float(np.mean(expected.argmax(-1) == labels)))]
     return rows
 
 
@@ -140,20 +149,26 @@ def mae_rows(
     ]
 
 
-def batch(args: argparse.Namespace, config: dict) -> np.ndarray:
-    """[N, H, W, C] float32 normalised images: the dataset's first eval batch or a seeded random one."""
+def image_batches(args: argparse.Namespace, config: dict) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """([N, H, W, C] float32 normalised images, labels or None): the dataset's first eval batch
+    (every batch with `--all_images`), or one seeded random batch without labels."""
     if args.data_path:
-        return dataset_images(args.data_path, args.batch_size, config["img_size"])
+        yield from dataset_batches(args.data_path, args.batch_size, config["img_size"], args.all_images)
+        return
     shape = (args.batch_size, config["img_size"], config["img_size"], config["in_chans"])
-    return np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
+    yield np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32), None
 
 
-def dataset_images(data_path: str, batch_size: int, img_size: int) -> np.ndarray:
-    """The first batch of the validation split through the project's eval transform."""
+def dataset_batches(
+    data_path: str, batch_size: int, img_size: int, every_batch: bool
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Validation batches through the project's eval transform, padding dropped."""
     from semmae_jax.data import eval_batches, open_source  # imports TensorFlow: only now, after torch
 
-    first = next(iter(eval_batches(open_source(data_path, "val"), batch_size=batch_size, img_size=img_size)))
-    return np.asarray(first["image"], np.float32)[np.asarray(first["mask"], bool)]  # mask: False on padding
+    batches = eval_batches(open_source(data_path, "val"), batch_size=batch_size, img_size=img_size)
+    for batch in batches if every_batch else itertools.islice(batches, 1):
+        real = np.asarray(batch["mask"], bool)  # False on padding
+        yield np.asarray(batch["image"], np.float32)[real], np.asarray(batch["label"])[real]
 
 
 def format_rows(rows: Sequence[Row]) -> str:

@@ -229,3 +229,14 @@ def test_parity_command_reads_the_eval_batch_of_data_path(checkpoints, capsys, m
     assert calls == [("open_source", "/data/imagenet", "val"), ("eval_batches", "source", 3, 32)]
     out = capsys.readouterr().out
     assert "2 images of 32px from /data/imagenet" in out and out.rstrip().endswith("parity OK")
+
+
+def test_parity_command_reports_both_accuracies_over_a_whole_image_folder(checkpoints, capsys, demo_root):
+    """`--all_images`: every demo validation image through the project's eval transform, then
+    JAX and timm on the same images: the same Acc@1 (the inputs are identical)."""
+    parity.main(["--checkpoint", checkpoints["global_pool"], "--data_path", str(demo_root), "--batch_size", "32",
+                 "--all_images"])
+    out = capsys.readouterr().out
+    assert "128 images of 32px" in out and out.rstrip().endswith("parity OK")
+    acc = {line.split("  ")[0].strip(): float(line.split()[3]) for line in out.splitlines() if line.startswith("Acc@1")}
+    assert acc["Acc@1 % JAX"] == acc["Acc@1 % PyTorch"]
