@@ -58,8 +58,17 @@ def masked_view(images: np.ndarray, mask: np.ndarray, patch_size: int) -> np.nda
     return np.asarray(unpatchify(np.where(mask[..., None] > 0, grey, patches), patch_size, grid=grid))
 
 
+def panel_row(cells: list[np.ndarray], min_size: int) -> np.ndarray:
+    """uint8 HWC cells side by side with white borders, enlarged (nearest, whole factors) to at least
+    `min_size` pixels a side so that patches stay visible."""
+    factor = max(1, -(-min_size // cells[0].shape[0]))
+    cells = [np.repeat(np.repeat(c, factor, axis=0), factor, axis=1) for c in cells]
+    return np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1)
+
+
 def pretrain_panel(
-    images: np.ndarray, part_labels: np.ndarray, mask: np.ndarray, pred: np.ndarray, patch_size: int, norm_pix_loss: bool
+    images: np.ndarray, part_labels: np.ndarray, mask: np.ndarray, pred: np.ndarray, patch_size: int,
+    norm_pix_loss: bool, min_cell: int = 160,
 ) -> np.ndarray:
     """One row per image: input | part map | masked input | reconstruction (uint8 HWC)."""
     n, h, w, _ = images.shape
@@ -72,7 +81,7 @@ def pretrain_panel(
             to_uint8(masked_view(images[i : i + 1], mask[i : i + 1], patch_size)[0]),
             to_uint8(reconstruction(images[i : i + 1], pred[i : i + 1], mask[i : i + 1], patch_size, norm_pix_loss)[0]),
         ]
-        rows.append(np.concatenate([np.pad(c, ((1, 1), (1, 1), (0, 0)), constant_values=255) for c in cells], axis=1))
+        rows.append(panel_row(cells, min_cell))
     return np.concatenate(rows, axis=0)
 
 
