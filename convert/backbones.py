@@ -32,17 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from convert.arch import full_config, model_family
 from convert.core import params_from_checkpoint, torch_to_flax
 from convert.safe_load import load_torch_checkpoint
 from convert.table import ConversionError, flatten, unflatten
+from semmae_jax.models import model_family
 
 log = logging.getLogger(__name__)
 
 # Top-level modules of a ViT encoder, in both layouts ('blocks.3.' in torch, 'blocks_3/' in Flax).
 ENCODER_MODULES = ("cls_token", "pos_embed", "patch_embed", "blocks", "norm")
-# The `VisionTransformer` fields a backbone is rebuilt from (plain numbers, JSON-friendly).
-BACKBONE_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 
 def _module_of(name: str, separator: str) -> str:
@@ -82,20 +80,19 @@ def backbone_state_dict(source: str | Path | Mapping[str, np.ndarray]) -> Ordere
     return encoder
 
 
-def backbone_params(path: str | Path, img_size: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(params, fields) of the ViT encoder in a `.pth` file or an orbax checkpoint.
+def backbone_params(path: str | Path, img_size: int | None = None) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(encoder params, model name, overrides) from a `.pth` file or an orbax checkpoint.
 
-    `VisionTransformer(**fields, num_classes=0, global_pool=False)` runs the params.
-    With `img_size` the position table is resampled (bicubic, as MAE's
+    The name and overrides are the converter's usual currency: the model the encoder
+    came from (an MAE pretraining model for this project's runs, a ViT otherwise);
+    `semmae_jax.parts.backbone_model(name, overrides)` builds the headless encoder that
+    runs the params. With `img_size` the position table is resampled (bicubic, as MAE's
     `interpolate_pos_embed`) to that input size.
     """
     if Path(path).is_dir():
         params, name, overrides = params_from_checkpoint(path, img_size=img_size)
         encoder, dropped = encoder_only(flatten(params), "/")
-        params = unflatten(encoder)
         if dropped:
             log.info("backbone %s: left out %d params of the %s model", path, len(dropped), model_family(name))
-    else:
-        params, name, overrides = torch_to_flax(backbone_state_dict(path), img_size=img_size)
-    config = full_config(name, **overrides)
-    return params, {field: config[field] for field in BACKBONE_FIELDS}
+        return unflatten(encoder), name, overrides
+    return torch_to_flax(backbone_state_dict(path), img_size=img_size)

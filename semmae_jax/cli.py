@@ -21,10 +21,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("semmae_jax.launch:main", "run a command as N local processes joined by jax.distributed"),
     "convert": ("convert.cli:main", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
     "parity": ("convert.parity:main", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
+    "parts train": ("semmae_jax.train.parts:train_main", "stage 1: learn semantic parts on a frozen ViT"),
+    "parts export": ("semmae_jax.train.parts:export_main", "stage 1: write a PNG part map per image (resumable)"),
+    "parts show": ("semmae_jax.train.parts:show_main", "stage 1: a picture of images with their learned parts"),
+    "parts eval": ("semmae_jax.train.parts:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
     "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),
 }
-# Jobs that take checkpoints (`--resume`, `--finetune`): they get `load_checkpoint_params`.
-JOBS = ("pretrain", "finetune", "eval", "linprobe")
 
 
 def usage() -> str:
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     module_name, function = COMMANDS[command][0].split(":")
     entry = getattr(importlib.import_module(module_name), function)
     if command in JOBS:
-        entry(rest, load_params=load_checkpoint_params)
+        entry(rest, load_params=JOBS[command])
     else:
         entry(rest)
 
@@ -61,3 +63,21 @@ def load_checkpoint_params(path: str, model_name: str | None, img_size: int) -> 
 
     params, _, _ = params_from_checkpoint(path, model_name, img_size=img_size)
     return params
+
+
+def load_backbone_params(path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    """A frozen ViT encoder for stage 1 from a `.pth` (MAE, DINO, iBOT) or an orbax checkpoint:
+    (params, registered model name, overrides), position table resized to `img_size`."""
+    from convert.backbones import backbone_params
+
+    return backbone_params(path, img_size=img_size)
+
+
+# Jobs that read checkpoints (`--resume`, `--finetune`, `--backbone`), with their reader.
+JOBS = {
+    "pretrain": load_checkpoint_params,
+    "finetune": load_checkpoint_params,
+    "eval": load_checkpoint_params,
+    "linprobe": load_checkpoint_params,
+    "parts train": load_backbone_params,
+}
