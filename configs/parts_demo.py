@@ -1,12 +1,12 @@
 """Stage 1 on the demo data: parts of the demo creatures, learned on the demo MAE's encoder.
 
-    python main.py pretrain --epochs 150 --setting 0 --output_dir output_mae_demo   # the backbone
+    python main.py pretrain --setting 0 --output_dir output_mae_demo   # the backbone (1.5 min)
     python main.py parts train --config parts_demo --backbone output_mae_demo/checkpoints
 
-Expected: about 5 minutes on 2 CPU cores; `parts eval --checkpoint output_parts_demo` then
-reports the learned parts ahead of k-means and raw attention in mIoU and ARI (README,
-"Stage 1"). Five parts plus a background part: the demo's true parts are a background and
-five body parts.
+About 4 minutes on 2 CPU cores; `parts eval --checkpoint output_parts_demo` then reports the
+learned parts ahead of k-means and raw attention in mIoU and ARI (README, "Stage 1": 0.355 /
+0.744 against 0.067 / -0.004 and 0.084 / 0.001). Five parts plus a background part: the demo's
+true parts are a background and five body parts.
 """
 
 from semmae_jax.train.parts import PartsConfig

@@ -22,9 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert.cli:main", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
     "parity": ("convert.parity:main", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
     "parts train": ("semmae_jax.train.parts:train_main", "stage 1: learn semantic parts on a frozen ViT"),
-    "parts export": ("semmae_jax.train.parts:export_main", "stage 1: write a PNG part map per image (resumable)"),
-    "parts show": ("semmae_jax.train.parts:show_main", "stage 1: a picture of images with their learned parts"),
-    "parts eval": ("semmae_jax.train.parts:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
+    "parts export": ("semmae_jax.train.parts_tools:export_main", "stage 1: write a PNG part map per image (resumable)"),
+    "parts show": ("semmae_jax.train.parts_tools:show_main", "stage 1: a picture of images with their learned parts"),
+    "parts eval": ("semmae_jax.train.parts_tools:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
     "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),
 }
 

@@ -1,4 +1,4 @@
-"""Pictures of what the model sees and makes: image | part map | mask | reconstruction.
+"""Pictures of what the models see and make: image | part map | mask | reconstruction, and learned parts.
 
 Pure numpy + PIL, so it runs anywhere the logs are written.
 """
@@ -82,6 +82,22 @@ def pretrain_panel(
             to_uint8(reconstruction(images[i : i + 1], pred[i : i + 1], mask[i : i + 1], patch_size, norm_pix_loss)[0]),
         ]
         rows.append(panel_row(cells, min_cell))
+    return np.concatenate(rows, axis=0)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 image [H, W, 3] with per-patch part ids [L] painted over it (-1: left as is)."""
+    grid = int(np.sqrt(labels.size))
+    colours = part_colours(labels, (grid, grid), image.shape[:2]).astype(np.float32)
+    painted = np.repeat(np.repeat(labels.reshape(grid, grid) >= 0, image.shape[0] // grid, 0), image.shape[1] // grid, 1)
+    blend = np.where(painted[..., None], (1 - alpha) * image + alpha * colours, image)
+    return blend.astype(np.uint8)
+
+
+def parts_panel(images: np.ndarray, label_sets: list[np.ndarray], min_size: int = 128) -> np.ndarray:
+    """One row per image: the image, then each set of per-patch labels [N, L] overlaid on it."""
+    rows = [panel_row([image] + [overlay(image, labels[i]) for labels in label_sets], min_size)
+            for i, image in enumerate(to_uint8(images))]
     return np.concatenate(rows, axis=0)
 
 

@@ -22,7 +22,7 @@ import pytest
 from semmae_jax import checkpoint, cli
 from semmae_jax.data.part_maps import NO_PART, read_part_map
 from semmae_jax.models import create_model
-from semmae_jax.train import parts
+from semmae_jax.train import parts, parts_tools
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_root")]
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def export(run_dir: Path, out: Path) -> None:
-    parts.export_main(["--checkpoint", str(run_dir), "--out", str(out), "--batch_size", "64", "--num_workers", "2"])
+    parts_tools.export_main(["--checkpoint", str(run_dir), "--out", str(out), "--batch_size", "64", "--num_workers", "2"])
 
 
 def test_training_lowers_the_loss_and_saves_a_checkpoint_and_pictures(run_dir):
@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_saves_a_checkpoint_and_pictures(run_dir):
     assert len(epochs) == 4 and epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"]
     assert {"train_pixels", "train_tokens", "train_diversity", "train_foreground"} <= set(epochs[0])
     assert (run_dir / "checkpoints" / "12").is_dir() and (run_dir / "parts_epoch0003.png").is_file()
-    run = parts.load_run(str(run_dir))
+    run = parts_tools.load_run(str(run_dir))
     assert (run.grid, run.model.learner.num_maps, run.background) == (8, 4, True)
 
 
@@ -88,13 +88,13 @@ def test_export_resumes_without_rewriting(run_dir, tmp_path, capsys):
 
 
 def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, tmp_path):
-    results = parts.evaluate(parts.parse_view("eval", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "e.json"),
+    results = parts_tools.evaluate(parts_tools.parse_view("eval", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "e.json"),
                                                        "--num_workers", "2"]))
     assert list(results) == ["learned parts", "k-means of patch tokens (k=4)", "raw attention (argmax of 4 heads)",
                              "one part (reference)"]
     assert all(0.0 <= r["miou"] <= 1.0 and len(r["iou"]) == 6 for r in results.values())
     assert json.loads((tmp_path / "e.json").read_text())["images"] == 128
-    picture = parts.show(parts.parse_view("show", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "s.png"),
+    picture = parts_tools.show(parts_tools.parse_view("show", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "s.png"),
                                                    "--num_images", "3", "--num_workers", "2"]))
     assert picture.is_file()
 
