@@ -116,6 +116,19 @@ def load_torch_checkpoint(
       ConversionError: one line naming the file: unreadable, truncated, not a checkpoint,
         refused global, or no ViT state dict inside.
     """
+    state_dict, info, _ = load_training_checkpoint(path, trust_pickle)
+    return state_dict, info
+
+
+def load_training_checkpoint(
+    path: str | Path, trust_pickle: bool = False
+) -> tuple[OrderedDict[str, np.ndarray], CheckpointInfo, Mapping[str, Any] | None]:
+    """`load_torch_checkpoint`'s (state dict, info) and the file's optimizer state dict.
+
+    The optimizer entry is what MAE's `misc.save_model` stores under 'optimizer'
+    (`torch.optim.Optimizer.state_dict()`: 'state' and 'param_groups', tensors left as
+    they are); None when the file has none.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
@@ -123,7 +136,8 @@ def load_torch_checkpoint(
     state, info = _find_state_dict(raw, str(path))
     if trust_pickle:
         info = _with(info, trusted_pickle=True)
-    return _to_numpy(state, path), info
+    optimizer = raw.get("optimizer") if info.wrapper else None
+    return _to_numpy(state, path), info, optimizer if isinstance(optimizer, Mapping) else None
 
 
 def _unpickle(path: Path, trust_pickle: bool) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # command -> ("module:function(argv)", one-line description)
@@ -47,10 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     module_name, function = COMMANDS[command][0].split(":")
     entry = getattr(importlib.import_module(module_name), function)
-    if command in JOBS:
-        entry(rest, load_params=JOBS[command])
-    else:
-        entry(rest)
+    entry(rest, **JOBS.get(command, {}))
 
 
 def load_checkpoint_params(path: str, model_name: str | None, img_size: int) -> Any:
@@ -73,11 +71,21 @@ def load_backbone_params(path: str, img_size: int | None) -> tuple[Any, str, dic
     return backbone_params(path, img_size=img_size)
 
 
-# Jobs that read checkpoints (`--resume`, `--finetune`, `--backbone`), with their reader.
-JOBS = {
-    "pretrain": load_checkpoint_params,
-    "finetune": load_checkpoint_params,
-    "eval": load_checkpoint_params,
-    "linprobe": load_checkpoint_params,
-    "parts train": load_backbone_params,
+def load_torch_optimizer(path: str, model_name: str) -> Any:
+    """The AdamW state of an original pretraining `.pth` (None for anything else): what lets
+    `pretrain --resume X.pth` continue the run the file was saved from."""
+    if Path(path).is_dir():
+        return None
+    from convert.optimizer import torch_adam_state
+
+    return torch_adam_state(path, model_name)
+
+
+# Jobs that read checkpoints (`--resume`, `--finetune`, `--backbone`), with their readers.
+JOBS: dict[str, dict[str, Any]] = {
+    "pretrain": {"load_params": load_checkpoint_params, "load_optimizer": load_torch_optimizer},
+    "finetune": {"load_params": load_checkpoint_params},
+    "eval": {"load_params": load_checkpoint_params},
+    "linprobe": {"load_params": load_checkpoint_params},
+    "parts train": {"load_params": load_backbone_params},
 }

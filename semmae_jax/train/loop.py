@@ -105,11 +105,14 @@ def resume(
     resume_from: str | None,
     load_params: Callable[[str], Any] | None,
     log: RunLog,
+    import_optimizer: Callable[[str, TrainState], TrainState | None] | None = None,
 ) -> TrainState:
     """Continue this run, or start from `--resume`, or keep the fresh state (in that order).
 
     `--resume` may be another run's checkpoint directory (full state: optimizer and step
-    too) or anything `load_params` reads (a converted checkpoint, a `.pth`): params only.
+    too) or anything `load_params` reads (a converted checkpoint, a `.pth`): its params,
+    then, where `import_optimizer` finds one in the file (the original's training
+    checkpoints), its optimizer state and position too.
     """
     latest = run_checkpoints.latest_step()
     if latest is not None:
@@ -125,9 +128,13 @@ def resume(
         return restore_state(source, step, shapes)
     if load_params is None:
         raise ValueError(f"--resume {resume_from}: not a run checkpoint directory")
-    log.print(f"starting from the params of {resume_from} (fresh optimizer state, step 0)")
     params = jax.device_put(load_params(resume_from), jax.tree.map(lambda s: s.sharding, shapes.params))
-    return state.replace(params=params)
+    state = state.replace(params=params)
+    continued = import_optimizer(resume_from, state) if import_optimizer else None
+    if continued is not None:
+        return continued
+    log.print(f"starting from the params of {resume_from} (fresh optimizer state, step 0)")
+    return state
 
 
 def _has_full_state(directory: Path) -> bool:

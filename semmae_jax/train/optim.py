@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from semmae_jax.paths import flat_by_path, map_with_path
@@ -99,6 +100,42 @@ def adamw(
         labels = map_with_path(lambda path, x: "frozen" if path.split("/")[0] in frozen else "train", params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return optax.MultiSteps(tx, every_k_schedule=accum_iter) if accum_iter > 1 else tx
+
+
+def with_adam_moments(opt_state: Any, mu: Any, nu: Any, adam_count: int, updates: int) -> Any:
+    """`opt_state` continued from another framework's AdamW: its moments, its step count.
+
+    `mu` / `nu` are full params-shaped trees (host arrays); each lands where, and as,
+    the initialised moment is (frozen parameters, which have none, are skipped). Adam's
+    count takes `adam_count` (its bias correction), the schedule's and the accumulator's
+    counts take `updates`, the optimizer updates this run's step counter stands for.
+    """
+
+    def moments(old: Any, new: Any) -> Any:
+        def place(leaf: Any, value: Any) -> Any:
+            if isinstance(leaf, optax.MaskedNode):
+                return leaf
+            return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding)
+
+        return jax.tree.map(place, old, new, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+    def count(old: jax.Array, value: int) -> jax.Array:
+        return jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+
+    def replace(node: Any) -> Any:
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(count=count(node.count, adam_count), mu=moments(node.mu, mu), nu=moments(node.nu, nu))
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=count(node.count, updates))
+        if isinstance(node, optax.MultiStepsState):
+            inner = jax.tree.map(replace, node.inner_opt_state, is_leaf=is_state)
+            return node._replace(gradient_step=count(node.gradient_step, updates), inner_opt_state=inner)
+        return node
+
+    def is_state(node: Any) -> bool:
+        return isinstance(node, (optax.ScaleByAdamState, optax.ScaleByScheduleState, optax.MultiStepsState))
+
+    return jax.tree.map(replace, opt_state, is_leaf=is_state)
 
 
 def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[str] = ()) -> list[str]:

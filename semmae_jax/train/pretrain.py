@@ -33,6 +33,8 @@ from semmae_jax.train.state import TrainState, create_state
 from semmae_jax.train.steps import jit_step, make_pretrain_step
 
 ParamsLoader = Callable[[str, str, int], Any]  # (path, model name, img_size) -> params
+# (path, model name) -> the file's AdamW state (moments in the params' layout, steps, epoch, betas) or None
+OptimizerLoader = Callable[[str, str], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +71,12 @@ def parse(argv: Sequence[str]) -> PretrainConfig:
     return config_lib.parse_job_config(argv, PretrainConfig, "main.py pretrain", __doc__, default_preset)
 
 
-def main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
-    """`python main.py pretrain ...`; `load_params` reads `--resume` files that are not run directories."""
-    config_lib.run_job("main.py pretrain", run, parse(argv), load_params)
+def main(
+    argv: Sequence[str], load_params: ParamsLoader | None = None, load_optimizer: OptimizerLoader | None = None
+) -> None:
+    """`python main.py pretrain ...`; `load_params` reads `--resume` files that are not run directories,
+    `load_optimizer` the optimizer state of the original's training checkpoints among them."""
+    config_lib.run_job("main.py pretrain", run, parse(argv), load_params, load_optimizer)
 
 
 def data_paths(config: PretrainConfig) -> tuple[str | None, str | None]:
@@ -82,7 +87,9 @@ def data_paths(config: PretrainConfig) -> tuple[str | None, str | None]:
     return data_path, config.part_path or str(Path(data_path) / "parts")
 
 
-def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> TrainState:
+def run(
+    config: PretrainConfig, load_params: ParamsLoader | None = None, load_optimizer: OptimizerLoader | None = None
+) -> TrainState:
     """The pretraining job, phase by phase; returns the final state."""
     # Runtime: processes, mesh, logs.
     config.start_runtime()
@@ -125,7 +132,9 @@ def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> Trai
         # Restore: this run's checkpoint > --resume > scratch.
         checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
         params_loader = None if load_params is None else lambda path: load_params(path, config.model, model.img_size)
-        state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log)
+        continue_optimizer = None if load_optimizer is None else functools.partial(
+            _continue_optimizer, load_optimizer, config, schedule, log)
+        state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log, continue_optimizer)
         step = jit_step(make_pretrain_step(model, tx, mask_ratio=config.mask_ratio, setting=config.setting,
                                            num_parts=config.num_parts),
                         shardings, sharding.batch_sharding(mesh), mesh)
@@ -147,6 +156,29 @@ def run(config: PretrainConfig, load_params: ParamsLoader | None = None) -> Trai
     checkpoints.close()
     log.close()
     return state
+
+
+def _continue_optimizer(
+    load_optimizer: OptimizerLoader, config: PretrainConfig, schedule: Schedule, log: RunLog, path: str,
+    state: TrainState,
+) -> TrainState | None:
+    """`state` (params loaded from `path`) with the file's AdamW state, at the start of the epoch after
+    the file's, as the original's `--resume` continues; None when the file has no optimizer."""
+    torch_state = load_optimizer(path, config.model)
+    if torch_state is None:
+        return None
+    step = (torch_state.epoch + 1) * schedule.steps_per_epoch
+    updates = step // config.accum_iter
+    opt_state = optim.with_adam_moments(state.opt_state, torch_state.mu, torch_state.nu, torch_state.steps, updates)
+    log.print(f"resuming from {path}: params and AdamW state ({torch_state.steps} updates), continuing at epoch "
+              f"{torch_state.epoch + 1} (step {step})")
+    if torch_state.steps != updates:
+        log.print(f"note: the file's run made {torch_state.steps} optimizer updates in {torch_state.epoch + 1} epochs, "
+                  f"this one makes {updates}: the data or batch differ from the original run's")
+    if tuple(torch_state.betas) != (0.9, 0.95):
+        log.print(f"note: the file's AdamW betas are {torch_state.betas}; this run uses (0.9, 0.95)")
+    return state.replace(step=jax.device_put(jnp.asarray(step, state.step.dtype), state.step.sharding),
+                         opt_state=opt_state)
 
 
 def _log_placement(log: RunLog, state: TrainState, shardings: TrainState) -> None:

@@ -1,0 +1,122 @@
+"""`pretrain --resume X.pth` with an original training checkpoint: the run continues with the file's AdamW.
+
+The reference is torch's own `AdamW`, built with the original's parameter groups (timm
+0.3.2's `add_weight_decay`, sin-cos tables frozen), stepped a few times and saved as MAE's
+`misc.save_model` saves; the next update made from the imported state must equal torch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import OrderedDict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import convert
+from convert.optimizer import torch_adam_state
+from convert.safe_load import numpy_to_tensor, tensor_to_numpy
+from semmae_jax.cli import main as cli_main
+from semmae_jax.models import create_model, frozen_param_names
+from semmae_jax.train import optim
+
+MODEL, SIZE, LR, BETAS, EPOCH = "mae_vit_test_patch4", 32, 1e-3, (0.9, 0.95), 4
+
+
+def add_weight_decay(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """timm 0.3.2's `optim_factory.add_weight_decay` with an empty skip list, as MAE's pretraining calls it."""
+    decay, no_decay = [], []
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        (no_decay if len(param.shape) == 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def random_grads(named: list[tuple[str, torch.nn.Parameter]], seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _, param in named:
+        param.grad = torch.randn(param.shape, generator=generator) if param.requires_grad else None
+
+
+class OriginalRun:
+    """The torch side: an MAE's parameters under the original's AdamW, stepped `steps` times."""
+
+    def __init__(self, steps: int = 3) -> None:
+        model = create_model(MODEL)
+        params = jax.jit(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3))))["params"])()
+        state_dict = convert.flax_to_torch(jax.tree.map(np.asarray, params), MODEL)
+        self.named = [(k, torch.nn.Parameter(numpy_to_tensor(v).clone(), requires_grad="pos_embed" not in k))
+                      for k, v in state_dict.items()]
+        # Weight decay 0: this project exempts the tokens the original decayed (README, Differences).
+        self.optimizer = torch.optim.AdamW(add_weight_decay(self.named, 0.0), lr=LR, betas=BETAS)
+        for seed in range(steps):
+            self.step(seed)
+
+    def step(self, seed: int) -> None:
+        random_grads(self.named, seed)
+        self.optimizer.step()
+
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
+        return OrderedDict((k, tensor_to_numpy(p.detach().clone())) for k, p in self.named)
+
+    def save(self, path, optimizer: dict | None = None) -> None:
+        torch.save({"model": OrderedDict((k, p.detach().clone()) for k, p in self.named),
+                    "optimizer": optimizer or self.optimizer.state_dict(), "epoch": EPOCH,
+                    "scaler": {"scale": 65536.0}, "args": argparse.Namespace(model=MODEL, blr=1.5e-4)}, path)
+
+
+def test_the_next_update_from_the_imported_state_equals_torchs(tmp_path):
+    run = OriginalRun(steps=3)
+    run.save(tmp_path / "checkpoint-4.pth")
+    imported = torch_adam_state(tmp_path / "checkpoint-4.pth")
+    assert (imported.steps, imported.epoch, imported.betas) == (3, EPOCH, BETAS)
+
+    params, _, _ = convert.torch_to_flax(run.state_dict(), MODEL)
+    tx = optim.adamw(params, lambda count: LR, weight_decay=0.0, betas=BETAS, frozen=frozen_param_names(create_model(MODEL)))
+    opt_state = optim.with_adam_moments(tx.init(params), imported.mu, imported.nu, imported.steps, updates=3)
+    run.step(seed=3)  # torch's 4th update ...
+    grads = OrderedDict((k, tensor_to_numpy(p.grad) if p.grad is not None else np.zeros(p.shape, np.float32))
+                        for k, p in run.named)
+    updates, _ = tx.update(convert.torch_to_flax(grads, MODEL)[0], opt_state, params)  # ... and ours, same gradient
+    ours = jax.tree.map(np.asarray, jax.tree.map(jnp.add, params, updates))
+    theirs, _, _ = convert.torch_to_flax(run.state_dict(), MODEL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), ours, theirs)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), theirs, params)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the update is not a no-op the comparison would miss
+    fresh, _ = tx.update(convert.torch_to_flax(grads, MODEL)[0], tx.init(params), params)
+    assert not np.allclose(np.asarray(fresh["blocks_0"]["mlp"]["fc1"]["kernel"]),
+                           np.asarray(updates["blocks_0"]["mlp"]["fc1"]["kernel"]))  # the moments mattered
+
+
+def test_an_optimizer_of_other_groups_is_refused_with_the_reason(tmp_path):
+    run = OriginalRun(steps=1)
+    flat = torch.optim.AdamW([p for _, p in run.named if p.requires_grad], lr=LR)  # one group: not MAE's
+    random_grads(run.named, 0)
+    flat.step()
+    run.save(tmp_path / "other.pth", optimizer=flat.state_dict())
+    with pytest.raises(convert.ConversionError, match=r"other\.pth: optimizer: parameter groups of sizes \[\d+\]"):
+        torch_adam_state(tmp_path / "other.pth")
+
+
+def test_a_file_without_an_optimizer_gives_none(tmp_path):
+    convert.save_torch_checkpoint(tmp_path / "weights.pth", OriginalRun(steps=0).state_dict())
+    assert torch_adam_state(tmp_path / "weights.pth") is None
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("demo_root")
+def test_pretrain_resume_from_an_original_checkpoint_continues_at_the_next_epoch(tmp_path, capsys):
+    OriginalRun(steps=3).save(tmp_path / "checkpoint-4.pth")
+    cli_main(["pretrain", "--model", MODEL, "--input_size", str(SIZE), "--batch_size", "2", "--steps_per_epoch", "2",
+              "--num_workers", "2", "--log_every", "1", "--epochs", str(EPOCH + 2), "--warmup_epochs", "1",
+              "--resume", str(tmp_path / "checkpoint-4.pth"), "--output_dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "params and AdamW state (3 updates), continuing at epoch 5 (step 10)" in out
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert epochs == [EPOCH + 1]
