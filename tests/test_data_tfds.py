@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader
 from semmae_jax.data.sources import open_source
 from semmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 
 NAME = "semmae_tiny_shapes"
 TRAIN, TEST = 26, 11
+CLASSES = ["cat", "dog", "fox"]
 
 
 class SemmaeTinyShapes(tfds.core.GeneratorBasedBuilder):
@@ -23,7 +25,8 @@ class SemmaeTinyShapes(tfds.core.GeneratorBasedBuilder):
     def _info(self) -> tfds.core.DatasetInfo:
         features = {
             "image": tfds.features.Image(encoding_format="png"),
-            "label": tfds.features.ClassLabel(num_classes=3),
+            "label": tfds.features.ClassLabel(names=CLASSES),
+            "file_name": tfds.features.Text(),
         }
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
@@ -35,7 +38,7 @@ class SemmaeTinyShapes(tfds.core.GeneratorBasedBuilder):
         for k in range(start, stop):
             pixels = np.full((18 + k % 5, 21, 3), (6 * k + 3, 0, 90), np.uint8)
             pixels[..., 1] = rng.integers(0, 256, pixels.shape[:2])
-            yield k, {"image": pixels, "label": k % 3}
+            yield k, {"image": pixels, "label": k % 3, "file_name": f"img_{k:03d}.png"}
 
 
 def example_ids(batch) -> np.ndarray:
@@ -100,6 +103,41 @@ def test_evaluation_covers_every_record_once(data_dir):
         assert len(batches) == evaluation.num_batches == 2
         seen += [k for b in batches for k in example_ids(b)[b["mask"]]]
     assert sorted(seen) == list(range(TRAIN, TRAIN + TEST))
+
+
+def write_part_maps(root, ids) -> None:
+    """Record k's map, where the image-folder layout would put it: flat at part k % 5."""
+    for k in ids:
+        write_part_map(root / "train" / CLASSES[k % 3] / f"img_{k:03d}.png", np.full((6, 7), k % 5, np.uint8))
+
+
+def all_train_batches(source):
+    """Every training record once (batch 2 divides 26), with its per-patch labels."""
+    train = TrainLoader(source, batch_size=2, transform=TrainTransform(img_size=16, patch_size=8), process_index=0,
+                        process_count=1)
+    return train, list(train.epoch_batches(0))
+
+
+def test_part_maps_follow_their_records_by_label_and_file_name(data_dir, tmp_path):
+    write_part_maps(tmp_path, [k for k in range(TRAIN) if k != 5])
+    with pytest.raises(FileNotFoundError, match=r"25 part maps for the 26 images of tfds:semmae_tiny_shapes train"):
+        open_source(dataset=f"tfds:{NAME}", tfds_data_dir=data_dir, part_path=tmp_path)
+    source = open_source(dataset=f"tfds:{NAME}", tfds_data_dir=data_dir, part_path=tmp_path,
+                         missing_parts="unlabelled")
+    _, batches = all_train_batches(source)
+    seen = {int(k): labels for b in batches for k, labels in zip(example_ids(b), b["part_labels"], strict=True)}
+    assert sorted(seen) == list(range(TRAIN))
+    for k, labels in seen.items():
+        np.testing.assert_array_equal(labels, np.full(4, -1 if k == 5 else k % 5))
+
+
+def test_a_missing_part_map_under_error_is_named_and_skipped(data_dir, tmp_path):
+    write_part_maps(tmp_path, [k for k in range(TRAIN) if k != 5])
+    write_part_map(tmp_path / "train" / "cat" / "stray.png", np.zeros((2, 2), np.uint8))  # the count is met
+    train, batches = all_train_batches(open_source(dataset=f"tfds:{NAME}", tfds_data_dir=data_dir,
+                                                   part_path=tmp_path))
+    assert len(train.skipped) == 1 and "tfds:semmae_tiny_shapes" in train.skipped[0]
+    assert 5 not in {int(k) for b in batches for k in example_ids(b)}
 
 
 class SemmaeTinyTexts(tfds.core.GeneratorBasedBuilder):

@@ -211,11 +211,13 @@ class FolderSource:
 
     def load(self, ref: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         path = ref["path"]
-        part = tf.cond(
-            tf.strings.length(ref["part"]) > 0, lambda: tf.io.read_file(ref["part"]), lambda: tf.constant(b"")
-        )
         pil = tf.strings.regex_full_match(tf.strings.lower(path), _PIL_ONLY_PATTERN)
-        return {"image": tf.io.read_file(path), "part": part, "pil": pil}
+        return {"image": tf.io.read_file(path), "part": read_part_map_bytes(ref["part"]), "pil": pil}
+
+
+def read_part_map_bytes(path: tf.Tensor) -> tf.Tensor:
+    """Graph op: the encoded part map at `path`, or b'' for '' (an image without one)."""
+    return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: tf.constant(b""))
 
 
 def image_folder(
@@ -268,14 +270,12 @@ def open_source(
       dataset: 'folder' (an image folder at `data_path`) or 'tfds:NAME' (`--dataset`).
       tfds_data_dir: `--tfds_data_dir`, TFDS's data dir (ImageNet's archives go in its
         `downloads/manual/`, as TFDS documents).
-      part_path, missing_parts: part maps, image folders only (see `image_folder`).
+      part_path, missing_parts: part maps (see `image_folder`; for TFDS, `tfds_source`).
     """
     if dataset.startswith("tfds:"):
-        if part_path is not None:
-            raise ValueError("--part_path works with image folders (--data_path) only, not with TFDS")
         from semmae_jax.data.tfds_source import tfds_source  # lazily: TFDS is slow to import
 
-        return tfds_source(dataset.removeprefix("tfds:"), split, tfds_data_dir)
+        return tfds_source(dataset.removeprefix("tfds:"), split, tfds_data_dir, part_path, missing_parts)
     if dataset != "folder":
         raise ValueError(f"unknown dataset {dataset!r}: use 'folder' (with --data_path) or 'tfds:NAME'")
     if data_path is None:
