@@ -37,6 +37,7 @@ def process_command(command: Sequence[str], index: int, count: int, port: int) -
 
 
 def start(command: Sequence[str], count: int, devices_per_process: int, port: int) -> list[subprocess.Popen]:
+    """Start `count` copies of `command` joined by jax.distributed on localhost:`port`."""
     env = dict(os.environ)
     if devices_per_process:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"

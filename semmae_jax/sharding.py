@@ -97,6 +97,7 @@ def batch_shards(mesh: Mesh) -> int:
 
 
 def check_global_batch(global_batch: int, mesh: Mesh, what: str = "global batch") -> None:
+    """A clear error, before anything is compiled, when the batch does not split over the mesh's batch axes."""
     ways = batch_shards(mesh)
     if global_batch % ways:
         raise ValueError(
@@ -111,6 +112,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device of `mesh` holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,20 @@ def run_dir(tmp_path_factory) -> Path:
     parts.train_main(["--backbone", str(root / "mae"), "--output_dir", str(root / "run"), *TRAIN],
                      load_params=cli.load_backbone_params)
     return root / "run"
+
+
+def test_an_interrupted_run_resumes_to_the_same_parameters(run_dir, tmp_path, capsys):
+    """The run cut back to its step-6 checkpoint and run again with the same command ends where it ended."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "12")
+    capsys.readouterr()
+    parts.train_main(["--backbone", str(run_dir.parent / "mae"), "--output_dir", str(tmp_path / "run"), *TRAIN],
+                     load_params=cli.load_backbone_params)
+    assert "resuming this run from its checkpoint at step 6" in capsys.readouterr().out
+    resumed, _ = checkpoint.load_params(tmp_path / "run" / "checkpoints" / "12")
+    straight, _ = checkpoint.load_params(run_dir / "checkpoints" / "12")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed["learner"],
+                 straight["learner"])
 
 
 def export(run_dir: Path, out: Path) -> None:

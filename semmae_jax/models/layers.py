@@ -211,6 +211,7 @@ def make_blocks(
 
 
 def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Run `x` through the transformer blocks in order."""
     for block in blocks:
         x = block(x, deterministic)
     return x

@@ -52,6 +52,7 @@ def model_names(family: Family | None = None) -> list[str]:
 
 
 def model_family(name: str) -> Family:
+    """Which kind of model a registered name builds (MAE or classifier)."""
     return _lookup(name)[0]
 
 

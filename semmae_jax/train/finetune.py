@@ -172,6 +172,7 @@ def run(config: FinetuneConfig, load_params: ParamsLoader | None = None) -> eval
 
 
 def check_classes(found: int, nb_classes: int) -> None:
+    """A dataset with more classes than the head has would train on labels the head cannot output."""
     if found > nb_classes:
         raise ValueError(f"the dataset has {found} classes but --nb_classes is {nb_classes}")
 

@@ -83,6 +83,7 @@ def make_probe_step(encoder: Any, head: ProbeHead, tx: optax.GradientTransformat
 
 
 def run(config: LinprobeConfig, load_params: ParamsLoader | None = None) -> evaluate.EvalResult | None:
+    """The linear-probing job, phase by phase (as `pretrain.run`); the final evaluation, None with `--eval` off."""
     config.start_runtime()
     from semmae_jax import data
 

@@ -90,6 +90,7 @@ def abstract_items(state_shapes: TrainState) -> dict[str, Any]:
 
 
 def restore_state(checkpoints: RunCheckpoints, step: int, state_shapes: TrainState) -> TrainState:
+    """The full state saved at `step`, restored straight into the shardings of `state_shapes` (any mesh)."""
     arrays, _ = checkpoints.restore(step, abstract_items(state_shapes))
     train = arrays["train_state"]
     return TrainState(
@@ -143,6 +144,7 @@ def _has_full_state(directory: Path) -> bool:
 
 
 def save(checkpoints: RunCheckpoints, state: TrainState, schedule: Schedule, config: dict[str, Any]) -> None:
+    """Checkpoint `state` with where the run is (step, epoch, step in epoch) and its config, for resume."""
     step = int(state.step)
     progress = {"step": step, "epoch": step // schedule.steps_per_epoch, "step_in_epoch": step % schedule.steps_per_epoch}
     checkpoints.save(step, state_items(state), {"progress": progress, "config": config})
@@ -183,6 +185,7 @@ class EpochStats:
 
 
 def check_finite(metrics: dict[str, float], where: str, checkpoints: RunCheckpoints) -> None:
+    """Stop the run on a non-finite loss, saying which checkpoint is the last good one (the original's message)."""
     loss = metrics.get("loss", 0.0)
     if not math.isfinite(loss):
         last = checkpoints.latest_step()
