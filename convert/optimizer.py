@@ -1,18 +1,21 @@
-"""The AdamW state of an original MAE / SemMAE pretraining checkpoint, in the Flax layout.
+"""The AdamW state of an original MAE / SemMAE training checkpoint, in the Flax layout.
 
 MAE's `misc.save_model` stores `optimizer.state_dict()`, whose state is keyed by
-parameter *index*, not name. The indices follow the parameter groups the original built
-with timm 0.3.2's `optim_factory.add_weight_decay(model, weight_decay)`:
+parameter *index*, not name. The indices run over the parameter groups the original
+built, in order, each group's parameters in `model.named_parameters()` order (which is
+the state dict's key order: these models have no buffers):
 
-    group 0 (weight decay 0): every trainable parameter that is 1-d or a `.bias`
-    group 1 (weight decay wd): every other trainable parameter
+* pretraining (`main_pretrain.py`: timm 0.3.2's `add_weight_decay(model, wd)`): group 0
+  every trainable parameter that is 1-d or a `.bias` (no decay), group 1 all the others;
+  the fixed sin-cos tables (`requires_grad=False`) are not in the optimizer.
+* fine-tuning (`main_finetune.py`: `lr_decay.param_groups_lrd`): one group per (layer id,
+  decay or not), in the order they are first met; layer id 0 for cls_token, pos_embed
+  and patch_embed, i + 1 for block i, depth + 1 for the rest; no decay for 1-d
+  parameters, pos_embed and cls_token.
 
-each in `model.named_parameters()` order, which is the state dict's key order (these
-models have no buffers); the fixed sin-cos tables (`requires_grad=False`) are not in
-the optimizer. So index i of the file is name i of `original_parameter_order`. Group
-sizes and every moment's shape are checked against that order, and a file that does
-not fit (another optimizer, a fine-tuning checkpoint's layer-decay groups) is refused
-with the reason rather than imported wrongly.
+`original_parameter_groups` rebuilds those lists of names. Group sizes and every
+moment's shape are checked against them, and a file that does not fit (another
+optimizer, other groups) is refused with the reason rather than imported wrongly.
 
 The moments are mapped to Flax by the same key table as the weights: transposes and
 reshapes, which commute with Adam's element-wise arithmetic.
@@ -48,12 +51,35 @@ class TorchAdamState:
     betas: tuple[float, float]
 
 
-def original_parameter_order(state_dict: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
-    """(no-decay names, decay names): the original optimizer's groups, in its index order."""
+def original_parameter_groups(state_dict: Mapping[str, np.ndarray]) -> list[list[str]]:
+    """The names in each of the original optimizer's parameter groups, in its index order."""
+    if any(key.startswith(("decoder_", "mask_token")) for key in state_dict):
+        return _pretraining_groups(state_dict)
+    if "head.weight" in state_dict:
+        return _finetuning_groups(state_dict)
+    raise ConversionError("an optimizer state beside weights that are neither an MAE nor a classifier")
+
+
+def _pretraining_groups(state_dict: Mapping[str, np.ndarray]) -> list[list[str]]:
     trainable = [key for key in state_dict if key not in POSITION_TABLES]
     no_decay = [key for key in trainable if np.ndim(state_dict[key]) == 1 or key.endswith(".bias")]
     exempt = set(no_decay)
-    return no_decay, [key for key in trainable if key not in exempt]
+    return [no_decay, [key for key in trainable if key not in exempt]]
+
+
+def _finetuning_groups(state_dict: Mapping[str, np.ndarray]) -> list[list[str]]:
+    depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+
+    def layer_id(key: str) -> int:
+        if key in ("cls_token", "pos_embed") or key.startswith("patch_embed"):
+            return 0
+        return int(key.split(".")[1]) + 1 if key.startswith("blocks.") else depth + 1
+
+    groups: dict[tuple[int, bool], list[str]] = {}
+    for key, value in state_dict.items():
+        decay = np.ndim(value) > 1 and key not in ("pos_embed", "cls_token")
+        groups.setdefault((layer_id(key), decay), []).append(key)
+    return list(groups.values())
 
 
 def torch_adam_state(path: str | Path, model_name: str | None = None) -> TorchAdamState | None:
@@ -87,13 +113,14 @@ def _moments_by_name(
     groups, state = optimizer.get("param_groups"), optimizer.get("state")
     if not isinstance(groups, list) or not isinstance(state, Mapping):
         raise ConversionError("not a torch optimizer state dict (no 'param_groups' / 'state')")
-    no_decay, decay = original_parameter_order(state_dict)
-    sizes = [len(group.get("params", ())) for group in groups]
-    if sizes != [len(no_decay), len(decay)]:
-        raise ConversionError(f"parameter groups of sizes {sizes}, but MAE's pretraining groups (add_weight_decay) "
-                              f"of these weights are [{len(no_decay)}, {len(decay)}] (no decay, decay)")
+    names = original_parameter_groups(state_dict)
+    sizes, expected = [len(group.get("params", ())) for group in groups], [len(group) for group in names]
+    if sizes != expected:
+        raise ConversionError(f"parameter groups of sizes {sizes}, but the original's groups of these weights "
+                              f"have sizes {expected}")
     moments, steps = {}, set()
-    for name, index in zip(no_decay + decay, (i for group in groups for i in group["params"]), strict=True):
+    ordered = [name for group in names for name in group]
+    for name, index in zip(ordered, (i for group in groups for i in group["params"]), strict=True):
         entry = state.get(index)
         if not isinstance(entry, Mapping) or not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
             raise ConversionError(f"no AdamW state (exp_avg, exp_avg_sq, step) for parameter {index} ({name})")

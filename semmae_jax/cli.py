@@ -72,8 +72,8 @@ def load_backbone_params(path: str, img_size: int | None) -> tuple[Any, str, dic
 
 
 def load_torch_optimizer(path: str, model_name: str) -> Any:
-    """The AdamW state of an original pretraining `.pth` (None for anything else): what lets
-    `pretrain --resume X.pth` continue the run the file was saved from."""
+    """The AdamW state of an original pretraining or fine-tuning `.pth` (None for anything else):
+    what lets `pretrain` / `finetune --resume X.pth` continue the run the file was saved from."""
     if Path(path).is_dir():
         return None
     from convert.optimizer import torch_adam_state
@@ -84,7 +84,7 @@ def load_torch_optimizer(path: str, model_name: str) -> Any:
 # Jobs that read checkpoints (`--resume`, `--finetune`, `--backbone`), with their readers.
 JOBS: dict[str, dict[str, Any]] = {
     "pretrain": {"load_params": load_checkpoint_params, "load_optimizer": load_torch_optimizer},
-    "finetune": {"load_params": load_checkpoint_params},
+    "finetune": {"load_params": load_checkpoint_params, "load_optimizer": load_torch_optimizer},
     "eval": {"load_params": load_checkpoint_params},
     "linprobe": {"load_params": load_checkpoint_params},
     "parts train": {"load_params": load_backbone_params},

@@ -10,6 +10,7 @@ drop path, RandAugment and random erasing, mixup / cutmix with label smoothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,13 @@ from semmae_jax.models import create_model
 from semmae_jax.paths import flat_by_path, map_with_path, summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
 from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.loop import Schedule, Trainer, resume
+from semmae_jax.train.loop import OptimizerLoader, Schedule, Trainer, continue_torch_run, resume
 from semmae_jax.train.state import TrainState, create_state, plan_state
 from semmae_jax.train.steps import jit_step
 
 ParamsLoader = Callable[[str, str | None, int], Any]  # (path, model name or None = as saved, img_size) -> params
 MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
+BETAS = (0.9, 0.999)  # AdamW's, as the original's fine-tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +87,16 @@ def parse(argv: Sequence[str]) -> FinetuneConfig:
                                        aliases={"--cls_token": ("global_pool", False)})
 
 
-def main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
-    """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`)."""
-    config_lib.run_job("main.py finetune", run, parse(argv), load_params)
+def main(
+    argv: Sequence[str], load_params: ParamsLoader | None = None, load_optimizer: OptimizerLoader | None = None
+) -> None:
+    """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`); `load_params` reads
+    checkpoints, `load_optimizer` the AdamW state of the original's training checkpoints (`--resume X.pth`)."""
+    config_lib.run_job("main.py finetune", run, parse(argv), load_params, load_optimizer)
 
 
 def eval_main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
+    """`python main.py eval ...`: `finetune --eval`."""
     main(["--eval", *argv], load_params)
 
 
@@ -146,7 +152,9 @@ def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: Fin
 # ---------------------------------------------------------------- the job
 
 
-def run(config: FinetuneConfig, load_params: ParamsLoader | None = None) -> evaluate.EvalResult | None:
+def run(
+    config: FinetuneConfig, load_params: ParamsLoader | None = None, load_optimizer: OptimizerLoader | None = None
+) -> evaluate.EvalResult | None:
     """Fine-tune (or, with `eval`, only evaluate); returns the last evaluation."""
     config.start_runtime()
     from semmae_jax import data
@@ -163,12 +171,13 @@ def run(config: FinetuneConfig, load_params: ParamsLoader | None = None) -> eval
     sharding.check_global_batch(eval_global, mesh, "evaluation batch")
     val_loader = data.EvalLoader(val, batch_size=eval_global // jax.process_count(),
                                  transform=data.EvalTransform(model.img_size), num_workers=config.num_workers)
+
     def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
         return model.apply(variables, images, train=False)
 
     if config.eval:
         return _evaluate_only(config, model, mesh, val_loader, logits_fn, load_params, log)
-    return _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_params, log)
+    return _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_params, load_optimizer, log)
 
 
 def check_classes(found: int, nb_classes: int) -> None:
@@ -205,13 +214,14 @@ def _optimizer(config: FinetuneConfig, model: Any, steps: Schedule, global_batch
 
     def make_tx(params: Any) -> optax.GradientTransformation:
         scales = optim.layer_decay_scales(params, model.depth, config.layer_decay)
-        return optim.adamw(params, schedule, weight_decay=config.weight_decay, betas=(0.9, 0.999),
+        return optim.adamw(params, schedule, weight_decay=config.weight_decay, betas=BETAS,
                            lr_scales=scales, accum_iter=config.accum_iter, clip_grad=config.clip_grad)
 
     return lr, eff_batch, schedule, make_tx
 
 
-def _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_params, log) -> evaluate.EvalResult:
+def _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_params, load_optimizer,
+           log) -> evaluate.EvalResult:
     global_batch = config.batch_size * jax.device_count()
     sharding.check_global_batch(global_batch, mesh)
     train = data.open_source(data_path, "train", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
@@ -233,7 +243,9 @@ def _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_par
             state = _load_pretrained(state, config, model, load_params, log)
         checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
         params_loader = None if load_params is None else lambda p: load_params(p, config.model, model.img_size)
-        state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log)
+        continue_optimizer = None if load_optimizer is None else functools.partial(
+            continue_torch_run, load_optimizer, config.model, schedule, config.accum_iter, BETAS, log)
+        state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log, continue_optimizer)
         step = jit_step(make_finetune_step(model, tx, config), shardings, sharding.batch_sharding(mesh), mesh)
         best = _BestKeeper(Path(config.output_dir) / "best", config.model, log)
         eval_step = evaluate.make_eval_step(logits_fn, config.nb_classes, mesh, {"params": shardings.params})

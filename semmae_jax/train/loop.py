@@ -32,7 +32,11 @@ from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.data.global_arrays import prefetch_to_device
 from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
+from semmae_jax.train.optim import with_adam_moments
 from semmae_jax.train.state import TrainState
+
+# (path, model name) -> a `.pth`'s AdamW state (moments in the params' layout, steps, epoch, betas), or None
+OptimizerLoader = Callable[[str, str], Any]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -136,6 +140,29 @@ def resume(
         return continued
     log.print(f"starting from the params of {resume_from} (fresh optimizer state, step 0)")
     return state
+
+
+def continue_torch_run(
+    load_optimizer: OptimizerLoader, model_name: str, schedule: Schedule, accum_iter: int, betas: tuple[float, float],
+    log: RunLog, path: str, state: TrainState,
+) -> TrainState | None:
+    """`state` (params loaded from `path`) with the file's AdamW state, at the start of the epoch after
+    the file's, as the original's `--resume` continues; None when the file has no optimizer."""
+    torch_state = load_optimizer(path, model_name)
+    if torch_state is None:
+        return None
+    step = (torch_state.epoch + 1) * schedule.steps_per_epoch
+    updates = step // accum_iter
+    opt_state = with_adam_moments(state.opt_state, torch_state.mu, torch_state.nu, torch_state.steps, updates)
+    log.print(f"resuming from {path}: params and AdamW state ({torch_state.steps} updates), continuing at epoch "
+              f"{torch_state.epoch + 1} (step {step})")
+    if torch_state.steps != updates:
+        log.print(f"note: the file's run made {torch_state.steps} optimizer updates in {torch_state.epoch + 1} epochs, "
+                  f"this one makes {updates}: the data or batch differ from the original run's")
+    if tuple(torch_state.betas) != tuple(betas):
+        log.print(f"note: the file's AdamW betas are {torch_state.betas}; this run uses {betas}")
+    return state.replace(step=jax.device_put(jnp.asarray(step, state.step.dtype), state.step.sharding),
+                         opt_state=opt_state)
 
 
 def _has_full_state(directory: Path) -> bool:

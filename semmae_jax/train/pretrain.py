@@ -28,13 +28,12 @@ from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
 from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.loop import Schedule, Trainer, resume
+from semmae_jax.train.loop import OptimizerLoader, Schedule, Trainer, continue_torch_run, resume
 from semmae_jax.train.state import TrainState, create_state
 from semmae_jax.train.steps import jit_step, make_pretrain_step
 
 ParamsLoader = Callable[[str, str, int], Any]  # (path, model name, img_size) -> params
-# (path, model name) -> the file's AdamW state (moments in the params' layout, steps, epoch, betas) or None
-OptimizerLoader = Callable[[str, str], Any]
+BETAS = (0.9, 0.95)  # AdamW's, as the original's pretraining
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +121,7 @@ def run(
               f"masking setting {config.setting} ({masking.MaskingSetting(config.setting).name})")
 
     def make_tx(params: Any):
-        return optim.adamw(params, lr_schedule, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+        return optim.adamw(params, lr_schedule, weight_decay=config.weight_decay, betas=BETAS,
                            frozen=frozen_param_names(model), accum_iter=config.accum_iter)
 
     example = (jax.ShapeDtypeStruct((global_batch, model.img_size, model.img_size, 3), jnp.float32),)
@@ -133,7 +132,7 @@ def run(
         checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
         params_loader = None if load_params is None else lambda path: load_params(path, config.model, model.img_size)
         continue_optimizer = None if load_optimizer is None else functools.partial(
-            _continue_optimizer, load_optimizer, config, schedule, log)
+            continue_torch_run, load_optimizer, config.model, schedule, config.accum_iter, BETAS, log)
         state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log, continue_optimizer)
         step = jit_step(make_pretrain_step(model, tx, mask_ratio=config.mask_ratio, setting=config.setting,
                                            num_parts=config.num_parts),
@@ -156,29 +155,6 @@ def run(
     checkpoints.close()
     log.close()
     return state
-
-
-def _continue_optimizer(
-    load_optimizer: OptimizerLoader, config: PretrainConfig, schedule: Schedule, log: RunLog, path: str,
-    state: TrainState,
-) -> TrainState | None:
-    """`state` (params loaded from `path`) with the file's AdamW state, at the start of the epoch after
-    the file's, as the original's `--resume` continues; None when the file has no optimizer."""
-    torch_state = load_optimizer(path, config.model)
-    if torch_state is None:
-        return None
-    step = (torch_state.epoch + 1) * schedule.steps_per_epoch
-    updates = step // config.accum_iter
-    opt_state = optim.with_adam_moments(state.opt_state, torch_state.mu, torch_state.nu, torch_state.steps, updates)
-    log.print(f"resuming from {path}: params and AdamW state ({torch_state.steps} updates), continuing at epoch "
-              f"{torch_state.epoch + 1} (step {step})")
-    if torch_state.steps != updates:
-        log.print(f"note: the file's run made {torch_state.steps} optimizer updates in {torch_state.epoch + 1} epochs, "
-                  f"this one makes {updates}: the data or batch differ from the original run's")
-    if tuple(torch_state.betas) != (0.9, 0.95):
-        log.print(f"note: the file's AdamW betas are {torch_state.betas}; this run uses (0.9, 0.95)")
-    return state.replace(step=jax.device_put(jnp.asarray(step, state.step.dtype), state.step.sharding),
-                         opt_state=opt_state)
 
 
 def _log_placement(log: RunLog, state: TrainState, shardings: TrainState) -> None:
