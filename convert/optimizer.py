@@ -86,7 +86,7 @@ def torch_adam_state(path: str | Path, model_name: str | None = None) -> TorchAd
     """The AdamW state of a MAE / SemMAE training `.pth`, or None when it holds no optimizer.
 
     Raises `ConversionError` (naming the file) when the optimizer does not fit the
-    original's pretraining groups or the weights it belongs to.
+    original's pretraining or fine-tuning groups of the weights beside it.
     """
     state_dict, info, optimizer = load_training_checkpoint(path)
     if optimizer is None:

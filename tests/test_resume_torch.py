@@ -165,3 +165,11 @@ def test_resume_from_an_original_checkpoint_continues_at_the_next_epoch(tmp_path
     assert "params and AdamW state (3 updates), continuing at epoch 5 (step 10)" in out
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
     assert epochs == [EPOCH + 1]
+
+
+def test_moments_of_another_shape_are_refused_naming_the_parameter():
+    params = {"pos_embed": jnp.zeros((1, 5, 4)), "head": {"kernel": jnp.zeros((4, 3))}}
+    tx = optim.adamw(params, lambda count: LR, weight_decay=0.0, betas=(0.9, 0.999))
+    resized = {"pos_embed": np.ones((1, 17, 4)), "head": {"kernel": np.ones((4, 3))}}  # another image size
+    with pytest.raises(ValueError, match=r"AdamW moment of \['pos_embed'\] has shape \(1, 17, 4\)"):
+        optim.with_adam_moments(tx.init(params), resized, resized, adam_count=3, updates=3)

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from semmae_jax.paths import flat_by_path, map_with_path
@@ -112,12 +113,15 @@ def with_adam_moments(opt_state: Any, mu: Any, nu: Any, adam_count: int, updates
     """
 
     def moments(old: Any, new: Any) -> Any:
-        def place(leaf: Any, value: Any) -> Any:
+        def place(path: tuple, leaf: Any, value: Any) -> Any:
             if isinstance(leaf, optax.MaskedNode):
                 return leaf
+            if np.shape(value) != leaf.shape:
+                raise ValueError(f"AdamW moment of {jax.tree_util.keystr(path)} has shape {np.shape(value)}, the "
+                                 f"parameter {leaf.shape} (another image size? moments cannot be resampled)")
             return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding)
 
-        return jax.tree.map(place, old, new, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+        return jax.tree_util.tree_map_with_path(place, old, new, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
     def count(old: jax.Array, value: int) -> jax.Array:
         return jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
