@@ -77,8 +77,6 @@ def test_open_source_checks_its_flags(tmp_path):
         open_source(None)
     with pytest.raises(ValueError, match="unknown dataset"):
         open_source(tmp_path, dataset="imagenet")
-    with pytest.raises(ValueError, match="image folders"):
-        open_source(dataset="tfds:mnist", part_path=tmp_path)
     with pytest.raises(FileNotFoundError, match="--part_path"):
         touch_image(tmp_path / "train" / "c" / "1.png")
         open_source(tmp_path, part_path=tmp_path / "absent")

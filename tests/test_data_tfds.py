@@ -140,6 +140,27 @@ def test_a_missing_part_map_under_error_is_named_and_skipped(data_dir, tmp_path)
     assert 5 not in {int(k) for b in batches for k in example_ids(b)}
 
 
+class SemmaeTinyUnnamed(tfds.core.GeneratorBasedBuilder):
+    """Images and labels, but no file names."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = {"image": tfds.features.Image(encoding_format="png"), "label": tfds.features.ClassLabel(num_classes=2)}
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        yield 0, {"image": np.zeros((4, 4, 3), np.uint8), "label": 0}
+
+
+def test_part_maps_need_file_names(tmp_path):
+    with pytest.raises(ValueError, match="tfds:semmae_tiny_unnamed has no 'file_name' feature"):
+        open_source(dataset="tfds:semmae_tiny_unnamed", tfds_data_dir=str(tmp_path / "tfds"), part_path=tmp_path)
+
+
 class SemmaeTinyTexts(tfds.core.GeneratorBasedBuilder):
     """Not an image dataset."""
 
