@@ -202,6 +202,20 @@ def warp_part_map(
     return tf.gather(tf.gather(part_map, rows, axis=0), tf.gather(cols, flip_columns(out_size, flip)), axis=1)
 
 
+def warped_part_labels(
+    part_png: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: int, patch_size: int, flip: tf.Tensor
+) -> tf.Tensor:
+    """Per-patch labels int32 [L] of an encoded part map warped as its image was (`warp_part_map`),
+    by majority vote; all `UNLABELLED` for b'' (an image without a map)."""
+
+    def vote() -> tf.Tensor:
+        warped = warp_part_map(tf.io.decode_png(part_png, channels=1)[..., 0], window, image_size, out_size, flip)
+        return patch_vote(tf.ensure_shape(warped, [out_size, out_size]), patch_size)
+
+    num_patches = (out_size // patch_size) ** 2
+    return tf.cond(tf.strings.length(part_png) > 0, vote, lambda: tf.fill([num_patches], UNLABELLED))
+
+
 def _sample_index(image_coords: tf.Tensor, image_len: tf.Tensor, map_len: tf.Tensor) -> tf.Tensor:
     index = tf.cast(tf.floor(image_coords * tf.cast(map_len, tf.float64) / image_len), tf.int32)
     return tf.clip_by_value(index, 0, map_len - 1)
@@ -256,17 +270,8 @@ class TrainTransform:
         image = tf.gather(image, flip_columns(self.img_size, flip), axis=1)
         if self.pixel_augment is not None:
             image = self.pixel_augment(image, augment_seed)
-        return {"image": image, "part_labels": self._part_labels(raw["part"], window, size, flip)}
-
-    def _part_labels(self, part_png: tf.Tensor, window: tf.Tensor, size: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
-        num_patches = (self.img_size // self.patch_size) ** 2
-
-        def vote() -> tf.Tensor:
-            part_map = tf.io.decode_png(part_png, channels=1)[..., 0]
-            warped = warp_part_map(part_map, window, size, self.img_size, flip)
-            return patch_vote(tf.ensure_shape(warped, [self.img_size, self.img_size]), self.patch_size)
-
-        return tf.cond(tf.strings.length(part_png) > 0, vote, lambda: tf.fill([num_patches], UNLABELLED))
+        labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
+        return {"image": image, "part_labels": labels}
 
 
 @dataclasses.dataclass(frozen=True)

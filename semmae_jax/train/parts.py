@@ -139,13 +139,7 @@ class WholeImageTransform:
         image = T.resize(image, (self.img_size, self.img_size), "bicubic")
         image = tf.gather(image, T.flip_columns(self.img_size, flip), axis=1)
         window = tf.concat([[0, 0], size], axis=0)
-
-        def vote() -> tf.Tensor:
-            warped = T.warp_part_map(tf.io.decode_png(raw["part"], channels=1)[..., 0], window, size, self.img_size, flip)
-            return T.patch_vote(tf.ensure_shape(warped, [self.img_size, self.img_size]), self.patch_size)
-
-        num_patches = (self.img_size // self.patch_size) ** 2
-        labels = tf.cond(tf.strings.length(raw["part"]) > 0, vote, lambda: tf.fill([num_patches], -1))
+        labels = T.warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
         return {"image": image, "part_labels": labels}
 
 
