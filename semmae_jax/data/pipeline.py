@@ -217,9 +217,10 @@ class TrainLoader(_Loader):
 class EvalLoader(_Loader):
     """One process's evaluation batches: every example exactly once across processes.
 
-    Yields {'image': float32 [B, S, S, 3], 'label': int32 [B], 'mask': bool [B]}; `mask`
-    is False on padding (after the last example) and on unreadable images, which
-    metrics must ignore. Every process yields `num_batches` batches.
+    Yields {'image': float32 [B, S, S, 3], 'label': int32 [B], 'mask': bool [B]}, and
+    'part_labels' int32 [B, L] when the transform makes them; `mask` is False on padding
+    (after the last example) and on unreadable images, which metrics must ignore. Every
+    process yields `num_batches` batches.
     """
 
     def __init__(
@@ -239,7 +240,7 @@ class EvalLoader(_Loader):
     def batches(self) -> Iterator[Batch]:
         """All `num_batches` batches of this process's share, padded and masked."""
         for batch, present in self._batches(self.source.eval_stream(self.shard), (0, 0), range(self.num_batches)):
-            yield {"image": batch["image"], "label": batch["label"], "mask": present}
+            yield {**{name: batch[name] for name in ("image", "label", "part_labels") if name in batch}, "mask": present}
 
 
 def eval_batches(

@@ -29,7 +29,6 @@ from semmae_jax import config as config_lib
 from semmae_jax import sharding, visualize
 from semmae_jax.checkpoint import RunCheckpoints, abstract_like
 from semmae_jax.config import field
-from semmae_jax.data.part_maps import patch_vote, read_part_map
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.parts import (
     LossWeights,
@@ -151,20 +150,6 @@ def default_data(data_path: str | None, part_path: str | None = None) -> tuple[s
 
     root = demo_data()
     return str(root), part_path or str(root / "parts")
-
-
-def true_labels(part_file: str, img_size: int, patch_size: int) -> np.ndarray:
-    """A true part map as the model's patches see it: resized (nearest) to the input, majority per patch.
-
-    PIL's nearest resize samples at pixel centres, as the pipeline's `warp_part_map` does
-    for a whole-image window. Returns [L] int32, -1 for "no part" (and without a file).
-    """
-    from PIL import Image
-
-    if not part_file:
-        return np.full((img_size // patch_size) ** 2, -1, np.int32)
-    resized = Image.fromarray(read_part_map(part_file)).resize((img_size, img_size), Image.Resampling.NEAREST)
-    return patch_vote(np.asarray(resized), patch_size)
 
 
 # ------------------------------------------------------------------------------ train

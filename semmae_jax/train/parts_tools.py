@@ -37,7 +37,7 @@ from semmae_jax.parts import (
     last_cls_attention,
     part_scores,
 )
-from semmae_jax.train.parts import PartsConfig, WholeImageTransform, default_data, part_model, true_labels
+from semmae_jax.train.parts import PartsConfig, WholeImageTransform, default_data, part_model
 
 # --------------------------------------------------------------------- a trained run
 
@@ -205,7 +205,7 @@ def show(args: argparse.Namespace) -> Path:
     predict = predictor(run, local_mesh(), lambda out, _: assign_parts(out.maps, run.background))
     batch = next(run_batches(run, subset, _multiple(len(ids), jax.local_device_count()), args.num_workers))
     learned = predict(batch["image"]).reshape(len(batch["image"]), -1)
-    truth = np.stack([true_labels(p, run.img_size, run.patch_size) for p in subset.part_paths])
+    truth = batch["part_labels"][: len(ids)]
     label_sets = [learned[: len(ids)]] + ([truth] if (truth >= 0).any() else [])
     out = Path(args.out or Path(args.checkpoint) / f"parts_{args.split}.png")
     visualize.save_png(out, visualize.parts_panel(batch["image"][: len(ids)], label_sets))
@@ -215,7 +215,8 @@ def show(args: argparse.Namespace) -> Path:
 
 
 def collect(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> dict[str, np.ndarray]:
-    """Learned part ids (the background is id N), patch tokens and last cls attention of every image.
+    """Learned part ids (the background is id N), patch tokens, last cls attention and true part
+    labels (-1 without a map) of every image.
 
     Each array has one row per image of `source`, in order; 'read' is False for an image
     the pipeline could not read (its other rows are blank).
@@ -228,7 +229,7 @@ def collect(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> di
 
     mesh = local_mesh()
     predict = predictor(run, mesh, outputs)
-    parts = [{**predict(b["image"]), "read": b["mask"]}
+    parts = [{**predict(b["image"]), "truth": b["part_labels"], "read": b["mask"]}
              for b in run_batches(run, source, _multiple(batch_size, mesh.size), num_workers)]
     return {name: np.concatenate([p[name] for p in parts])[: source.num_examples] for name in parts[0]}
 
@@ -246,7 +247,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     test = collect(run, evaluated, args.batch_size, args.num_workers)
     read = test.pop("read")
     test = {name: value[read] for name, value in test.items()}
-    truth = np.stack([true_labels(p, run.img_size, run.patch_size) for p in evaluated.part_paths[read]])
+    truth = test["truth"]
     num_maps = run.model.learner.num_maps
     predictions = {
         "learned parts": test["learned"],
