@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from semmae_jax import config as config_lib
-from semmae_jax import distributed, visualize
+from semmae_jax import distributed, sharding, visualize
 from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.data.part_maps import NO_PART, part_map_path, write_part_map
 from semmae_jax.parts import (
@@ -90,8 +90,8 @@ def load_run(path: str) -> PartsRun:
 
 
 def local_mesh() -> jax.sharding.Mesh:
-    """This process's devices, for commands where every process works on its own images."""
-    return jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+    """This process's devices on the data axis, for commands where every process works on its own images."""
+    return sharding.make_mesh(devices=jax.local_devices())
 
 
 def run_batches(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
@@ -105,8 +105,8 @@ def run_batches(run: PartsRun, source: Any, batch_size: int, num_workers: int) -
 
 def predictor(run: PartsRun, mesh: jax.sharding.Mesh, fn: Callable[[Any, Any], Any]) -> Callable[[np.ndarray], Any]:
     """`images -> fn(outputs, intermediates)` jitted on `mesh` (batch split over it), fetched to numpy."""
-    params = jax.device_put(run.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    params = jax.device_put(run.params, sharding.replicated(mesh))
+    batch = sharding.batch_sharding(mesh)
 
     @jax.jit
     def apply(params: Any, images: jax.Array) -> Any:
