@@ -1,4 +1,4 @@
-"""Run logs: TensorBoard scalars and images, and the original's JSON-lines `log.txt`.
+"""Run logs: TensorBoard scalars and images (also as PNGs), and the original's JSON-lines `log.txt`.
 
 Only the primary process writes; on the others every method is a no-op, so callers
 need no `if process_index == 0` of their own.
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from semmae_jax.distributed import is_primary
+from semmae_jax.visualize import save_png
 
 
 class RunLog:
@@ -34,8 +35,10 @@ class RunLog:
                 self._writer.scalar(name, float(value), step)
             self._writer.flush()
 
-    def image(self, step: int, name: str, image: np.ndarray) -> None:
+    def picture(self, step: int, epoch: int, name: str, image: np.ndarray) -> None:
+        """A uint8 HWC picture as `<name>_epochNNNN.png` in the output dir and as a TensorBoard image."""
         if self._writer is not None:
+            save_png(self.output_dir / f"{name}_epoch{epoch:04d}.png", image)
             self._writer.image(name, image, step)
             self._writer.flush()
 

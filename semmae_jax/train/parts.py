@@ -232,9 +232,7 @@ def _picture_hook(model: PartModel, config: PartsConfig, log: RunLog, mesh: jax.
             return {}
         images, labels = (np.asarray(jax.device_get(x)) for x in parts_of(state.params, batch["image"]))
         if log.enabled:
-            panel = visualize.parts_panel(images, [labels.reshape(len(labels), -1)])
-            visualize.save_png(log.output_dir / f"parts_epoch{epoch:04d}.png", panel)
-            log.image(int(state.step), "parts", panel)
+            log.picture(int(state.step), epoch, "parts", visualize.parts_panel(images, [labels.reshape(len(labels), -1)]))
         return {}
 
     return hook

@@ -185,10 +185,9 @@ def _picture_hook(model: Any, config: PretrainConfig, schedule: Schedule, log: R
         alpha = masking.masking_alpha(config.setting, schedule.progress((epoch + 1) * schedule.steps_per_epoch), config.gamma)
         outputs = reconstruct(state.params, batch, jax.random.key(config.seed), jnp.asarray(alpha, jnp.float32))
         outputs = [np.asarray(jax.device_get(x)) for x in outputs]  # replicated: every process holds them
-        panel = visualize.pretrain_panel(*outputs, patch_size=model.patch_size, norm_pix_loss=config.norm_pix_loss)
         if log.enabled:
-            visualize.save_png(log.output_dir / f"reconstruction_epoch{epoch:04d}.png", panel)
-            log.image(int(state.step), "reconstruction", panel)
+            panel = visualize.pretrain_panel(*outputs, patch_size=model.patch_size, norm_pix_loss=config.norm_pix_loss)
+            log.picture(int(state.step), epoch, "reconstruction", panel)
         return {}
 
     return hook
