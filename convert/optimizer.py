@@ -33,7 +33,8 @@ import numpy as np
 
 from convert.core import POSITION_TABLES, torch_to_flax
 from convert.safe_load import load_training_checkpoint, tensor_to_numpy
-from convert.table import ConversionError
+from convert.table import ConversionError, flax_path
+from semmae_jax.models import layer_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,16 +70,10 @@ def _pretraining_groups(state_dict: Mapping[str, np.ndarray]) -> list[list[str]]
 
 def _finetuning_groups(state_dict: Mapping[str, np.ndarray]) -> list[list[str]]:
     depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
-
-    def layer_id(key: str) -> int:
-        if key in ("cls_token", "pos_embed") or key.startswith("patch_embed"):
-            return 0
-        return int(key.split(".")[1]) + 1 if key.startswith("blocks.") else depth + 1
-
     groups: dict[tuple[int, bool], list[str]] = {}
     for key, value in state_dict.items():
         decay = np.ndim(value) > 1 and key not in ("pos_embed", "cls_token")
-        groups.setdefault((layer_id(key), decay), []).append(key)
+        groups.setdefault((layer_id(flax_path(key)[0], depth), decay), []).append(key)
     return list(groups.values())
 
 

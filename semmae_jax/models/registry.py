@@ -8,6 +8,7 @@ against the module's fields so a misspelt one is an error, not a silent default.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -85,6 +86,16 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 def frozen_param_names(model: nn.Module) -> tuple[str, ...]:
     """Top-level parameters that are fixed during training (MAE's sin-cos tables)."""
     return FROZEN_PARAMS if isinstance(model, MaskedAutoencoderViT) else ()
+
+
+def layer_id(path: str, depth: int) -> int:
+    """MAE's `get_layer_id_for_vit` on a Flax param path: the 'layer' it belongs to for layer-wise
+    lr decay (0 for the embeddings, i + 1 for block i, depth + 1 for the rest)."""
+    top = path.split("/")[0]
+    if top in ("cls_token", "pos_embed", "patch_embed", "mask_token"):
+        return 0
+    block = re.fullmatch(r"blocks_(\d+)", top)
+    return int(block.group(1)) + 1 if block else depth + 1
 
 
 def _lookup(name: str) -> tuple[Family, dict[str, Any]]:

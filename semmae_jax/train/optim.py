@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from semmae_jax.models import layer_id
 from semmae_jax.paths import flat_by_path, map_with_path
 
 NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", r"(^|/)(cls_token|mask_token|pos_embed|decoder_pos_embed)$")
@@ -39,15 +40,6 @@ def matches(path: str, patterns: Sequence[str]) -> bool:
 def weight_decay_mask(params: Any) -> Any:
     """True where weight decay applies."""
     return map_with_path(lambda path, x: x.ndim > 1 and not matches(path, NO_WEIGHT_DECAY), params)
-
-
-def layer_id(path: str, depth: int) -> int:
-    """MAE's `get_layer_id_for_vit`: which 'layer' a parameter belongs to for lr decay."""
-    top = path.split("/")[0]
-    if top in ("cls_token", "pos_embed", "patch_embed", "mask_token"):
-        return 0
-    block = re.fullmatch(r"blocks_(\d+)", top)
-    return int(block.group(1)) + 1 if block else depth + 1
 
 
 def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
