@@ -41,14 +41,13 @@ def build(model_name: str, setting: int, batch: dict[str, np.ndarray], dtype: st
     example = (jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32),)
     with jax.set_mesh(mesh):
         state, shardings, tx = create_state(model, make_tx, example, mesh, seed=0)
-        step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=setting, num_parts=8), shardings,
+        step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=setting, num_parts=8, total_steps=2), shardings,
                         sharding.batch_sharding(mesh), mesh)
         device_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     holder = {"state": state}
-    alpha = jnp.float32(0.5)
 
     def run() -> None:
-        holder["state"], metrics = step(holder["state"], device_batch, alpha)
+        holder["state"], metrics = step(holder["state"], device_batch)
         metrics["loss"].block_until_ready()
 
     run()  # compile

@@ -52,7 +52,7 @@ def measure(model_name: str, mesh_spec: str, batch: int, dtype: str, remat: bool
         }
         step = jit_step(make_pretrain_step(model, plan.tx, mask_ratio=0.75, setting=3, num_parts=8), plan.shardings,
                         batch_sharding, mesh)
-        compiled = step.lower(plan.abstract, abstract_batch, jax.ShapeDtypeStruct((), jnp.float32)).compile()
+        compiled = step.lower(plan.abstract, abstract_batch).compile()
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     params = sum(x.size for x in jax.tree.leaves(plan.abstract.params))

@@ -62,11 +62,10 @@ def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str) -> floa
         num_patches = model.num_patches
         batch = jax.device_put({"image": images, "part_labels": -np.ones((images.shape[0], num_patches), np.int32)},
                                batch_sharding)
-        alpha = jnp.zeros((), jnp.float32)
         holder = {"state": state}
 
         def run() -> None:
-            holder["state"], metrics = step(holder["state"], batch, alpha)
+            holder["state"], metrics = step(holder["state"], batch)
             metrics["loss"].block_until_ready()
 
         return time_steps(run, steps)

@@ -1,22 +1,33 @@
-"""Orbax checkpoints: one small module with one layout for every job.
+"""Orbax checkpoints: one small module with one layout and one resume order for every job.
 
 A checkpoint is a directory of numbered steps (an orbax `CheckpointManager` root); each
 step holds named items: `params` (always), and for training runs `opt_state`,
-`train_state` (step, epoch, rng) and `config`; a converted release holds `params` and
-`meta` (model name, source file). `load_params` therefore reads the params of a
-converted `.pth`, of a pretraining run and of a fine-tuning run alike, from the root or
-from one step directory.
+`train_state` (step, rng), `model_state` (where a job has one), `progress` and `config`;
+a converted release holds `params` and `meta` (model name, source file). `load_params`
+therefore reads the params of a converted `.pth`, of a pretraining run and of a
+fine-tuning run alike, from the root or from one step directory.
+
+Resume order (`resume`): a checkpoint in the run's own directory > `--resume` (another
+run's directory: the whole state; anything a `WeightsReader` reads: its params, and an
+original training `.pth`'s AdamW state too) > the fresh state. Files that are not orbax
+checkpoints (`.pth`, hub formats) are read through one `WeightsReader` object, which
+`cli.py` gets from the converter: the library never imports `convert`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
+
+from semmae_jax.metrics_log import RunLog
 
 PARAMS = "params"
 META = "meta"
@@ -56,13 +67,17 @@ def load_params(path: str | Path) -> tuple[Any, dict[str, Any]]:
     Callers place them on their own mesh (`jax.device_put` with their shardings).
     """
     step_dir = resolve_step_dir(path)
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-        tree = checkpointer.metadata(step_dir / PARAMS).item_metadata.tree
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        params = checkpointer.restore(step_dir / PARAMS, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     meta_file = step_dir / META / "metadata"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return params, meta
+    return load_item(step_dir, PARAMS), meta
+
+
+def load_item(step_dir: str | Path, name: str) -> Any:
+    """One array item of a step directory (`params`, `opt_state`, ...) as host numpy arrays, as saved."""
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        tree = checkpointer.metadata(Path(step_dir) / name).item_metadata.tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(Path(step_dir) / name, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
 def abstract_like(tree: Any) -> Any:
@@ -117,3 +132,175 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# ---------------------------------------------------------------- files of other frameworks
+
+
+class AdamImport(Protocol):
+    """Another framework's AdamW state in the Flax params' layout, and where its run was."""
+
+    mu: Any
+    nu: Any
+    steps: int  # Adam's per-parameter step (its bias correction)
+    epoch: int  # the last finished epoch
+    betas: tuple[float, float]
+
+
+class WeightsReader(Protocol):
+    """What the jobs need from files that are not this project's orbax checkpoints (`.pth`, ...)."""
+
+    def params(self, path: str, model_name: str | None, img_size: int) -> Any:
+        """Params of `path` as host arrays, checked against `model_name` (None: as saved), tables resized."""
+
+    def adam_state(self, path: str, model_name: str) -> AdamImport | None:
+        """The AdamW state of an original training checkpoint, None for a file without one."""
+
+    def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+        """A frozen ViT encoder (stage 1): (params, registered model name, overrides)."""
+
+
+# ---------------------------------------------------------------- the training-state layout
+
+
+def state_items(state: Any) -> dict[str, Any]:
+    """The array items of a `TrainState` checkpoint (the rng as raw key data: orbax stores plain arrays)."""
+    return _items(state, jax.random.key_data(state.rng))
+
+
+def abstract_items(shapes: Any) -> dict[str, Any]:
+    """`state_items` of an abstract state whose leaves carry the target shardings (they decide placement)."""
+    key_data = jax.eval_shape(jax.random.key_data, shapes.rng)
+    return _items(shapes, jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=shapes.step.sharding))
+
+
+def _items(state: Any, rng_data: Any) -> dict[str, Any]:
+    items = {"params": state.params, "opt_state": state.opt_state, "train_state": {"step": state.step, "rng": rng_data}}
+    return {**items, "model_state": state.model_state} if state.model_state else items
+
+
+def restore_state(checkpoints: RunCheckpoints, step: int, like: Any) -> Any:
+    """The state saved at `step`, restored straight into the shardings of `like` (any mesh, any process count)."""
+    arrays, _ = checkpoints.restore(step, abstract_items(abstract_like(like)))
+    train = arrays["train_state"]
+    return like.replace(step=train["step"], params=arrays["params"], opt_state=arrays["opt_state"],
+                        rng=jax.random.wrap_key_data(train["rng"]), model_state=arrays.get("model_state", {}))
+
+
+def save_state(checkpoints: RunCheckpoints, state: Any, steps_per_epoch: int, config: dict[str, Any]) -> None:
+    """Checkpoint `state` with where the run is (step, epoch, step in epoch) and its config, for resume."""
+    step = int(state.step)
+    progress = {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch}
+    checkpoints.save(step, state_items(state), {"progress": progress, "config": config})
+
+
+def holds_training_state(directory: Path) -> bool:
+    """Is `directory` a run's checkpoint root whose latest step has an optimizer state?"""
+    steps = _step_dirs(directory) if directory.is_dir() else []
+    return bool(steps) and (steps[-1][1] / "opt_state").is_dir()
+
+
+# ---------------------------------------------------------------- the resume order
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeTarget:
+    """What a restored file must fit: the model, and the run's length for continuing a `.pth` run.
+
+    `betas` is the job's AdamW betas; None for a job whose optimizer is not AdamW (no
+    `.pth` optimizer continues it).
+    """
+
+    model_name: str
+    img_size: int
+    steps_per_epoch: int
+    accum_iter: int = 1
+    betas: tuple[float, float] | None = None
+
+
+def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: WeightsReader | None,
+           target: ResumeTarget | None, log: RunLog) -> Any:
+    """Continue this run, or start from `--resume`, or keep the fresh `state` (in that order).
+
+    With `target` None (jobs whose state is not a model's weights), `--resume` must be a
+    run directory.
+    """
+    latest = run.latest_step()
+    if latest is not None:
+        log.print(f"resuming this run from its checkpoint at step {latest} in {run.directory}")
+        return restore_state(run, latest, state)
+    if not resume_from or resume_from == "auto":
+        return state
+    other = Path(resume_from)
+    if not other.suffix and holds_training_state(other):
+        source = RunCheckpoints(other, async_save=False)
+        step = source.latest_step()
+        log.print(f"resuming from {other} (step {step}: params, optimizer state and position)")
+        restored = restore_state(source, step, state)
+        source.close()
+        return restored
+    if reader is None or target is None:
+        raise ValueError(f"--resume {resume_from}: not a run checkpoint directory")
+    params = jax.device_put(reader.params(resume_from, target.model_name, target.img_size),
+                            jax.tree.map(lambda x: x.sharding, state.params))
+    state = state.replace(params=params)
+    adam = reader.adam_state(resume_from, target.model_name) if target.betas and not other.is_dir() else None
+    if adam is None:
+        log.print(f"starting from the params of {resume_from} (fresh optimizer state, step 0)")
+        return state
+    return continue_adam_run(state, adam, resume_from, target, log)
+
+
+def continue_adam_run(state: Any, adam: AdamImport, path: str, target: ResumeTarget, log: RunLog) -> Any:
+    """`state` with `adam`'s moments, at the start of the epoch after the file's, as the original's `--resume`."""
+    step = (adam.epoch + 1) * target.steps_per_epoch
+    updates = step // target.accum_iter
+    opt_state = with_adam_moments(state.opt_state, adam.mu, adam.nu, adam.steps, updates)
+    log.print(f"resuming from {path}: params and AdamW state ({adam.steps} updates), continuing at epoch "
+              f"{adam.epoch + 1} (step {step})")
+    if adam.steps != updates:
+        log.print(f"note: the file's run made {adam.steps} optimizer updates in {adam.epoch + 1} epochs, "
+                  f"this one makes {updates}: the data or batch differ from the original run's")
+    if tuple(adam.betas) != tuple(target.betas):
+        log.print(f"note: the file's AdamW betas are {adam.betas}; this run uses {target.betas}")
+    return state.replace(step=jax.device_put(jnp.asarray(step, state.step.dtype), state.step.sharding),
+                         opt_state=opt_state)
+
+
+def with_adam_moments(opt_state: Any, mu: Any, nu: Any, adam_count: int, updates: int) -> Any:
+    """`opt_state` continued from another framework's AdamW: its moments, its step count.
+
+    `mu` / `nu` are full params-shaped trees (host arrays); each lands where, and as,
+    the initialised moment is (frozen parameters, which have none, are skipped). Adam's
+    count takes `adam_count` (its bias correction), the schedule's and the accumulator's
+    counts take `updates`, the optimizer updates this run's step counter stands for.
+    """
+
+    def moments(old: Any, new: Any) -> Any:
+        def place(path: tuple, leaf: Any, value: Any) -> Any:
+            if isinstance(leaf, optax.MaskedNode):
+                return leaf
+            if np.shape(value) != leaf.shape:
+                raise ValueError(f"AdamW moment of {jax.tree_util.keystr(path)} has shape {np.shape(value)}, the "
+                                 f"parameter {leaf.shape} (another image size? moments cannot be resampled)")
+            return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding)
+
+        return jax.tree_util.tree_map_with_path(place, old, new, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+    def count(old: jax.Array, value: int) -> jax.Array:
+        return jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+
+    def replace(node: Any) -> Any:
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(count=count(node.count, adam_count), mu=moments(node.mu, mu), nu=moments(node.nu, nu))
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=count(node.count, updates))
+        if isinstance(node, optax.MultiStepsState):
+            inner = jax.tree.map(replace, node.inner_opt_state, is_leaf=is_state)
+            return node._replace(gradient_step=count(node.gradient_step, updates), inner_opt_state=inner)
+        return node
+
+    def is_state(node: Any) -> bool:
+        return isinstance(node, (optax.ScaleByAdamState, optax.ScaleByScheduleState, optax.MultiStepsState))
+
+    return jax.tree.map(replace, opt_state, is_leaf=is_state)

@@ -2,7 +2,9 @@
 
 Each command lives in its own module with a `main(argv)` that owns its flags; this
 module only picks the command and imports it lazily, so that `--help` and light
-commands do not pay for TensorFlow or PyTorch start-up.
+commands do not pay for TensorFlow or PyTorch start-up. Jobs that read checkpoints get
+one `convert.reader.ConverterReader` (a `checkpoint.WeightsReader`): the glue between
+the jobs and the converter.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 # command -> ("module:function(argv)", one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +36,10 @@ def usage() -> str:
     return "usage: python main.py COMMAND [flags]   (COMMAND --help for its flags)\n\ncommands:\n" + "\n".join(lines)
 
 
+# Commands whose jobs read checkpoints (`--resume`, `--finetune`, `--backbone`): they get the converter's reader.
+READS_CHECKPOINTS = frozenset({"pretrain", "finetune", "eval", "linprobe", "parts train"})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -48,44 +52,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     module_name, function = COMMANDS[command][0].split(":")
     entry = getattr(importlib.import_module(module_name), function)
-    entry(rest, **JOBS.get(command, {}))
+    if command in READS_CHECKPOINTS:
+        from convert.reader import ConverterReader  # the glue: the library never imports convert
 
-
-def load_checkpoint_params(path: str, model_name: str | None, img_size: int) -> Any:
-    """Params from a `.pth` (converted in memory) or an orbax checkpoint, checked against
-    `model_name` (or as saved, when None), position tables resized to `img_size`.
-
-    The glue between the jobs and the converter: the library never imports `convert`.
-    """
-    from convert import params_from_checkpoint
-
-    params, _, _ = params_from_checkpoint(path, model_name, img_size=img_size)
-    return params
-
-
-def load_backbone_params(path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
-    """A frozen ViT encoder for stage 1 from a `.pth` (MAE, DINO, iBOT) or an orbax checkpoint:
-    (params, registered model name, overrides), position table resized to `img_size`."""
-    from convert.backbones import backbone_params
-
-    return backbone_params(path, img_size=img_size)
-
-
-def load_torch_optimizer(path: str, model_name: str) -> Any:
-    """The AdamW state of an original pretraining or fine-tuning `.pth` (None for anything else):
-    what lets `pretrain` / `finetune --resume X.pth` continue the run the file was saved from."""
-    if Path(path).is_dir():
-        return None
-    from convert.optimizer import torch_adam_state
-
-    return torch_adam_state(path, model_name)
-
-
-# Jobs that read checkpoints (`--resume`, `--finetune`, `--backbone`), with their readers.
-JOBS: dict[str, dict[str, Any]] = {
-    "pretrain": {"load_params": load_checkpoint_params, "load_optimizer": load_torch_optimizer},
-    "finetune": {"load_params": load_checkpoint_params, "load_optimizer": load_torch_optimizer},
-    "eval": {"load_params": load_checkpoint_params},
-    "linprobe": {"load_params": load_checkpoint_params},
-    "parts train": {"load_params": load_backbone_params},
-}
+        entry(rest, ConverterReader())
+    else:
+        entry(rest)

@@ -136,7 +136,11 @@ def param_spec(path: str, shape: Sequence[int], logical: PartitionSpec | None, m
     if placement == "replicated":
         return PartitionSpec()
     axes = _tensor_axes(logical, len(shape))
-    axes = [a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)]
+    for i, axis in enumerate(axes):
+        if axis is not None and shape[i] % mesh.shape[axis]:
+            raise ValueError(f"--mesh: the {axis} axis of {mesh.shape[axis]} does not divide dimension {i} "
+                             f"({logical[i]!r}, size {shape[i]}) of parameter {path}; choose a {axis} size that "
+                             "divides the model's heads and MLP width")
     fsdp = mesh.shape["fsdp"]
     if placement == "tensor+fsdp" and fsdp > 1:
         free = [i for i, a in enumerate(axes) if a is None and shape[i] % fsdp == 0]

@@ -21,7 +21,7 @@ from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
 from semmae_jax.models import create_model
-from semmae_jax.train.finetune import merge_pretrained
+from semmae_jax.train.state import merge_pretrained
 
 pytestmark = pytest.mark.usefixtures("demo_root")
 TINY = ["--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4", "--num_workers", "2"]
@@ -123,17 +123,26 @@ def test_a_short_finetune_learns_the_demo_classes(demo_root, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_finetune_with_the_full_recipe_and_a_pretrained_encoder_runs(demo_root, tmp_path, capsys):
-    """RandAugment, random erasing, mixup + cutmix, drop path, layer decay, --finetune, in one run."""
+def test_finetune_with_the_full_recipe_and_a_pretrained_encoder_runs(demo_root, tmp_path):
+    """RandAugment, random erasing, mixup + cutmix, drop path, layer decay, --finetune, in one run:
+    the encoder starts from the pretrained weights, the head from its own init, and each block
+    moves by the layer-decay share of the lr."""
     mae = create_model("mae_vit_test_patch4")
     params = jax.jit(mae.init)({"params": jax.random.key(0), "mask": jax.random.key(1)}, jnp.zeros((1, 32, 32, 3)))
-    checkpoint.save_params(tmp_path / "pretrained", nn.unbox(params["params"]), {"model": "mae_vit_test_patch4"})
+    pretrained = jax.tree.map(np.asarray, nn.unbox(params["params"]))
+    checkpoint.save_params(tmp_path / "pretrained", pretrained, {"model": "mae_vit_test_patch4"})
     cli_main(["finetune", *TINY, "--epochs", "1", "--batch_size", "2", "--steps_per_epoch", "3", "--mixup", "0.8",
               "--cutmix", "1.0", "--finetune", str(tmp_path / "pretrained"), "--data_path", str(demo_root),
-              "--output_dir", str(tmp_path / "ft")])
-    out = capsys.readouterr().out
-    assert "missing (freshly initialised): fc_norm/bias, fc_norm/scale, head/bias, head/kernel" in out
-    assert "* Acc@1" in out
+              "--layer_decay", "0.5", "--warmup_epochs", "0", "--blr", "1e-3", "--output_dir", str(tmp_path / "ft")])
+    tuned, _ = checkpoint.load_params(tmp_path / "ft" / "checkpoints")
+    moved = {name: np.abs(tuned[name]["attn"]["qkv"]["kernel"] - pretrained[name]["attn"]["qkv"]["kernel"]).mean()
+             for name in ("blocks_0", "blocks_1")}
+    init_gap = np.abs(pretrained["blocks_0"]["attn"]["qkv"]["kernel"]).mean()
+    assert 0 < moved["blocks_1"] < 0.05 * init_gap  # started from the pretrained encoder, then trained
+    np.testing.assert_allclose(moved["blocks_0"] / moved["blocks_1"], 0.5, rtol=0.2)  # layer decay 0.5 per block
+    assert "head" in tuned and "head" not in pretrained and np.abs(tuned["head"]["kernel"]).max() < 0.05
+    line = json.loads((tmp_path / "ft" / "log.txt").read_text().splitlines()[-1])
+    assert np.isfinite(line["train_loss"]) and 0.0 <= line["test_acc1"] <= 100.0
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def test_accum_iter_averages_micro_batch_gradients():
     params = {"w": jnp.ones((3, 2))}
     schedule = optim.warmup_cosine(0.1, 0.0, 0, 100)
     plain = optim.adamw(params, schedule, weight_decay=0.0, betas=(0.9, 0.95))
-    accum = optim.adamw(params, schedule, weight_decay=0.0, betas=(0.9, 0.95), accum_iter=2)
+    accum = optim.accumulate(optim.adamw(params, schedule, weight_decay=0.0, betas=(0.9, 0.95)), 2)
     g1, g2 = {"w": jnp.full((3, 2), 1.0)}, {"w": jnp.full((3, 2), 3.0)}
     expected, _ = plain.update({"w": (g1["w"] + g2["w"]) / 2}, plain.init(params), params)
     state = accum.init(params)

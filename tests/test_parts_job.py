@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from semmae_jax import checkpoint, cli
+from convert.reader import ConverterReader
+from semmae_jax import checkpoint
 from semmae_jax.data.part_maps import NO_PART, read_part_map
 from semmae_jax.models import create_model
 from semmae_jax.train import parts, parts_tools
@@ -40,7 +41,7 @@ def run_dir(tmp_path_factory) -> Path:
     params = jax.jit(lambda: nn.unbox(mae.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]))()
     checkpoint.save_params(root / "mae", jax.tree.map(np.asarray, params))
     parts.train_main(["--backbone", str(root / "mae"), "--output_dir", str(root / "run"), *TRAIN],
-                     load_params=cli.load_backbone_params)
+                     reader=ConverterReader())
     return root / "run"
 
 
@@ -50,7 +51,7 @@ def test_an_interrupted_run_resumes_to_the_same_parameters(run_dir, tmp_path, ca
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "12")
     capsys.readouterr()
     parts.train_main(["--backbone", str(run_dir.parent / "mae"), "--output_dir", str(tmp_path / "run"), *TRAIN],
-                     load_params=cli.load_backbone_params)
+                     reader=ConverterReader())
     assert "resuming this run from its checkpoint at step 6" in capsys.readouterr().out
     resumed, _ = checkpoint.load_params(tmp_path / "run" / "checkpoints" / "12")
     straight, _ = checkpoint.load_params(run_dir / "checkpoints" / "12")
@@ -103,14 +104,14 @@ def test_export_resumes_without_rewriting(run_dir, tmp_path, capsys):
 
 
 def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, tmp_path):
-    results = parts_tools.evaluate(parts_tools.parse_view("eval", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "e.json"),
-                                                       "--num_workers", "2"]))
+    results = parts_tools.evaluate(parts_tools.ViewConfig(checkpoint=str(run_dir), out=str(tmp_path / "e.json"),
+                                                          num_workers=2))
     assert list(results) == ["learned parts", "k-means of patch tokens (k=4)", "raw attention (argmax of 4 heads)",
                              "one part (reference)"]
     assert all(0.0 <= r["miou"] <= 1.0 and len(r["iou"]) == 6 for r in results.values())
     assert json.loads((tmp_path / "e.json").read_text())["images"] == 128
-    picture = parts_tools.show(parts_tools.parse_view("show", ["--checkpoint", str(run_dir), "--out", str(tmp_path / "s.png"),
-                                                   "--num_images", "3", "--num_workers", "2"]))
+    picture = parts_tools.show(parts_tools.ViewConfig(checkpoint=str(run_dir), out=str(tmp_path / "s.png"),
+                                                      num_images=3, num_workers=2))
     assert picture.is_file()
 
 

@@ -101,13 +101,13 @@ def _losses(mesh_spec: str | None, steps: int = 3) -> list[float]:
     rng = np.random.default_rng(0)
     images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(-1, 4, (8, 64)).astype(np.int32)
-    step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=3, num_parts=8), shardings,
+    step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=3, num_parts=8, total_steps=6), shardings,
                     sharding.batch_sharding(mesh), mesh)
     losses = []
     with jax.set_mesh(mesh):
         batch = jax.device_put({"image": images, "part_labels": labels}, sharding.batch_sharding(mesh))
         for _ in range(steps):
-            state, metrics = step(state, batch, jnp.float32(0.5))
+            state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
     return losses
 

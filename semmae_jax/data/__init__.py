@@ -8,7 +8,8 @@ without paying for TensorFlow's start-up.
     TrainLoader(source, *, batch_size, transform, seed, num_workers, process_index, process_count)
         .steps_per_epoch, .epoch_batches(epoch, start_step=0), .skipped
     EvalLoader(source, *, batch_size, transform, ...).num_batches, .batches(); eval_batches(...)
-    TrainTransform(img_size, patch_size, ...), EvalTransform(img_size, crop_pct=0.875)
+    TrainTransform(img_size, patch_size, ...), EvalTransform(img_size, crop_pct=0.875),
+    WholeImageTransform(img_size, patch_size, hflip) (stage 1: no crop)
     global_batch(batch, mesh, batch_axes), prefetch_to_device(batches, mesh, batch_axes, size=2)
     demo_data(cache_dir=None) -> Path
 """
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
     from semmae_jax.data.pipeline import EvalLoader, TrainLoader, eval_batches, pretrain_batches
     from semmae_jax.data.sources import image_folder, open_source
-    from semmae_jax.data.transforms import EvalTransform, TrainTransform
+    from semmae_jax.data.transforms import EvalTransform, TrainTransform, WholeImageTransform
 
 _EXPORTS = {
     "demo_data": "demo",
@@ -37,6 +38,7 @@ _EXPORTS = {
     "open_source": "sources",
     "EvalTransform": "transforms",
     "TrainTransform": "transforms",
+    "WholeImageTransform": "transforms",
 }
 __all__ = [  # noqa: RUF022  (grouped as _EXPORTS)
     "demo_data",
@@ -50,6 +52,7 @@ __all__ = [  # noqa: RUF022  (grouped as _EXPORTS)
     "open_source",
     "EvalTransform",
     "TrainTransform",
+    "WholeImageTransform",
 ]
 
 

@@ -238,3 +238,13 @@ def demo_data(cache_dir: str | Path | None = None) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return final
+
+
+def data_or_demo(data_path: str | None, part_path: str | None = None,
+                 dataset: str = "folder") -> tuple[str | None, str | None]:
+    """(data_path, part_path) as given, or, when no dataset is named at all, the demo data's
+    root with its true part maps (unless `part_path` names others): every job's one fallback."""
+    if data_path or dataset != "folder":
+        return data_path, part_path
+    root = demo_data()
+    return str(root), part_path or str(root / "parts")

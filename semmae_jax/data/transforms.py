@@ -298,3 +298,27 @@ class EvalTransform:
 
 
 Transform = TrainTransform | EvalTransform
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeImageTransform:
+    """Stage 1's view: the whole image resized to the backbone's input (no crop), optional flip.
+
+    Returns {'image': uint8 [S, S, 3] (the pipeline normalises batches), 'part_labels':
+    int32 [L]} (all -1 without a part map), the map warped with the image, so a part
+    map's pixels stay on their image's.
+    """
+
+    img_size: int
+    patch_size: int
+    hflip: float = 0.0
+
+    def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = decode_full(raw)
+        size = tf.shape(image)[:2]
+        flip = tf.random.stateless_uniform([], seed) < self.hflip
+        image = resize(image, (self.img_size, self.img_size), "bicubic")
+        image = tf.gather(image, flip_columns(self.img_size, flip), axis=1)
+        window = tf.concat([[0, 0], size], axis=0)
+        labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
+        return {"image": image, "part_labels": labels}

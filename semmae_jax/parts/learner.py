@@ -30,6 +30,7 @@ The part of a patch is the argmax over the (unblurred) maps.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -39,6 +40,7 @@ import numpy as np
 
 from semmae_jax.data.part_maps import UNLABELLED
 from semmae_jax.models.vit import VisionTransformer
+from semmae_jax.parts.backbone import backbone_model
 
 MIN_DECODER_WIDTH = 16  # channels of the last (largest) decoder blocks
 
@@ -177,6 +179,14 @@ class PartModel(nn.Module):
     learner: PartLearner
     feature_loss: bool = False
 
+    @property
+    def img_size(self) -> int:
+        return self.backbone.img_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
     def __call__(self, images: jax.Array) -> PartOutputs:
         tokens = self.backbone.tokens(images)
         patches = tokens[:, 1:]
@@ -204,3 +214,14 @@ def assign_parts(maps: jax.Array, background: bool, scale: int = 1) -> jax.Array
         maps = jax.image.resize(maps, (n, parts, h * scale, w * scale), "bilinear")
     ids = jnp.argmax(maps, axis=1).astype(jnp.int32)
     return jnp.where(ids == parts - 1, UNLABELLED, ids) if background else ids
+
+
+LEARNER_FIELDS = ("num_parts", "background", "blur_sigma", "decoder_width", "decoder_upsamples")
+
+
+def build_part_model(settings: Mapping[str, Any], backbone_name: str, backbone_overrides: Mapping[str, Any]) -> PartModel:
+    """The frozen backbone + learner that a `parts train` config describes (`LEARNER_FIELDS` and
+    `feature_weight` of `settings`): the same for the job and for the tools that read its runs."""
+    learner = PartLearner(**{name: settings[name] for name in LEARNER_FIELDS})
+    return PartModel(backbone_model(backbone_name, backbone_overrides), learner,
+                     feature_loss=settings["feature_weight"] > 0)

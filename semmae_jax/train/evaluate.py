@@ -96,3 +96,47 @@ def evaluate(eval_step: Callable, variables: Any, batches: Iterable[dict[str, np
         count=count,
         per_class=per_class,
     )
+
+
+def check_classes(found: int, nb_classes: int) -> None:
+    """A dataset with more classes than the head has would train on labels the head cannot output."""
+    if found > nb_classes:
+        raise ValueError(f"the dataset has {found} classes but --nb_classes is {nb_classes}")
+
+
+@dataclasses.dataclass
+class Validation:
+    """The validation split of a classification job, ready to score any variables on the mesh.
+
+    Keeps every result, so a job reports the best so far as the original's "Max accuracy".
+    """
+
+    loader: Any  # data.EvalLoader
+    step: Callable
+    num_classes: int
+    mesh: jax.sharding.Mesh
+    results: list[EvalResult] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def build(cls, data: Any, source: Any, transform: Any, batch_size: int, num_workers: int, logits_fn: LogitsFn,
+              num_classes: int, mesh: jax.sharding.Mesh, variables_sharding: Any) -> Validation:
+        """Loader (per-process share of `batch_size` x devices) and jitted step for `source`."""
+        global_batch = batch_size * jax.device_count()
+        sharding.check_global_batch(global_batch, mesh, "evaluation batch")
+        loader = data.EvalLoader(source, batch_size=global_batch // jax.process_count(), transform=transform,
+                                 num_workers=num_workers)
+        return cls(loader, make_eval_step(logits_fn, num_classes, mesh, variables_sharding), num_classes, mesh)
+
+    def __call__(self, variables: Any) -> EvalResult:
+        result = evaluate(self.step, variables, self.loader.batches(), self.loader.num_batches, self.num_classes,
+                          self.mesh)
+        self.results.append(result)
+        return result
+
+    @property
+    def best_acc1(self) -> float:
+        return max(r.acc1 for r in self.results)
+
+    def report(self, result: EvalResult) -> str:
+        """The original's lines for one evaluation during training."""
+        return result.original_lines() + f"\nMax accuracy: {self.best_acc1:.2f}%"

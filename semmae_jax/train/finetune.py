@@ -9,33 +9,31 @@ drop path, RandAugment and random erasing, mixup / cutmix with label smoothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
 from semmae_jax import sharding
-from semmae_jax.checkpoint import RunCheckpoints, abstract_like
+from semmae_jax.checkpoint import RunCheckpoints, WeightsReader
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
-from semmae_jax.paths import flat_by_path, map_with_path, summarize
+from semmae_jax.paths import summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
 from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.loop import OptimizerLoader, Schedule, Trainer, continue_torch_run, resume
-from semmae_jax.train.state import TrainState, create_state, plan_state
-from semmae_jax.train.steps import jit_step
+from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
+from semmae_jax.train.steps import Step, apply_gradients
 
-ParamsLoader = Callable[[str, str | None, int], Any]  # (path, model name or None = as saved, img_size) -> params
 MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
-BETAS = (0.9, 0.999)  # AdamW's, as the original's fine-tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,50 +85,45 @@ def parse(argv: Sequence[str]) -> FinetuneConfig:
                                        aliases={"--cls_token": ("global_pool", False)})
 
 
-def main(
-    argv: Sequence[str], load_params: ParamsLoader | None = None, load_optimizer: OptimizerLoader | None = None
-) -> None:
-    """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`); `load_params` reads
-    checkpoints, `load_optimizer` the AdamW state of the original's training checkpoints (`--resume X.pth`)."""
-    config_lib.run_job("main.py finetune", run, parse(argv), load_params, load_optimizer)
+def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
+    """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`); `reader` reads
+    `.pth` checkpoints (`--finetune`, `--resume`, with an original run's AdamW state)."""
+    config = parse(argv)
+    job = evaluate_checkpoint if config.eval else (lambda c, r: run(FinetuneJob(c, r)))
+    config_lib.run_job("main.py finetune", job, config, reader)
 
 
-def eval_main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
+def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py eval ...`: `finetune --eval`."""
-    main(["--eval", *argv], load_params)
+    main(["--eval", *argv], reader)
 
 
-# ---------------------------------------------------------------- pretrained weights
+def build_classifier(config: FinetuneConfig) -> nn.Module:
+    return create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
+                        global_pool=config.global_pool, drop_path_rate=config.drop_path, dtype=config.dtype,
+                        remat=config.remat)
 
 
-def merge_pretrained(target: Any, source: Any) -> tuple[Any, list[str], list[str]]:
-    """`target` params with every leaf `source` has in the same path and shape, placed as in `target`.
-
-    `target` leaves are arrays or `jax.ShapeDtypeStruct`s with shardings.
-    Returns (params, missing: target paths left as initialised, unused: source paths not
-    taken) — MAE's `load_state_dict(strict=False)` report. A head of another shape
-    (other classes) is dropped, as the original does, and so reported missing.
-    """
-    src, dst = flat_by_path(source), flat_by_path(target)
-    taken = {p for p, x in dst.items() if p in src and tuple(np.shape(src[p])) == tuple(x.shape)}
-    params = map_with_path(lambda path, x: _placed(src[path], x) if path in taken else x, target)
-    return params, sorted(set(dst) - taken), sorted(set(src) - taken)
-
-
-def _placed(value: Any, like: jax.Array) -> jax.Array:
-    return jax.device_put(np.asarray(value, like.dtype), like.sharding)
+def validation(config: FinetuneConfig, data: Any, model: nn.Module, mesh: jax.sharding.Mesh,
+               params_sharding: Any) -> evaluate.Validation:
+    """The validation split, scored by the classifier's logits."""
+    val = data.open_source(config.data_paths()[0], "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
+    evaluate.check_classes(val.num_classes, config.nb_classes)
+    return evaluate.Validation.build(
+        data, val, data.EvalTransform(model.img_size), config.eval_batch_size or config.batch_size,
+        config.num_workers, lambda variables, images: model.apply(variables, images, train=False),
+        config.nb_classes, mesh, {"params": params_sharding})
 
 
 # ---------------------------------------------------------------- the step
 
 
-def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: FinetuneConfig) -> Callable:
-    """`step(state, batch, unused) -> (state, metrics)`: erase, mix, forward with drop path, update."""
+def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: FinetuneConfig) -> Step:
+    """`step(state, batch) -> (state, metrics)`: erase, mix, forward with drop path, update."""
     mix = config.mixup_config()
     erase = erasing.ErasingConfig(reprob=config.reprob, remode=config.remode, recount=config.recount)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], unused: jax.Array) -> tuple[TrainState, dict]:
-        del unused
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         images = batch["image"]
         if config.reprob > 0:
             images = erasing.random_erasing(state.step_key(ERASE_STREAM), images, erase)
@@ -141,146 +134,102 @@ def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: Fin
             return mixup.soft_target_cross_entropy(logits, targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return apply_gradients(state, tx, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return step
 
 
-# ---------------------------------------------------------------- the job
+# ---------------------------------------------------------------- the jobs
 
 
-def run(
-    config: FinetuneConfig, load_params: ParamsLoader | None = None, load_optimizer: OptimizerLoader | None = None
-) -> evaluate.EvalResult | None:
-    """Fine-tune (or, with `eval`, only evaluate); returns the last evaluation."""
+class FinetuneJob(Job):
+    """Fine-tuning: `--finetune` weights, layer-decay AdamW, augmentation, evaluation and the best model."""
+
+    name = "finetune"
+    betas = (0.9, 0.999)  # AdamW's, as the original's fine-tuning
+
+    def build_model(self) -> nn.Module:
+        return build_classifier(self.config)
+
+    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+        from semmae_jax.data.augment import finetune_augment
+
+        c = self.config
+        train = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        return train, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size, scale=(0.08, 1.0),
+                                          pixel_augment=finetune_augment(c.aa))
+
+    def _scales(self, params: Any) -> Any:
+        return optim.layer_decay_scales(params, self.build_model().depth, self.config.layer_decay)
+
+    def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+        c = self.config
+        return optim.adamw(params, lr_schedule, weight_decay=c.weight_decay, betas=self.betas,
+                           lr_scales=self._scales(params), clip_grad=c.clip_grad)
+
+    def param_groups(self, params: Any) -> list[str]:
+        return optim.describe_param_groups(params, self._scales(params))
+
+    def describe(self, run: Run) -> str:
+        return f"mixup / cutmix {self.config.mixup_config().enabled}, RandAugment {self.config.aa}"
+
+    def start(self, state: TrainState, run: Run) -> TrainState:
+        """`--finetune`: the encoder of a pretraining checkpoint (as saved: MAE or ViT), tables resized."""
+        if not self.config.finetune:
+            return state
+        if self.reader is None:
+            raise ValueError("--finetune needs the checkpoint reader (run through main.py)")
+        source = self.reader.params(self.config.finetune, None, run.model.img_size)
+        params, missing, unused = merge_pretrained(state.params, source)
+        run.log.print(f"loaded {self.config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
+                      f"  unused: {summarize(unused)}")
+        return state.replace(params=params)
+
+    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
+        return make_finetune_step(run.model, tx, self.config)
+
+    def epoch_end_hook(self, run: Run) -> Callable:
+        self.validation = validation(self.config, run.data, run.model, run.mesh, run.shardings.params)
+        self.best = BestKeeper(Path(self.config.output_dir) / "best", self.config.model, run.log)
+
+        def hook(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
+            result = self.validation({"params": state.params})
+            self.best.offer(result, state, epoch)
+            run.log.print(self.validation.report(result))
+            return result.metrics()
+
+        return hook
+
+    def result(self, state: TrainState, run: Run) -> evaluate.EvalResult | None:
+        self.best.close()
+        return self.best.result
+
+
+def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) -> evaluate.EvalResult:
+    """`--eval --resume CKPT`: the checkpoint must be exactly this classifier (keys and shapes)."""
+    if not config.resume or config.resume == "auto" or reader is None:
+        raise ValueError("--eval needs --resume CHECKPOINT (a .pth, an orbax checkpoint or a run directory)")
     config.start_runtime()
     from semmae_jax import data
 
     mesh = sharding.make_mesh(config.mesh)
-    log = RunLog(config.output_dir, config.log_dir)
-    model = create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
-                         global_pool=config.global_pool, drop_path_rate=config.drop_path, dtype=config.dtype,
-                         remat=config.remat)
-    data_path = config.resolved_data_path()
-    val = data.open_source(data_path, "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
-    check_classes(val.num_classes, config.nb_classes)
-    eval_global = (config.eval_batch_size or config.batch_size) * jax.device_count()
-    sharding.check_global_batch(eval_global, mesh, "evaluation batch")
-    val_loader = data.EvalLoader(val, batch_size=eval_global // jax.process_count(),
-                                 transform=data.EvalTransform(model.img_size), num_workers=config.num_workers)
-
-    def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
-        return model.apply(variables, images, train=False)
-
-    if config.eval:
-        return _evaluate_only(config, model, mesh, val_loader, logits_fn, load_params, log)
-    return _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_params, load_optimizer, log)
-
-
-def check_classes(found: int, nb_classes: int) -> None:
-    """A dataset with more classes than the head has would train on labels the head cannot output."""
-    if found > nb_classes:
-        raise ValueError(f"the dataset has {found} classes but --nb_classes is {nb_classes}")
-
-
-def _evaluate_only(config, model, mesh, val_loader, logits_fn, load_params, log) -> evaluate.EvalResult:
-    """`--eval --resume CKPT`: the checkpoint must be exactly this classifier (keys and shapes)."""
-    if not config.resume or config.resume == "auto" or load_params is None:
-        raise ValueError("--eval needs --resume CHECKPOINT (a .pth, an orbax checkpoint or a run directory)")
+    model = build_classifier(config)
     example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
-    with jax.set_mesh(mesh):
+    with contextlib.closing(RunLog(config.output_dir, config.log_dir)) as log, jax.set_mesh(mesh):
         plan = plan_state(model, lambda params: optax.identity(), example, mesh, config.seed)
-        source = load_params(config.resume, None, model.img_size)
-        params, missing, unused = merge_pretrained(plan.abstract.params, source)
+        params, missing, unused = merge_pretrained(plan.abstract.params,
+                                                   reader.params(config.resume, None, model.img_size))
         if missing or unused:
             raise ValueError(f"{config.resume} does not fit {config.model} (--nb_classes {config.nb_classes}, "
                              f"global_pool {config.global_pool}): missing {missing}, unexpected {unused}")
-        step = evaluate.make_eval_step(logits_fn, config.nb_classes, mesh, {"params": plan.shardings.params})
-        result = evaluate.evaluate(step, {"params": params}, val_loader.batches(), val_loader.num_batches,
-                                   config.nb_classes, mesh)
-    log.print(result.original_lines())
-    if log.enabled:
-        result.write_per_class(log.output_dir / "per_class_accuracy.json")
+        result = validation(config, data, model, mesh, plan.shardings.params)({"params": params})
+        log.print(result.original_lines())
+        if log.enabled:
+            result.write_per_class(log.output_dir / "per_class_accuracy.json")
     return result
 
 
-def _optimizer(config: FinetuneConfig, model: Any, steps: Schedule, global_batch: int):
-    lr, eff_batch = config.learning_rate(global_batch)
-    schedule = optim.warmup_cosine(lr, config.min_lr, config.warmup_epochs * steps.steps_per_epoch // config.accum_iter,
-                                   steps.total_steps // config.accum_iter)
-
-    def make_tx(params: Any) -> optax.GradientTransformation:
-        scales = optim.layer_decay_scales(params, model.depth, config.layer_decay)
-        return optim.adamw(params, schedule, weight_decay=config.weight_decay, betas=BETAS,
-                           lr_scales=scales, accum_iter=config.accum_iter, clip_grad=config.clip_grad)
-
-    return lr, eff_batch, schedule, make_tx
-
-
-def _train(config, model, mesh, data, data_path, val_loader, logits_fn, load_params, load_optimizer,
-           log) -> evaluate.EvalResult:
-    global_batch = config.batch_size * jax.device_count()
-    sharding.check_global_batch(global_batch, mesh)
-    train = data.open_source(data_path, "train", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
-    from semmae_jax.data.augment import finetune_augment
-
-    transform = data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size, scale=(0.08, 1.0),
-                                    pixel_augment=finetune_augment(config.aa))
-    loader = data.TrainLoader(train, batch_size=global_batch // jax.process_count(), transform=transform,
-                              seed=config.seed, num_workers=config.num_workers)
-    schedule = Schedule(config.epochs, min(loader.steps_per_epoch, config.steps_per_epoch or 10**12),
-                        config.save_every, config.save_every_steps, config.log_every)
-    lr, eff_batch, lr_schedule, make_tx = _optimizer(config, model, schedule, global_batch)
-    log.print(f"{config.model}: effective batch {eff_batch}, lr {lr:.3e}; {schedule.steps_per_epoch} steps x "
-              f"{config.epochs} epochs; mixup {config.mixup_config().enabled}")
-    example = (jax.ShapeDtypeStruct((global_batch, model.img_size, model.img_size, 3), jnp.float32),)
-    with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(model, make_tx, example, mesh, config.seed)
-        if config.finetune:
-            state = _load_pretrained(state, config, model, load_params, log)
-        checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
-        params_loader = None if load_params is None else lambda p: load_params(p, config.model, model.img_size)
-        continue_optimizer = None if load_optimizer is None else functools.partial(
-            continue_torch_run, load_optimizer, config.model, schedule, config.accum_iter, BETAS, log)
-        state = resume(state, abstract_like(state), checkpoints, config.resume, params_loader, log, continue_optimizer)
-        step = jit_step(make_finetune_step(model, tx, config), shardings, sharding.batch_sharding(mesh), mesh)
-        best = _BestKeeper(Path(config.output_dir) / "best", config.model, log)
-        eval_step = evaluate.make_eval_step(logits_fn, config.nb_classes, mesh, {"params": shardings.params})
-
-        def on_epoch_end(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
-            result = evaluate.evaluate(eval_step, {"params": state.params}, val_loader.batches(),
-                                       val_loader.num_batches, config.nb_classes, mesh)
-            best.offer(result, state, epoch)
-            log.print(result.original_lines() + f"\nMax accuracy: {best.acc1:.2f}%")
-            return result.metrics()
-
-        trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh, schedule=schedule,
-                          lr_at=lambda s: float(lr_schedule(s // config.accum_iter)), checkpoints=checkpoints,
-                          config={"job": "finetune", **dataclasses.asdict(config)}, log=log,
-                          images_per_step=global_batch, on_epoch_end=on_epoch_end)
-        state = trainer.run(state)
-        best.close()
-    checkpoints.close()
-    log.close()
-    return best.result
-
-
-def _load_pretrained(state: TrainState, config: FinetuneConfig, model: Any, load_params: ParamsLoader | None,
-                     log: RunLog) -> TrainState:
-    """`--finetune`: the encoder of a pretraining checkpoint (as saved: MAE or ViT), tables resized."""
-    if load_params is None:
-        raise ValueError("--finetune needs the checkpoint reader (run through main.py)")
-    source = load_params(config.finetune, None, model.img_size)
-    params, missing, unused = merge_pretrained(state.params, source)
-    log.print(f"loaded {config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
-              f"  unused: {summarize(unused)}")
-    return state.replace(params=params)
-
-
-class _BestKeeper:
+class BestKeeper:
     """Keeps the params of the best top-1 so far in their own checkpoint directory."""
 
     def __init__(self, directory: Path, model_name: str, log: RunLog) -> None:

@@ -43,18 +43,31 @@ class DataFlags:
     num_workers: int = field(10, "parallel decoding calls (tf.data)")
     steps_per_epoch: int | None = field(None, "cap on the steps of an epoch (quick runs)")
 
-    def resolved_data_path(self) -> str | None:
-        """`--data_path`, or the demo dataset's root when no dataset is named."""
-        if self.data_path or self.dataset != "folder":
-            return self.data_path
-        from semmae_jax.data import demo_data
+    def data_paths(self, part_path: str | None = None) -> tuple[str | None, str | None]:
+        """(`--data_path`, `part_path`), or the demo data and its part maps when no dataset is named."""
+        from semmae_jax.data.demo import data_or_demo
 
-        return str(demo_data())
+        return data_or_demo(self.data_path, part_path, self.dataset)
 
 
 @dataclasses.dataclass(frozen=True)
-class RunFlags:
-    """Outputs, checkpoints, the mesh and the processes."""
+class DistributedFlags:
+    """jax.distributed's own names; without them, SLURM / Open MPI / TPU pods are detected."""
+
+    coordinator_address: str | None = field(None, "HOST:PORT of process 0 (multi-process runs)")
+    num_processes: int | None = field(None, "number of processes")
+    process_id: int | None = field(None, "this process's index")
+    heartbeat_timeout_seconds: int = field(100, "a peer silent this long is declared dead and the job stops")
+
+    def start_runtime(self) -> None:
+        """Join the job's processes (if several): before anything touches a device."""
+        distributed.initialize(self.coordinator_address, self.num_processes, self.process_id,
+                               heartbeat_timeout_seconds=self.heartbeat_timeout_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFlags(DistributedFlags):
+    """Outputs, checkpoints, the mesh (and, inherited, the processes)."""
 
     output_dir: str = field("./output_dir", "checkpoints, log.txt and pictures")
     log_dir: str | None = field(None, "TensorBoard directory (default: --output_dir)")
@@ -65,16 +78,6 @@ class RunFlags:
     save_every_steps: int = field(0, "also checkpoint every N steps (0: off)")
     keep_checkpoints: int = field(2, "checkpoints kept")
     log_every: int = field(20, "fetch and log metrics every N steps")
-    # jax.distributed's own names; without them, SLURM / Open MPI / TPU pods are detected.
-    coordinator_address: str | None = field(None, "HOST:PORT of process 0 (multi-process runs)")
-    num_processes: int | None = field(None, "number of processes")
-    process_id: int | None = field(None, "this process's index")
-    heartbeat_timeout_seconds: int = field(100, "a peer silent this long is declared dead and the job stops")
-
-    def start_runtime(self) -> None:
-        """Join the job's processes (if several): before anything touches a device."""
-        distributed.initialize(self.coordinator_address, self.num_processes, self.process_id,
-                               heartbeat_timeout_seconds=self.heartbeat_timeout_seconds)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -3,9 +3,9 @@
 The original `main_linprobe.py`: the encoder frozen (cls-token features by default),
 BatchNorm without affine before a Linear head, LARS (trust 0.001, momentum 0.9) with
 warm-up + cosine, only RandomResizedCrop + flip as augmentation, cross-entropy.
-The frozen encoder's params are an input of the jitted step, not part of the
-optimizer's state: only the head's params, BatchNorm statistics and LARS momentum
-are trained and checkpointed.
+The frozen encoder's params ride in the state's `frozen` field (an input of the jitted
+step, never trained nor checkpointed): only the head's params, BatchNorm statistics and
+LARS momentum are trained and saved.
 """
 
 from __future__ import annotations
@@ -14,23 +14,22 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import sharding
-from semmae_jax.checkpoint import RunCheckpoints, abstract_like
+from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
-from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
 from semmae_jax.paths import summarize
 from semmae_jax.train import evaluate, optim
-from semmae_jax.train.finetune import ParamsLoader, check_classes, merge_pretrained
 from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.loop import Schedule, Trainer, resume
-from semmae_jax.train.state import TrainState, create_state, plan_state
+from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
+from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,15 +56,16 @@ def parse(argv: Sequence[str]) -> LinprobeConfig:
                                        aliases={"--cls_token": ("global_pool", False)})
 
 
-def main(argv: Sequence[str], load_params: ParamsLoader | None = None) -> None:
-    config_lib.run_job("main.py linprobe", run, parse(argv), load_params)
+def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
+    """`python main.py linprobe ...`; `reader` reads the `--finetune` checkpoint."""
+    config_lib.run_job("main.py linprobe", lambda c: run(LinprobeJob(c, reader)), parse(argv))
 
 
-def make_probe_step(encoder: Any, head: ProbeHead, tx: optax.GradientTransformation) -> Callable:
-    """`step(state, batch, encoder_params) -> (state, metrics)`: frozen features, head update."""
+def make_probe_step(encoder: nn.Module, head: ProbeHead, tx: optax.GradientTransformation) -> Step:
+    """`step(state, batch) -> (state, metrics)`: frozen features (from `state.frozen`), head update."""
 
-    def step(state: TrainState, batch: dict[str, jax.Array], encoder_params: Any) -> tuple[TrainState, dict]:
-        features = jax.lax.stop_gradient(encoder.apply({"params": encoder_params}, batch["image"]))
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        features = jax.lax.stop_gradient(encoder.apply({"params": state.frozen}, batch["image"]))
 
         def loss_fn(params: Any) -> tuple[jax.Array, Any]:
             logits, updates = head.apply({"params": params, **state.model_state}, features, train=True,
@@ -74,99 +74,89 @@ def make_probe_step(encoder: Any, head: ProbeHead, tx: optax.GradientTransformat
             return optax.softmax_cross_entropy(logits, labels).mean(), updates
 
         (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  opt_state=opt_state, model_state=model_state)
-        return new_state, {"loss": loss}
+        return apply_gradients(state, tx, grads, model_state=model_state), {"loss": loss}
 
     return step
 
 
-def run(config: LinprobeConfig, load_params: ParamsLoader | None = None) -> evaluate.EvalResult | None:
-    """The linear-probing job, phase by phase (as `pretrain.run`); the final evaluation, None with `--eval` off."""
-    config.start_runtime()
-    from semmae_jax import data
+class LinprobeJob(Job):
+    """Linear probing: the state is the head; the encoder comes from `--finetune` and stays frozen."""
 
-    mesh = sharding.make_mesh(config.mesh)
-    log = RunLog(config.output_dir, config.log_dir)
-    encoder = create_model(config.model, img_size=config.input_size, num_classes=0, global_pool=config.global_pool,
-                           dtype=config.dtype)
-    head = ProbeHead(config.nb_classes)
-    data_path = config.resolved_data_path()
-    sources = {split: data.open_source(data_path, split, dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
-               for split in ("train", "val")}
-    check_classes(sources["val"].num_classes, config.nb_classes)
-    global_batch = config.batch_size * jax.device_count()
-    sharding.check_global_batch(global_batch, mesh)
-    local = global_batch // jax.process_count()
-    loader = data.TrainLoader(sources["train"], batch_size=local, seed=config.seed, num_workers=config.num_workers,
-                              transform=data.TrainTransform(img_size=encoder.img_size, patch_size=encoder.patch_size,
-                                                            scale=(0.08, 1.0)))
-    val_loader = data.EvalLoader(sources["val"], batch_size=local, transform=data.EvalTransform(encoder.img_size),
-                                 num_workers=config.num_workers)
-    schedule = Schedule(config.epochs, min(loader.steps_per_epoch, config.steps_per_epoch or 10**12),
-                        config.save_every, 0, config.log_every)
-    lr, eff_batch = config.learning_rate(global_batch)
-    lr_schedule = optim.warmup_cosine(lr, config.min_lr, config.warmup_epochs * schedule.steps_per_epoch,
-                                      schedule.total_steps)
-    log.print(f"linear probe of {config.model}: effective batch {eff_batch}, lr {lr:.3e}")
-    features = jax.ShapeDtypeStruct((global_batch, encoder.embed_dim), jnp.float32)
-    images = jax.ShapeDtypeStruct((global_batch, encoder.img_size, encoder.img_size, 3), jnp.float32)
-    with jax.set_mesh(mesh):
-        encoder_params = _encoder_params(encoder, images, mesh, config, load_params, log)
-        state, shardings, tx = create_state(head, lambda p: optim.lars(p, lr_schedule, weight_decay=config.weight_decay),
-                                            (features,), mesh, config.seed)
-        checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
-        state = resume(state, abstract_like(state), checkpoints, config.resume, None, log)
-        replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-        encoder_sharding = jax.tree.map(lambda x: x.sharding, encoder_params)
-        probe = jax.jit(sharding.with_logical_rules(make_probe_step(encoder, head, tx)),
-                        in_shardings=(shardings, batch_sharding, encoder_sharding),
-                        out_shardings=(shardings, replicated), donate_argnums=(0,))
+    name = "linprobe"
+
+    def __init__(self, config: LinprobeConfig, reader: WeightsReader | None = None) -> None:
+        super().__init__(config, reader)
+        self.encoder = create_model(config.model, img_size=config.input_size, num_classes=0,
+                                    global_pool=config.global_pool, dtype=config.dtype)
+
+    def build_model(self) -> nn.Module:
+        return ProbeHead(self.config.nb_classes)
+
+    def example_inputs(self, run: Run) -> tuple[jax.ShapeDtypeStruct, ...]:
+        return (jax.ShapeDtypeStruct((run.global_batch, self.encoder.embed_dim), jnp.float32),)
+
+    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+        c, size = self.config, self.encoder.img_size
+        source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        return source, data.TrainTransform(img_size=size, patch_size=self.encoder.patch_size, scale=(0.08, 1.0))
+
+    def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+        return optim.lars(params, lr_schedule, weight_decay=self.config.weight_decay)
+
+    def resume_target(self, run: Run) -> ResumeTarget | None:
+        return None  # the state is a probe: --resume takes a linprobe run directory
+
+    def start(self, state: TrainState, run: Run) -> TrainState:
+        """The frozen encoder: every encoder parameter must come from `--finetune`."""
+        c = self.config
+        if not c.finetune or self.reader is None:
+            raise ValueError("linear probing needs --finetune PRETRAINED (an orbax checkpoint or a .pth)")
+        images = jax.ShapeDtypeStruct((1, self.encoder.img_size, self.encoder.img_size, 3), jnp.float32)
+        plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), run.mesh, c.seed)
+        params, missing, unused = merge_pretrained(plan.abstract.params,
+                                                   self.reader.params(c.finetune, None, self.encoder.img_size))
+        if missing:
+            raise ValueError(f"{c.finetune} lacks encoder parameters {missing} of {c.model}")
+        run.log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
+        return state.replace(frozen=params)
+
+    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
+        return make_probe_step(self.encoder, run.model, tx)
+
+    def _validation(self, run: Run) -> evaluate.Validation:
+        c, encoder, head = self.config, self.encoder, run.model
+        val = run.data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        evaluate.check_classes(val.num_classes, c.nb_classes)
 
         def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
-            feats = encoder.apply({"params": variables["encoder"]}, images)
-            return head.apply(variables["head"], feats, train=False)
+            return head.apply(variables["head"], encoder.apply({"params": variables["encoder"]}, images), train=False)
 
-        def variables(state: TrainState) -> dict[str, Any]:
-            return {"encoder": encoder_params, "head": {"params": state.params, **state.model_state}}
+        shardings = run.shardings
+        return evaluate.Validation.build(
+            run.data, val, run.data.EvalTransform(encoder.img_size), c.batch_size, c.num_workers, logits_fn,
+            c.nb_classes, run.mesh, {"encoder": shardings.frozen,
+                                     "head": {"params": shardings.params, **shardings.model_state}})
 
-        eval_step = evaluate.make_eval_step(logits_fn, config.nb_classes, mesh,
-                                            jax.tree.map(lambda x: x.sharding, variables(state)))
+    def epoch_end_hook(self, run: Run) -> Callable:
+        self.validation = self._validation(run)
 
-        def run_eval(state: TrainState) -> evaluate.EvalResult:
-            return evaluate.evaluate(eval_step, variables(state), val_loader.batches(), val_loader.num_batches,
-                                     config.nb_classes, mesh)
+        def hook(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
+            result = self.validation(_variables(state))
+            run.log.print(self.validation.report(result))
+            return result.metrics()
 
-        if config.eval:
-            result = run_eval(state)
-            log.print(result.original_lines())
+        return hook
+
+    def only_evaluates(self) -> bool:
+        return self.config.eval
+
+    def result(self, state: TrainState, run: Run) -> evaluate.EvalResult | None:
+        if self.config.eval:
+            result = self.validation(_variables(state))
+            run.log.print(result.original_lines())
             return result
-        results = []
-
-        def on_epoch_end(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
-            results.append(run_eval(state))
-            log.print(results[-1].original_lines() + f"\nMax accuracy: {max(r.acc1 for r in results):.2f}%")
-            return results[-1].metrics()
-
-        trainer = Trainer(step_fn=lambda s, b, _: probe(s, b, encoder_params), epoch_batches=loader.epoch_batches,
-                          mesh=mesh, schedule=schedule, lr_at=lambda s: float(lr_schedule(s)), checkpoints=checkpoints,
-                          config={"job": "linprobe", **dataclasses.asdict(config)}, log=log,
-                          images_per_step=global_batch, on_epoch_end=on_epoch_end)
-        trainer.run(state)
-    checkpoints.close()
-    log.close()
-    return results[-1] if results else None
+        return self.validation.results[-1] if self.validation.results else None
 
 
-def _encoder_params(encoder: Any, images: jax.ShapeDtypeStruct, mesh: jax.sharding.Mesh, config: LinprobeConfig,
-                    load_params: ParamsLoader | None, log: RunLog) -> Any:
-    """The frozen encoder: every encoder parameter must come from `--finetune`."""
-    if not config.finetune or load_params is None:
-        raise ValueError("linear probing needs --finetune PRETRAINED (an orbax checkpoint or a .pth)")
-    plan = plan_state(encoder, lambda p: optax.identity(), (images,), mesh, config.seed)
-    params, missing, unused = merge_pretrained(plan.abstract.params, load_params(config.finetune, None, encoder.img_size))
-    if missing:
-        raise ValueError(f"{config.finetune} lacks encoder parameters {missing} of {config.model}")
-    log.print(f"probing the encoder of {config.finetune}; unused: {summarize(unused)}")
-    return params
+def _variables(state: TrainState) -> dict[str, Any]:
+    return {"encoder": state.frozen, "head": {"params": state.params, **state.model_state}}

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from semmae_jax.models import layer_id
@@ -71,14 +69,12 @@ def adamw(
     betas: tuple[float, float],
     frozen: Sequence[str] = (),
     lr_scales: Any = None,
-    accum_iter: int = 1,
     clip_grad: float | None = None,
 ) -> optax.GradientTransformation:
     """Torch-style AdamW (decoupled decay, eps 1e-8) with the tables above.
 
-    `frozen` names top-level parameters that are never updated; `accum_iter` > 1
-    averages gradients over that many micro-batches before each update, as MAE's
-    `accum_iter`; `clip_grad` clips the (averaged) gradient's global norm first.
+    `frozen` names top-level parameters that are never updated; `clip_grad` clips the
+    (averaged) gradient's global norm first.
     """
     parts = [optax.clip_by_global_norm(clip_grad)] if clip_grad else []
     parts += [
@@ -92,46 +88,20 @@ def adamw(
     if frozen:
         labels = map_with_path(lambda path, x: "frozen" if path.split("/")[0] in frozen else "train", params)
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx
+
+
+def accumulate(tx: optax.GradientTransformation, accum_iter: int) -> optax.GradientTransformation:
+    """MAE's `--accum_iter` for any optimizer: average the gradients of `accum_iter`
+    micro-batches, then make one update (the schedule counts updates, not micro-batches)."""
+    if accum_iter < 1:
+        raise ValueError(f"--accum_iter must be at least 1, got {accum_iter}")
     return optax.MultiSteps(tx, every_k_schedule=accum_iter) if accum_iter > 1 else tx
 
 
-def with_adam_moments(opt_state: Any, mu: Any, nu: Any, adam_count: int, updates: int) -> Any:
-    """`opt_state` continued from another framework's AdamW: its moments, its step count.
-
-    `mu` / `nu` are full params-shaped trees (host arrays); each lands where, and as,
-    the initialised moment is (frozen parameters, which have none, are skipped). Adam's
-    count takes `adam_count` (its bias correction), the schedule's and the accumulator's
-    counts take `updates`, the optimizer updates this run's step counter stands for.
-    """
-
-    def moments(old: Any, new: Any) -> Any:
-        def place(path: tuple, leaf: Any, value: Any) -> Any:
-            if isinstance(leaf, optax.MaskedNode):
-                return leaf
-            if np.shape(value) != leaf.shape:
-                raise ValueError(f"AdamW moment of {jax.tree_util.keystr(path)} has shape {np.shape(value)}, the "
-                                 f"parameter {leaf.shape} (another image size? moments cannot be resampled)")
-            return jax.device_put(jnp.asarray(value, leaf.dtype), leaf.sharding)
-
-        return jax.tree_util.tree_map_with_path(place, old, new, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-
-    def count(old: jax.Array, value: int) -> jax.Array:
-        return jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
-
-    def replace(node: Any) -> Any:
-        if isinstance(node, optax.ScaleByAdamState):
-            return node._replace(count=count(node.count, adam_count), mu=moments(node.mu, mu), nu=moments(node.nu, nu))
-        if isinstance(node, optax.ScaleByScheduleState):
-            return node._replace(count=count(node.count, updates))
-        if isinstance(node, optax.MultiStepsState):
-            inner = jax.tree.map(replace, node.inner_opt_state, is_leaf=is_state)
-            return node._replace(gradient_step=count(node.gradient_step, updates), inner_opt_state=inner)
-        return node
-
-    def is_state(node: Any) -> bool:
-        return isinstance(node, (optax.ScaleByAdamState, optax.ScaleByScheduleState, optax.MultiStepsState))
-
-    return jax.tree.map(replace, opt_state, is_leaf=is_state)
+def run_updates(epochs: int, warmup_epochs: int, steps_per_epoch: int, accum_iter: int) -> tuple[int, int]:
+    """(optimizer updates of the run, of the warm-up): epochs of micro-batches turned into updates, once."""
+    return epochs * steps_per_epoch // accum_iter, warmup_epochs * steps_per_epoch // accum_iter
 
 
 def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[str] = ()) -> list[str]:

@@ -20,33 +20,28 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
 from semmae_jax import sharding, visualize
-from semmae_jax.checkpoint import RunCheckpoints, abstract_like
+from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
-from semmae_jax.metrics_log import RunLog
 from semmae_jax.parts import (
     LossWeights,
-    PartLearner,
     PartModel,
     assign_parts,
-    backbone_model,
+    build_part_model,
     frozen_backbone,
     part_losses,
 )
 from semmae_jax.train import optim
 from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.loop import Schedule, Trainer, resume
-from semmae_jax.train.state import TrainState, create_state
-from semmae_jax.train.steps import jit_step
-
-# (path, input size or None for the checkpoint's own) -> (encoder params, model name, overrides)
-BackboneLoader = Callable[[str, int | None], tuple[Any, str, dict[str, Any]]]
+from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.state import TrainState
+from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,69 +82,18 @@ class PartsConfig(RunFlags, DataFlags, ScheduleFlags):
 # ------------------------------------------------------------------------------ model
 
 
-def part_model(config: PartsConfig, backbone_name: str, backbone_overrides: dict[str, Any]) -> PartModel:
-    """The frozen backbone + learner that `config` describes."""
-    learner = PartLearner(num_parts=config.num_parts, background=config.background, blur_sigma=config.blur_sigma,
-                          decoder_width=config.decoder_width, decoder_upsamples=config.decoder_upsamples)
-    return PartModel(backbone_model(backbone_name, backbone_overrides), learner, feature_loss=config.feature_weight > 0)
+def make_parts_step(model: PartModel, tx: optax.GradientTransformation, weights: LossWeights, background: bool) -> Step:
+    """`step(state, batch) -> (state, metrics)`: the losses, their gradient (backbone frozen), AdamW."""
 
-
-def make_parts_step(model: PartModel, tx: optax.GradientTransformation, weights: LossWeights, background: bool) -> Callable:
-    """`step(state, batch, unused) -> (state, metrics)`: the losses, their gradient (backbone frozen), AdamW."""
-
-    def step(state: TrainState, batch: dict[str, jax.Array], _: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
             outputs = model.apply({"params": frozen_backbone(params)}, batch["image"])
             return part_losses(outputs, batch["image"], weights, background)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  opt_state=opt_state)
-        return new_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+        return apply_gradients(state, tx, grads), {**metrics, "grad_norm": optax.tree.norm(grads)}
 
     return step
-
-
-# ------------------------------------------------------------------------------- data
-
-
-@dataclasses.dataclass(frozen=True)
-class WholeImageTransform:
-    """The whole image resized to the backbone's input (no crop), optional flip.
-
-    Returns {'image': uint8 [S, S, 3] (the pipeline normalises batches), 'part_labels':
-    int32 [L]} (all -1 without a part map), the map warped with the image, so a part
-    map's pixels stay on their image's.
-    """
-
-    img_size: int
-    patch_size: int
-    hflip: float = 0.0
-
-    def __call__(self, raw: dict[str, Any], seed: Any) -> dict[str, Any]:
-        import tensorflow as tf
-
-        from semmae_jax.data import transforms as T
-
-        image = T.decode_full(raw)
-        size = tf.shape(image)[:2]
-        flip = tf.random.stateless_uniform([], seed) < self.hflip
-        image = T.resize(image, (self.img_size, self.img_size), "bicubic")
-        image = tf.gather(image, T.flip_columns(self.img_size, flip), axis=1)
-        window = tf.concat([[0, 0], size], axis=0)
-        labels = T.warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
-        return {"image": image, "part_labels": labels}
-
-
-def default_data(data_path: str | None, part_path: str | None = None) -> tuple[str, str | None]:
-    """(data_path, part_path): the demo's, with its true part maps, when no data is named."""
-    if data_path:
-        return data_path, part_path
-    from semmae_jax.data import demo_data
-
-    root = demo_data()
-    return str(root), part_path or str(root / "parts")
 
 
 # ------------------------------------------------------------------------------ train
@@ -162,53 +106,54 @@ def parse_train(argv: Sequence[str]) -> PartsConfig:
     return config
 
 
-def train(config: PartsConfig, load_backbone: BackboneLoader) -> TrainState:
-    """The part-learning job, phase by phase (as `pretrain.run`); returns the final state."""
-    config.start_runtime()
-    backbone_params, name, overrides = load_backbone(config.backbone, config.input_size)  # torch before TensorFlow
-    from semmae_jax import data  # TensorFlow starts here, after jax.distributed
+class PartsJob(Job):
+    """Stage 1: a part learner on a frozen backbone, which is saved with it."""
 
-    mesh = sharding.make_mesh(config.mesh)
-    log = RunLog(config.output_dir, config.log_dir)
-    model = part_model(config, name, overrides)
-    size, patch = model.backbone.img_size, model.backbone.patch_size
-    global_batch = config.batch_size * jax.device_count()
-    sharding.check_global_batch(global_batch, mesh)
-    source = data.open_source(config.resolved_data_path(), "train", dataset=config.dataset,
-                              tfds_data_dir=config.tfds_data_dir)
-    loader = data.TrainLoader(source, batch_size=global_batch // jax.process_count(), seed=config.seed,
-                              transform=WholeImageTransform(size, patch, config.hflip), num_workers=config.num_workers)
-    schedule = Schedule(epochs=config.epochs, steps_per_epoch=min(loader.steps_per_epoch, config.steps_per_epoch or 10**12),
-                        save_every=config.save_every, save_every_steps=config.save_every_steps,
-                        log_every=config.log_every)
-    lr, eff_batch = config.learning_rate(global_batch)
-    lr_schedule = optim.warmup_cosine(lr, config.min_lr, config.warmup_epochs * schedule.steps_per_epoch // config.accum_iter,
-                                      schedule.total_steps // config.accum_iter)
-    log.print(f"backbone {config.backbone}: {name} {overrides} at {size}x{size} ({size // patch}x{size // patch} "
-              f"patches), frozen; {config.num_parts} parts{' + background' if config.background else ''}; "
-              f"effective batch {eff_batch}, lr {lr:.2e}, {schedule.steps_per_epoch} steps per epoch, {config.epochs} epochs")
+    name = "parts"
 
-    def make_tx(params: Any) -> optax.GradientTransformation:
-        return optim.adamw(params, lr_schedule, weight_decay=config.weight_decay, betas=(0.9, 0.999),
-                           frozen=("backbone",), accum_iter=config.accum_iter)
+    def __init__(self, config: PartsConfig, reader: WeightsReader) -> None:
+        super().__init__(config, reader)
+        # torch reads the backbone before TensorFlow starts
+        self.backbone_params, self.backbone_name, self.backbone_overrides = reader.backbone(config.backbone,
+                                                                                            config.input_size)
 
-    example = (jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32),)
-    with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(model, make_tx, example, mesh, config.seed)
-        state = state.replace(params={**state.params, "backbone": _place(backbone_params, state.params["backbone"])})
-        checkpoints = RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)
-        state = resume(state, abstract_like(state), checkpoints, config.resume, None, log)
-        step = jit_step(make_parts_step(model, tx, config.loss_weights(), config.background), shardings,
-                        sharding.batch_sharding(mesh), mesh)
-        run_config = {"job": "parts", **dataclasses.asdict(config), "backbone_model": name,
-                      "backbone_overrides": overrides}
-        trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh, schedule=schedule,
-                          lr_at=lambda s: float(lr_schedule(s // config.accum_iter)), checkpoints=checkpoints, config=run_config, log=log,
-                          images_per_step=global_batch, on_epoch_end=_picture_hook(model, config, log, mesh))
-        state = trainer.run(state)
-    checkpoints.close()
-    log.close()
-    return state
+    def build_model(self) -> nn.Module:
+        return build_part_model(dataclasses.asdict(self.config), self.backbone_name, self.backbone_overrides)
+
+    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+        c = self.config
+        source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        return source, data.WholeImageTransform(model.img_size, model.patch_size, c.hflip)
+
+    def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+        return optim.adamw(params, lr_schedule, weight_decay=self.config.weight_decay, betas=(0.9, 0.999),
+                           frozen=("backbone",))
+
+    def param_groups(self, params: Any) -> list[str]:
+        return optim.describe_param_groups(params, frozen=("backbone",))
+
+    def describe(self, run: Run) -> str:
+        c, size, patch = self.config, run.model.img_size, run.model.patch_size
+        return (f"backbone {c.backbone}: {self.backbone_name} {self.backbone_overrides} at {size}x{size} "
+                f"({size // patch}x{size // patch} patches), frozen; {c.num_parts} parts"
+                f"{' + background' if c.background else ''}")
+
+    def resume_target(self, run: Run) -> ResumeTarget | None:
+        return None  # --resume takes another parts run directory
+
+    def start(self, state: TrainState, run: Run) -> TrainState:
+        return state.replace(params={**state.params, "backbone": _place(self.backbone_params,
+                                                                         state.params["backbone"])})
+
+    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
+        return make_parts_step(run.model, tx, self.config.loss_weights(), self.config.background)
+
+    def epoch_end_hook(self, run: Run) -> Callable:
+        return _picture_hook(run, self.config)
+
+    def run_config(self) -> dict[str, Any]:
+        return {**super().run_config(), "backbone_model": self.backbone_name,
+                "backbone_overrides": self.backbone_overrides}
 
 
 def _place(params: Any, like: Any) -> Any:
@@ -219,10 +164,11 @@ def _place(params: Any, like: Any) -> Any:
     return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
 
 
-def _picture_hook(model: PartModel, config: PartsConfig, log: RunLog, mesh: jax.sharding.Mesh) -> Callable:
+def _picture_hook(run: Run, config: PartsConfig) -> Callable:
     """Every `vis_every` epochs and at the end: images with their parts overlaid."""
+    model = run.model
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(run.mesh))
     @sharding.with_logical_rules
     def parts_of(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         return images[:8], assign_parts(model.apply({"params": params}, images[:8]).maps, config.background)
@@ -231,8 +177,8 @@ def _picture_hook(model: PartModel, config: PartsConfig, log: RunLog, mesh: jax.
         if (epoch + 1) % config.vis_every and epoch + 1 != config.epochs:
             return {}
         images, labels = (np.asarray(jax.device_get(x)) for x in parts_of(state.params, batch["image"]))
-        if log.enabled:
-            log.picture(int(state.step), epoch, "parts", visualize.parts_panel(images, [labels.reshape(len(labels), -1)]))
+        if run.log.enabled:
+            run.log.picture(int(state.step), epoch, "parts", visualize.parts_panel(images, [labels.reshape(len(labels), -1)]))
         return {}
 
     return hook
@@ -241,6 +187,6 @@ def _picture_hook(model: PartModel, config: PartsConfig, log: RunLog, mesh: jax.
 # ------------------------------------------------------------------------------ entry
 
 
-def train_main(argv: Sequence[str], load_params: BackboneLoader) -> None:
-    """`python main.py parts train ...`; `load_params` reads the backbone checkpoint."""
-    config_lib.run_job("main.py parts train", train, parse_train(argv), load_params)
+def train_main(argv: Sequence[str], reader: WeightsReader) -> None:
+    """`python main.py parts train ...`; `reader` reads the backbone checkpoint."""
+    config_lib.run_job("main.py parts train", lambda c: run(PartsJob(c, reader)), parse_train(argv))

@@ -12,7 +12,6 @@ so the params are replicated over its local devices and batches split over them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -27,17 +26,50 @@ from tqdm import tqdm
 from semmae_jax import config as config_lib
 from semmae_jax import distributed, sharding, visualize
 from semmae_jax.checkpoint import RunCheckpoints
+from semmae_jax.config import field
+from semmae_jax.data.demo import data_or_demo
 from semmae_jax.data.part_maps import NO_PART, part_map_path, write_part_map
 from semmae_jax.parts import (
     PartModel,
     assign_parts,
     attention_parts,
+    build_part_model,
     fit_kmeans,
     kmeans_parts,
     last_cls_attention,
     part_scores,
 )
-from semmae_jax.train.parts import PartsConfig, WholeImageTransform, default_data, part_model
+from semmae_jax.train.flags import DistributedFlags
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolFlags:
+    """What every stage-1 tool reads: a trained run and the images to apply it to."""
+
+    checkpoint: str = field("", "a parts train --output_dir (or its checkpoints/)")
+    data_path: str | None = field(None, "image folder root (default: the demo data)")
+    batch_size: int = field(64, "images per batch (split over this process's devices)")
+    num_workers: int = field(8, "parallel decoding calls (tf.data)")
+    split: str = field("val", "the image folder's split")
+    out: str | None = field(None, "output (default: in --checkpoint)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(DistributedFlags, ToolFlags):
+    """`parts export`: one PNG part map per image, resumable, one share per process."""
+
+    out: str | None = field(None, "root of the part-map tree (mirrors --data_path)")
+    split: str = field("train", "the image folder's split to export")
+    map_scale: int = field(1, "maps at the patch grid times this (bilinear)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig(ToolFlags):
+    """`parts show` / `parts eval`: a picture of the parts, or their scores against true part maps."""
+
+    part_path: str | None = field(None, "true part maps (default with the demo: its parts)")
+    num_images: int = field(8, "show: images in the picture")
+    seed: int = field(0, "eval: k-means seed")
 
 # --------------------------------------------------------------------- a trained run
 
@@ -84,9 +116,7 @@ def load_run(path: str) -> PartsRun:
     if config.get("job") != "parts":
         raise ValueError(f"--checkpoint {path}: a {config.get('job')!r} run, not a parts run")
     params, _ = load_params(directory / str(step))
-    known = {f.name for f in dataclasses.fields(PartsConfig)}
-    parts_config = PartsConfig(**{k: v for k, v in config.items() if k in known})
-    return PartsRun(part_model(parts_config, config["backbone_model"], config["backbone_overrides"]), params, config)
+    return PartsRun(build_part_model(config, config["backbone_model"], config["backbone_overrides"]), params, config)
 
 
 def local_mesh() -> jax.sharding.Mesh:
@@ -98,7 +128,7 @@ def run_batches(run: PartsRun, source: Any, batch_size: int, num_workers: int) -
     """This process's evaluation batches of `source` (whole images at the backbone's size), in listing order."""
     from semmae_jax import data
 
-    loader = data.EvalLoader(source, batch_size=batch_size, transform=WholeImageTransform(run.img_size, run.patch_size),
+    loader = data.EvalLoader(source, batch_size=batch_size, transform=data.WholeImageTransform(run.img_size, run.patch_size),
                              num_workers=num_workers, process_index=0, process_count=1)
     return loader.batches()
 
@@ -119,25 +149,16 @@ def predictor(run: PartsRun, mesh: jax.sharding.Mesh, fn: Callable[[Any, Any], A
 # ----------------------------------------------------------------------------- export
 
 
-def parse_export(argv: Sequence[str]) -> argparse.Namespace:
-    parser = _run_parser("export", "write one PNG part map per image (resumable, one shard per process)")
-    parser.add_argument("--out", required=True, help="root of the part-map tree (mirrors --data_path)")
-    parser.add_argument("--split", default="train", help="the image folder's split to export")
-    parser.add_argument("--map_scale", type=int, default=1, help="maps at the patch grid times this (bilinear)")
-    parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
-    parser.add_argument("--num_processes", type=int, default=None, help="number of processes")
-    parser.add_argument("--process_id", type=int, default=None, help="this process's index")
-    return parser.parse_args(argv)
-
-
-def export(args: argparse.Namespace) -> dict[str, int]:
+def export(args: ExportConfig) -> dict[str, int]:
     """Part maps of this process's share of the split, skipping maps already written. Returns the counts."""
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    if not args.out:
+        raise ValueError("--out is required: the root of the part-map tree to write")
+    args.start_runtime()
     from semmae_jax.data import image_folder
     from semmae_jax.data.sources import Shard, eval_share
 
     run = load_run(args.checkpoint)
-    data_path, _ = default_data(args.data_path)
+    data_path, _ = data_or_demo(args.data_path)
     source = image_folder(data_path, args.split)
     start, stop = eval_share(source.num_examples, Shard(jax.process_index(), jax.process_count()))
     targets = [part_map_path(args.out, data_path, p) for p in source.paths[start:stop]]
@@ -152,7 +173,7 @@ def export(args: argparse.Namespace) -> dict[str, int]:
     return counts
 
 
-def _write_maps(run: PartsRun, subset: Any, data_path: str, args: argparse.Namespace, counts: dict[str, int]) -> None:
+def _write_maps(run: PartsRun, subset: Any, data_path: str, args: ExportConfig, counts: dict[str, int]) -> None:
     """Predict and write the maps of `subset`, counting what was written."""
     mesh = local_mesh()
     predict = predictor(run, mesh, lambda out, _: assign_parts(out.maps, run.background, args.map_scale))
@@ -184,21 +205,12 @@ def _multiple(batch_size: int, ways: int) -> int:
 # ------------------------------------------------------------------------ show / eval
 
 
-def _run_parser(name: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"main.py parts {name}", description=description)
-    parser.add_argument("--checkpoint", required=True, help="a parts train --output_dir (or its checkpoints/)")
-    parser.add_argument("--data_path", default=None, help="image folder root (default: the demo data)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=8)
-    return parser
-
-
-def show(args: argparse.Namespace) -> Path:
+def show(args: ViewConfig) -> Path:
     """A PNG of the first images of the split: image | learned parts | true parts (when there are)."""
     from semmae_jax.data import image_folder
 
     run = load_run(args.checkpoint)
-    data_path, part_path = default_data(args.data_path, args.part_path)
+    data_path, part_path = data_or_demo(args.data_path, args.part_path)
     source = image_folder(data_path, args.split, part_path, missing_parts="unlabelled")
     ids = np.linspace(0, source.num_examples - 1, min(args.num_images, source.num_examples)).astype(np.int64)
     subset = dataclasses.replace(source, paths=source.paths[ids], labels=source.labels[ids], part_paths=source.part_paths[ids])
@@ -234,12 +246,12 @@ def collect(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> di
     return {name: np.concatenate([p[name] for p in parts])[: source.num_examples] for name in parts[0]}
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def evaluate(args: ViewConfig) -> dict[str, dict[str, Any]]:
     """mIoU / ARI of the learned parts and of the baselines against the true part maps."""
     from semmae_jax.data import image_folder
 
     run = load_run(args.checkpoint)
-    data_path, part_path = default_data(args.data_path, args.part_path)
+    data_path, part_path = data_or_demo(args.data_path, args.part_path)
     if part_path is None:
         raise ValueError("eval needs the true part maps: --part_path (a part-map tree mirroring --data_path)")
     evaluated = image_folder(data_path, args.split, part_path)
@@ -261,7 +273,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return results
 
 
-def _report(results: dict[str, dict[str, Any]], run: PartsRun, args: argparse.Namespace, count: int) -> None:
+def _report(results: dict[str, dict[str, Any]], run: PartsRun, args: ViewConfig, count: int) -> None:
     width = max(map(len, results))
     print(f"{count} images ({args.split}), {run.grid}x{run.grid} patches; mIoU after Hungarian matching and ARI "
           "over all patches pooled, ARI/img averaged over images")
@@ -274,30 +286,26 @@ def _report(results: dict[str, dict[str, Any]], run: PartsRun, args: argparse.Na
     print(f"wrote {out}")
 
 
-def parse_view(name: str, argv: Sequence[str]) -> argparse.Namespace:
-    """Flags of `show` and `eval`."""
-    parser = _run_parser(name, {"show": "a PNG of images with their parts", "eval": "part quality vs true parts"}[name])
-    parser.add_argument("--part_path", default=None, help="true part maps (default with the demo: its parts)")
-    parser.add_argument("--split", default="val", help="the image folder's split")
-    parser.add_argument("--out", default=None, help="output file (default: in --checkpoint)")
-    parser.add_argument("--num_images", type=int, default=8, help="show: images in the picture")
-    parser.add_argument("--seed", type=int, default=0, help="eval: k-means seed")
-    return parser.parse_args(argv)
-
-
 # ---------------------------------------------------------------------------- entries
+
+
+def _parse(argv: Sequence[str], config_cls: type, name: str) -> Any:
+    config = config_lib.parse_job_config(argv, config_cls, f"main.py parts {name}", config_cls.__doc__)
+    if not config.checkpoint:
+        raise SystemExit(f"main.py parts {name}: error: --checkpoint is required (a parts train --output_dir)")
+    return config
 
 
 def export_main(argv: Sequence[str]) -> None:
     """`python main.py parts export ...`."""
-    config_lib.run_job("main.py parts export", export, parse_export(argv))
+    config_lib.run_job("main.py parts export", export, _parse(argv, ExportConfig, "export"))
 
 
 def show_main(argv: Sequence[str]) -> None:
     """`python main.py parts show ...`."""
-    config_lib.run_job("main.py parts show", show, parse_view("show", argv))
+    config_lib.run_job("main.py parts show", show, _parse(argv, ViewConfig, "show"))
 
 
 def eval_main(argv: Sequence[str]) -> None:
     """`python main.py parts eval ...`."""
-    config_lib.run_job("main.py parts eval", evaluate, parse_view("eval", argv))
+    config_lib.run_job("main.py parts eval", evaluate, _parse(argv, ViewConfig, "eval"))

@@ -15,11 +15,12 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from semmae_jax import sharding
-from semmae_jax.paths import flat_by_path
+from semmae_jax.paths import flat_by_path, map_with_path
 
 
 @flax.struct.dataclass
@@ -31,6 +32,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # base key; per-step keys are fold_in(rng, step)
     model_state: Any = flax.struct.field(default_factory=dict)  # other collections, e.g. batch_stats
+    frozen: Any = flax.struct.field(default_factory=dict)  # step inputs never trained nor saved (a probed encoder)
 
     def step_key(self, stream: int) -> jax.Array:
         """A key unique to (this step, stream), so a resumed run draws what the first would."""
@@ -42,7 +44,8 @@ def state_shardings(abstract_state: TrainState, logical_specs: Any, mesh: Mesh) 
     pspecs = sharding.param_specs(abstract_state.params, logical_specs, mesh)
     ospecs = sharding.specs_like_params(abstract_state.opt_state, pspecs, abstract_state.params)
     mspecs = jax.tree.map(lambda x: PartitionSpec(), abstract_state.model_state)
-    specs = TrainState(step=PartitionSpec(), params=pspecs, opt_state=ospecs, rng=PartitionSpec(), model_state=mspecs)
+    specs = TrainState(step=PartitionSpec(), params=pspecs, opt_state=ospecs, rng=PartitionSpec(), model_state=mspecs,
+                       frozen=jax.tree.map(lambda x: PartitionSpec(), abstract_state.frozen))
     return sharding.named(mesh, specs)
 
 
@@ -128,3 +131,20 @@ def _check_same_shapes(given: Any, expected: Any) -> None:
         raise ValueError(
             f"initial params do not fit the model: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
         )
+
+
+def merge_pretrained(target: Any, source: Any) -> tuple[Any, list[str], list[str]]:
+    """`target` params with every leaf `source` has in the same path and shape, placed as in `target`.
+
+    `target` leaves are arrays or `jax.ShapeDtypeStruct`s with shardings.
+    Returns (params, missing: target paths left as initialised, unused: source paths not
+    taken) — MAE's `load_state_dict(strict=False)` report. A head of another shape
+    (other classes) is dropped, as the original does, and so reported missing.
+    """
+    src, dst = flat_by_path(source), flat_by_path(target)
+    taken = {p for p, x in dst.items() if p in src and tuple(np.shape(src[p])) == tuple(x.shape)}
+
+    def placed(path: str, like: Any) -> Any:
+        return jax.device_put(np.asarray(src[path], like.dtype), like.sharding) if path in taken else like
+
+    return map_with_path(placed, target), sorted(set(dst) - taken), sorted(set(src) - taken)

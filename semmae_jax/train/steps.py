@@ -1,6 +1,8 @@
 """The jitted pretraining step: semantic (or random) noise -> MAE -> loss -> AdamW update.
 
-Kept apart from the job so that benchmarks time exactly the step the job runs.
+Kept apart from the job so that benchmarks time exactly the step the job runs. Every
+job's step has one shape, `step(state, batch) -> (state, metrics)`; what changes per step
+(SemMAE's alpha) is computed from `state.step` on the device and returned as a metric.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from semmae_jax import masking, sharding
@@ -17,7 +20,16 @@ from semmae_jax.train.state import TrainState
 
 NOISE_STREAM = 0
 
-PretrainStep = Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+Step = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def alpha_at(step: jax.Array, setting: masking.MaskingSetting | int, total_steps: int, gamma: float) -> jax.Array:
+    """SemMAE's alpha before `step` of `total_steps`: `masking.masking_alpha` of the fractional epoch, traced."""
+    setting = masking.MaskingSetting(setting)
+    if setting is not masking.MaskingSetting.ADAPTIVE:
+        return jnp.float32(masking.masking_alpha(setting, 0.0))
+    progress = jnp.clip(step.astype(jnp.float32) / max(total_steps, 1), 0.0, 1.0)
+    return progress**gamma
 
 
 def make_pretrain_step(
@@ -27,45 +39,47 @@ def make_pretrain_step(
     mask_ratio: float,
     setting: masking.MaskingSetting | int,
     num_parts: int,
-) -> PretrainStep:
-    """`step(state, batch, alpha) -> (state, metrics)`; batch has 'image' and 'part_labels'.
+    total_steps: int = 1,
+    gamma: float = 2.0,
+) -> Step:
+    """`step(state, batch) -> (state, metrics)`; batch has 'image' and 'part_labels'.
 
     The masking noise is drawn inside the step from a key that depends only on the
-    run's seed and the step number, so a resumed run masks exactly as the first would.
+    run's seed and the step number, and alpha from the step over `total_steps`, so a
+    resumed run masks exactly as the first would.
     """
 
-    def step(state: TrainState, batch: dict[str, jax.Array], alpha: jax.Array) -> tuple[TrainState, dict[str, Any]]:
-        noise = masking.masking_noise(
-            state.step_key(NOISE_STREAM),
-            batch["part_labels"],
-            setting=setting,
-            mask_ratio=mask_ratio,
-            alpha=alpha,
-            num_parts=num_parts,
-        )
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
+        alpha = alpha_at(state.step, setting, total_steps, gamma)
+        noise = masking.masking_noise(state.step_key(NOISE_STREAM), batch["part_labels"], setting=setting,
+                                      mask_ratio=mask_ratio, alpha=alpha, num_parts=num_parts)
 
         def loss_fn(params: Any) -> jax.Array:
             loss, _, _ = model.apply({"params": params}, batch["image"], mask_ratio, noise)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return apply_gradients(state, tx, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), "alpha": alpha}
 
     return step
 
 
-def jit_step(step: Callable, state_shardings: TrainState, batch_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
-    """Jit a `(state, batch, scalar)` step with the state donated and its sharding kept.
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: Any, **changes: Any) -> TrainState:
+    """One optimizer step on `grads`: the state one micro-batch later (`changes`: other fields, e.g. model_state)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                         **changes)
+
+
+def jit_step(step: Step, state_shardings: TrainState, batch_shardings: Any, mesh: jax.sharding.Mesh) -> Step:
+    """Jit a `(state, batch)` step with the state donated and its sharding kept.
 
     The step is traced under the logical axis rules, so the activation constraints in
     the model (`act_batch`, ...) bind to the mesh; call it inside `jax.set_mesh(mesh)`.
     """
-    replicated = sharding.replicated(mesh)
     return jax.jit(
         sharding.with_logical_rules(step),
-        in_shardings=(state_shardings, batch_shardings, replicated),
-        out_shardings=(state_shardings, replicated),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )

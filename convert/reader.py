@@ -1,0 +1,32 @@
+"""The converter as the jobs' `semmae_jax.checkpoint.WeightsReader`.
+
+`cli.py` hands one `ConverterReader` to every job that takes checkpoints (`--resume`,
+`--finetune`, `parts train --backbone`); the jobs call its three methods and never
+import `convert`. Reading is as safe as the converter's: no pickle code runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from convert.backbones import backbone_params
+from convert.core import params_from_checkpoint
+from convert.optimizer import TorchAdamState, torch_adam_state
+
+
+class ConverterReader:
+    """`.pth` files (and orbax checkpoints) read through the converter."""
+
+    def params(self, path: str, model_name: str | None, img_size: int) -> Any:
+        """Params checked against `model_name` (or as saved, when None), position tables resized to `img_size`."""
+        params, _, _ = params_from_checkpoint(path, model_name, img_size=img_size)
+        return params
+
+    def adam_state(self, path: str, model_name: str) -> TorchAdamState | None:
+        """The AdamW state of an original pretraining or fine-tuning `.pth` (None for anything else)."""
+        return None if Path(path).is_dir() else torch_adam_state(path, model_name)
+
+    def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+        """A frozen ViT encoder for stage 1: (params, registered model name, overrides)."""
+        return backbone_params(path, img_size=img_size)

@@ -1,0 +1,190 @@
+"""The one run skeleton every training job calls.
+
+A job (`pretrain.py`, `finetune.py`, `linprobe.py`, `parts.py`) is a `Job`: its config,
+model, training data, optimizer recipe, step function and hooks. `run(job)` does the
+rest, each phase once and in this order:
+
+    runtime -> mesh and log -> data -> run length and lr -> sharded state -> restore
+    -> jitted step -> loop -> close
+
+Closing (checkpoint manager, TensorBoard writer) happens on every way out, errors
+included (`contextlib.ExitStack`). `--accum_iter` means the same in every job: the
+optimizer update comes every `accum_iter` micro-batches (`optim.accumulate`), the lr
+follows the effective batch, and the schedule counts updates (`optim.run_updates`).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from semmae_jax import checkpoint, sharding
+from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, WeightsReader
+from semmae_jax.metrics_log import RunLog
+from semmae_jax.train import optim
+from semmae_jax.train.loop import Schedule, Trainer
+from semmae_jax.train.state import TrainState, create_state
+from semmae_jax.train.steps import Step, jit_step
+
+
+@dataclasses.dataclass
+class Run:
+    """What the skeleton has built so far, handed to a job's hooks."""
+
+    data: Any  # the `semmae_jax.data` module (imported once the runtime has started)
+    mesh: jax.sharding.Mesh
+    log: RunLog
+    model: nn.Module
+    global_batch: int
+    schedule: Schedule
+    lr: float
+    effective_batch: int
+    lr_schedule: optax.Schedule
+    shardings: TrainState | None = None  # once the state exists
+
+    def lr_at(self, step: int, accum_iter: int) -> float:
+        """The lr applied at micro-batch `step` (the schedule counts optimizer updates)."""
+        return float(self.lr_schedule(step // accum_iter))
+
+
+class Job(abc.ABC):
+    """What makes a training job its own; `run` does everything else.
+
+    `config` is the job's config dataclass (it inherits `RunFlags`, `DataFlags` and
+    `ScheduleFlags`); `reader` reads files that are not orbax checkpoints (`.pth`, ...).
+    """
+
+    name: ClassVar[str]
+    betas: ClassVar[tuple[float, float] | None] = None  # AdamW's, to continue an original `.pth` run
+
+    def __init__(self, config: Any, reader: WeightsReader | None = None) -> None:
+        self.config = config
+        self.reader = reader
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model the step trains."""
+
+    @abc.abstractmethod
+    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+        """(training source, transform); `data` is `semmae_jax.data` (imported after the runtime starts)."""
+
+    @abc.abstractmethod
+    def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
+        """The optimizer recipe for one update (accumulation is added by the skeleton)."""
+
+    @abc.abstractmethod
+    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
+        """`step(state, batch) -> (state, metrics)`, not yet jitted."""
+
+    def param_groups(self, params: Any) -> list[str]:
+        """One line per parameter: how the optimizer treats it (logged once, in `param_placement.txt`)."""
+        return optim.describe_param_groups(params)
+
+    def example_inputs(self, run: Run) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """What `model.init` is traced with: a global batch of images."""
+        size = run.model.img_size
+        return (jax.ShapeDtypeStruct((run.global_batch, size, size, 3), jnp.float32),)
+
+    def describe(self, run: Run) -> str:
+        """The job's own start-up line (after the shared one)."""
+        return ""
+
+    def start(self, state: TrainState, run: Run) -> TrainState:
+        """The fresh state with what the job starts from (pretrained weights), before the resume order."""
+        return state
+
+    def epoch_end_hook(self, run: Run) -> Any:
+        """`hook(epoch, state, first_batch) -> extra log values`, or None; built once the state exists."""
+        return None
+
+    def resume_target(self, run: Run) -> ResumeTarget | None:
+        """What a `--resume` weights file must fit; None: `--resume` takes run directories only."""
+        return ResumeTarget(self.config.model, run.model.img_size, run.schedule.steps_per_epoch,
+                            self.config.accum_iter, self.betas)
+
+    def only_evaluates(self) -> bool:
+        """True to restore and hand the state to `result` without training (`--eval`)."""
+        return False
+
+    def result(self, state: TrainState, run: Run) -> Any:
+        """What `run` returns (pretraining: the state; fine-tuning: the last evaluation)."""
+        return state
+
+    def run_config(self) -> dict[str, Any]:
+        """Saved with every checkpoint."""
+        return {"job": self.name, **dataclasses.asdict(self.config)}
+
+
+def run(job: Job) -> Any:
+    """Run `job` phase by phase; returns `job.result(...)`."""
+    config = job.config
+    config.start_runtime()  # runtime: join the processes before anything touches a device
+    from semmae_jax import data  # TensorFlow starts here, after jax.distributed
+
+    with contextlib.ExitStack() as closing:
+        mesh = sharding.make_mesh(config.mesh)  # mesh and log
+        log = closing.enter_context(contextlib.closing(RunLog(config.output_dir, config.log_dir)))
+        model = job.build_model()
+        global_batch = config.batch_size * jax.device_count()  # data
+        sharding.check_global_batch(global_batch, mesh)
+        source, transform = job.train_data(data, model)
+        loader = data.TrainLoader(source, batch_size=global_batch // jax.process_count(), seed=config.seed,
+                                  transform=transform, num_workers=config.num_workers)
+        run_ = _plan(config, data, mesh, log, model, global_batch, loader.steps_per_epoch)  # run length and lr
+        log.print(f"{job.name} {getattr(config, 'model', '')}: global batch {global_batch} over "
+                  f"{jax.device_count()} devices x accum_iter {config.accum_iter} = effective batch "
+                  f"{run_.effective_batch}; lr {run_.lr:.3e}; mesh {dict(mesh.shape)}; "
+                  f"{run_.schedule.steps_per_epoch} steps per epoch, {config.epochs} epochs")
+        if described := job.describe(run_):
+            log.print(described)
+        with jax.set_mesh(mesh):
+            state, run_.shardings, tx = create_state(  # sharded state
+                model, lambda p: optim.accumulate(job.optimizer(p, run_.lr_schedule), config.accum_iter),
+                job.example_inputs(run_), mesh, config.seed)
+            _log_placement(log, job, state, run_.shardings)
+            state = job.start(state, run_)
+            run_.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
+            checkpoints = closing.enter_context(contextlib.closing(  # restore
+                RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)))
+            state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(run_), log)
+            on_epoch_end = job.epoch_end_hook(run_)
+            if not job.only_evaluates():
+                step = jit_step(job.step(run_, tx), run_.shardings, sharding.batch_sharding(mesh), mesh)  # jitted step
+                trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
+                                  schedule=run_.schedule, lr_at=lambda s: run_.lr_at(s, config.accum_iter),
+                                  checkpoints=checkpoints, config=job.run_config(), log=log,
+                                  images_per_step=global_batch, on_epoch_end=on_epoch_end)
+                state = trainer.run(state)
+            return job.result(state, run_)
+
+
+def _plan(config: Any, data: Any, mesh: jax.sharding.Mesh, log: RunLog, model: nn.Module, global_batch: int,
+          loader_steps: int) -> Run:
+    """The run's length in micro-batches and its lr schedule in optimizer updates."""
+    steps_per_epoch = min(loader_steps, config.steps_per_epoch or loader_steps)
+    schedule = Schedule(epochs=config.epochs, steps_per_epoch=steps_per_epoch, save_every=config.save_every,
+                        save_every_steps=config.save_every_steps, log_every=config.log_every)
+    lr, effective = config.learning_rate(global_batch)
+    total, warmup = optim.run_updates(config.epochs, config.warmup_epochs, steps_per_epoch, config.accum_iter)
+    lr_schedule = optim.warmup_cosine(lr, config.min_lr, warmup, total)
+    return Run(data, mesh, log, model, global_batch, schedule, lr, effective, lr_schedule)
+
+
+def _log_placement(log: RunLog, job: Job, state: TrainState, shardings: TrainState) -> None:
+    """Where each parameter lives and how the optimizer treats it, once, in the output dir."""
+    if not log.enabled:
+        return
+    placement = sharding.describe(jax.tree.map(lambda s: s.spec, shardings.params))
+    groups = job.param_groups(state.params)
+    lines = [f"{group}  {where.split('  ', 1)[1]}" for where, group in zip(placement, groups, strict=True)]
+    (log.output_dir / "param_placement.txt").write_text("\n".join(lines) + "\n")
+    log.print(f"{sum(x.size for x in jax.tree.leaves(state.params)):,} parameters; placement and optimizer groups "
+              f"in {log.output_dir / 'param_placement.txt'}")

@@ -1,0 +1,70 @@
+"""The one run skeleton (`train/run.py`): what every job gets from it, checked job by job.
+
+`--accum_iter` must mean the original's in every job: one optimizer update every
+`accum_iter` micro-batches, the lr of the effective batch, a schedule over updates. (The
+first linear probe multiplied the lr by `accum_iter` but updated every micro-batch.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from semmae_jax import checkpoint
+from semmae_jax.cli import main as cli_main
+from semmae_jax.models import create_model
+from semmae_jax.paths import flat_by_path
+
+STEPS, EPOCHS, ACCUM = 4, 2, 2  # micro-batches per epoch; 8 micro-batches = 4 updates
+SHARED = ["--batch_size", "1", "--steps_per_epoch", str(STEPS), "--epochs", str(EPOCHS), "--warmup_epochs", "2",
+          "--accum_iter", str(ACCUM), "--num_workers", "2", "--log_every", "1"]
+CLASSIFIER = ["--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4"]
+
+
+def _saved(root: Path, name: str, params: object, meta: dict) -> str:
+    checkpoint.save_params(root / name, jax.tree.map(np.asarray, params), meta)
+    return str(root / name)
+
+
+def _init(name: str, **overrides: object) -> object:
+    model = create_model(name, **overrides)
+    return nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+
+
+def _job_flags(job: str, root: Path) -> list[str]:
+    if job == "pretrain":
+        return ["pretrain", "--model", "mae_vit_test_patch4", "--input_size", "32", "--blr", "1e-3"]
+    if job == "finetune":
+        return ["finetune", *CLASSIFIER, "--aa", "none", "--reprob", "0", "--blr", "1e-3"]
+    if job == "linprobe":
+        encoder = _saved(root, "encoder", _init("vit_test_patch4", num_classes=0, global_pool=False),
+                         {"model": "vit_test_patch4", "model_overrides": {"num_classes": 0, "global_pool": False}})
+        return ["linprobe", *CLASSIFIER, "--finetune", encoder, "--blr", "0.1"]
+    backbone = _saved(root, "mae", _init("mae_vit_test_patch4"), {"model": "mae_vit_test_patch4"})
+    return ["parts", "train", "--backbone", backbone, "--num_parts", "3", "--decoder_width", "8", "--blr", "1e-3"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["pretrain", "finetune", "linprobe", "parts"])
+def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(job, demo_root, tmp_path):
+    out = tmp_path / "run"
+    cli_main([*_job_flags(job, tmp_path), *SHARED, "--data_path", str(demo_root), "--output_dir", str(out)])
+    step_dir = checkpoint.resolve_step_dir(out / "checkpoints")
+    assert step_dir.name == str(STEPS * EPOCHS)  # micro-batches seen
+    counts = {path: int(value) for path, value in flat_by_path(checkpoint.load_item(step_dir, "opt_state")).items()
+              if path.endswith(("/count", "gradient_step"))}
+    updates = STEPS * EPOCHS // ACCUM
+    assert any(p.endswith("gradient_step") for p in counts) and set(counts.values()) == {updates}, counts
+    # After epoch 0 (2 of the 4 warm-up updates), the lr is half the peak; the peak follows the
+    # effective batch: blr x (1 per device x 8 devices x accum_iter) / 256.
+    blr = float(_job_flags(job, tmp_path)[-1])
+    first = json.loads((out / "log.txt").read_text().splitlines()[0])
+    np.testing.assert_allclose(first["train_lr"], blr * 8 * ACCUM / 256 * (STEPS // ACCUM) / 4, rtol=1e-6)
+    placement = (out / "param_placement.txt").read_text().splitlines()
+    assert placement and all(" lr_scale=" in line or " frozen " in line for line in placement)
