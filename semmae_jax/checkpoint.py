@@ -16,8 +16,14 @@ checkpoints (`.pth`, hub formats) are read through one `WeightsReader` object, w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +33,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from semmae_jax.distributed import is_primary, sync
 from semmae_jax.metrics_log import RunLog
+from semmae_jax.paths import flat_by_path
 
 PARAMS = "params"
 META = "meta"
@@ -85,6 +93,41 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions, ...): one line, the run stops."""
+
+
+class CheckpointDamaged(ValueError):
+    """A saved step cannot be read back as it was written."""
+
+
+def _reason(error: BaseException) -> str:
+    """The most telling line of an error chain (the OSError's, if there is one)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"{seen.strerror}" + (f" ({seen.filename})" if seen.filename else "")
+        seen = seen.__cause__ or seen.__context__
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep orbax / tensorstore's thread tracebacks of a failed read out of the terminal (we report it in one line)."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                yield
+            except Exception:
+                time.sleep(0.5)  # the failed read's callbacks print from other threads: let them, into the void
+                raise
+    finally:
+        absl.setLevel(level)
+
+
 class RunCheckpoints:
     """The checkpoints of one run: an orbax `CheckpointManager` over named items.
 
@@ -98,10 +141,10 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path, *, max_to_keep: int | None = 3, async_save: bool = True) -> None:
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -110,9 +153,40 @@ class RunCheckpoints:
         return list(self._manager.all_steps())
 
     def save(self, step: int, arrays: dict[str, Any], json_items: dict[str, dict[str, Any]]) -> None:
+        """Start writing step `step` (asynchronously); a full disk or any I/O error is one clear line."""
+        needed = sum(x.nbytes for x in jax.tree.leaves(arrays)) // jax.process_count()
+        free = shutil.disk_usage(self.directory).free
+        if free < needed * 1.1:
+            raise CheckpointWriteError(f"cannot write checkpoint step {step} in {self.directory}: {free / 2**20:.0f} MiB "
+                                       f"free, about {needed / 2**20:.0f} MiB needed (disk full?); earlier steps are "
+                                       "intact: free space and rerun the same command to resume")
         items = {name: ocp.args.StandardSave(tree) for name, tree in arrays.items()}
         items.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        with self._write_errors(f"checkpoint step {step}"):
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    @contextlib.contextmanager
+    def _write_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointWriteError(f"could not write {what} in {self.directory}: {_reason(error)}; earlier steps "
+                                       "are intact: fix the cause and rerun the same command to resume") from error
+
+    def json_item(self, step: int, name: str) -> dict[str, Any] | None:
+        """A JSON item of step `step` (None if that step has none)."""
+        path = self.directory / str(step) / name / "metadata"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def set_aside(self, step: int, why: str = "damaged") -> Path:
+        """Rename a step to `<step>.<why>` (kept for inspection, invisible to orbax and to resume)."""
+        target = self.directory / f"{step}.{why}"
+        if is_primary():
+            (self.directory / str(step)).rename(target)
+        sync(f"set_aside_{step}")
+        self._manager.close()
+        self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+        return target
 
     def restore(
         self, step: int, abstract_arrays: dict[str, Any], json_names: tuple[str, ...] = ()
@@ -128,7 +202,8 @@ class RunCheckpoints:
         return sorted(p.name for p in step_dir.iterdir() if p.is_dir()) if step_dir.is_dir() else []
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._write_errors("a checkpoint"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
@@ -179,19 +254,86 @@ def _items(state: Any, rng_data: Any) -> dict[str, Any]:
     return {**items, "model_state": state.model_state} if state.model_state else items
 
 
+@jax.jit
+def _array_checksums(tree: Any) -> Any:
+    """Per array, two wrapping uint32 sums of its bits: plain and weighted by position (Fletcher-like).
+
+    Computed on the devices where the arrays live (no gather, no host copy), so it costs
+    one read of the state; a flipped bit or moved block changes it.
+    """
+
+    def words(x: jax.Array) -> jax.Array:
+        if x.dtype.itemsize == 4:
+            return jax.lax.bitcast_convert_type(x, jnp.uint32)
+        if x.dtype.itemsize == 2:
+            return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+        if x.dtype.itemsize == 1:
+            return x.astype(jnp.uint8).astype(jnp.uint32) if x.dtype != jnp.bool_ else x.astype(jnp.uint32)
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).sum(-1, dtype=jnp.uint32)
+
+    def checksum(x: jax.Array) -> jax.Array:
+        w = words(x)
+        position = jnp.zeros(w.shape, jnp.uint32)
+        for dim in range(w.ndim):
+            position = position * jnp.uint32(w.shape[dim]) + jax.lax.broadcasted_iota(jnp.uint32, w.shape, dim)
+        return jnp.stack([w.sum(dtype=jnp.uint32), (w * (position + 1)).sum(dtype=jnp.uint32)])
+
+    return jax.tree.map(checksum, tree)
+
+
+def checksums(items: dict[str, Any]) -> dict[str, list[int]]:
+    """{'params/blocks_0/attn/qkv/kernel': [sum, weighted sum], ...} of the array items."""
+    sums = jax.device_get(_array_checksums(items))
+    return {path: [int(v) for v in value] for path, value in flat_by_path(sums).items()}
+
+
 def restore_state(checkpoints: RunCheckpoints, step: int, like: Any) -> Any:
-    """The state saved at `step`, restored straight into the shardings of `like` (any mesh, any process count)."""
-    arrays, _ = checkpoints.restore(step, abstract_items(abstract_like(like)))
+    """The state saved at `step`, restored straight into the shardings of `like` (any mesh, any process count).
+
+    Raises `CheckpointDamaged` (one line) when the step cannot be read or does not match
+    the checksums written with it; a state of other shapes (another model) is a ValueError.
+    """
+    target = abstract_items(abstract_like(like))
+    _check_saved_shapes(checkpoints.directory / str(step), target)
+    try:
+        with _quiet():
+            arrays, _ = checkpoints.restore(step, target)
+    except Exception as error:  # any failure to read a step that exists means its files are damaged
+        raise CheckpointDamaged(f"step {step}: {_reason(error)}") from error
+    saved = checkpoints.json_item(step, "checksums")
+    if saved is not None:
+        bad = sorted(path for path, value in checksums(arrays).items() if saved.get(path) != value)
+        if bad:
+            raise CheckpointDamaged(f"step {step}: {len(bad)} arrays differ from their checksums ({', '.join(bad[:3])})")
     train = arrays["train_state"]
     return like.replace(step=train["step"], params=arrays["params"], opt_state=arrays["opt_state"],
                         rng=jax.random.wrap_key_data(train["rng"]), model_state=arrays.get("model_state", {}))
 
 
-def save_state(checkpoints: RunCheckpoints, state: Any, steps_per_epoch: int, config: dict[str, Any]) -> None:
-    """Checkpoint `state` with where the run is (step, epoch, step in epoch) and its config, for resume."""
+def _check_saved_shapes(step_dir: Path, target: dict[str, Any]) -> None:
+    """A saved state of other shapes is the user's change (another model), not damage: say so, touch nothing."""
+    try:
+        with _quiet(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            saved = {name: flat_by_path(checkpointer.metadata(step_dir / name).item_metadata.tree) for name in target}
+    except Exception as error:
+        raise CheckpointDamaged(f"step {step_dir.name}: {_reason(error)}") from error
+    for name, tree in target.items():
+        for path, leaf in flat_by_path(tree).items():
+            shape = getattr(saved[name].get(path), "shape", None)
+            if shape is not None and tuple(shape) != tuple(leaf.shape):
+                raise ValueError(f"{step_dir} holds {name}/{path} of shape {tuple(shape)}, this run's model "
+                                 f"{tuple(leaf.shape)}: the checkpoint is of another model (--model, --input_size?)")
+
+
+def save_state(checkpoints: RunCheckpoints, state: Any, steps_per_epoch: int, config: dict[str, Any],
+               epoch_stats: dict[str, Any] | None = None) -> None:
+    """Checkpoint `state` with where the run is, its config, the per-array checksums and the
+    running sums of an unfinished epoch (so a resumed epoch reports whole-epoch figures)."""
     step = int(state.step)
     progress = {"step": step, "epoch": step // steps_per_epoch, "step_in_epoch": step % steps_per_epoch}
-    checkpoints.save(step, state_items(state), {"progress": progress, "config": config})
+    items = state_items(state)
+    json_items = {"progress": progress, "config": config, "checksums": checksums(items)}
+    checkpoints.save(step, items, {**json_items, "epoch_stats": epoch_stats} if epoch_stats else json_items)
 
 
 def holds_training_state(directory: Path) -> bool:
@@ -218,18 +360,46 @@ class ResumeTarget:
     betas: tuple[float, float] | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """The config of the run that resumes, and which of its fields make it another run if changed."""
+
+    config: dict[str, Any]
+    defining: frozenset[str]
+    allow_change: bool = False
+
+    def check(self, saved: dict[str, Any] | None, where: Path, log: RunLog) -> None:
+        """Refuse resuming a run with flags that change it (unless allowed); log the harmless changes."""
+        if not saved:
+            return
+        changed = {k: (saved.get(k), v) for k, v in self.config.items() if k in saved and saved[k] != v}
+        defining = {k: pair for k, pair in changed.items() if k in self.defining}
+        for name, (old, new) in sorted(changed.items()):
+            if name not in defining or self.allow_change:
+                log.print(f"note: --{name} is {new!r}; the run in {where} was started with {old!r}")
+        if defining and not self.allow_change:
+            listed = ", ".join(f"--{k} {new!r} (saved {old!r})" for k, (old, new) in sorted(defining.items()))
+            raise ValueError(f"{where} holds a run started with other settings: {listed}; use another --output_dir, "
+                             "the saved flags, or --allow_config_change")
+
+
 def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: WeightsReader | None,
-           target: ResumeTarget | None, log: RunLog) -> Any:
+           target: ResumeTarget | None, log: RunLog, identity: RunIdentity | None = None) -> Any:
     """Continue this run, or start from `--resume`, or keep the fresh `state` (in that order).
 
-    With `target` None (jobs whose state is not a model's weights), `--resume` must be a
-    run directory.
+    A damaged step of this run is reported in one line, set aside (`<step>.damaged`) and
+    the previous one tried; with none readable left, starting over needs `--resume
+    scratch`. With `target` None (jobs whose state is not a model's weights), `--resume`
+    must be a run directory.
     """
-    latest = run.latest_step()
-    if latest is not None:
-        log.print(f"resuming this run from its checkpoint at step {latest} in {run.directory}")
-        return restore_state(run, latest, state)
-    if not resume_from or resume_from == "auto":
+    if run.all_steps():
+        restored = _latest_readable(state, run, log, identity)
+        if restored is not None:
+            return restored
+        if resume_from != "scratch":
+            raise ValueError(f"no readable checkpoint is left in {run.directory} (damaged steps set aside as "
+                             "*.damaged); rerun with --resume scratch to start this run over")
+    if not resume_from or resume_from in ("auto", "scratch"):
         return state
     other = Path(resume_from)
     if not other.suffix and holds_training_state(other):
@@ -249,6 +419,22 @@ def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: Wei
         log.print(f"starting from the params of {resume_from} (fresh optimizer state, step 0)")
         return state
     return continue_adam_run(state, adam, resume_from, target, log)
+
+
+def _latest_readable(state: Any, run: RunCheckpoints, log: RunLog, identity: RunIdentity | None) -> Any | None:
+    """This run's newest step that reads back intact (older ones tried in turn), or None."""
+    for step in sorted(run.all_steps(), reverse=True):
+        if identity is not None:
+            identity.check(run.json_item(step, "config"), run.directory, log)
+        try:
+            restored = restore_state(run, step, state)
+        except CheckpointDamaged as error:
+            moved = run.set_aside(step)
+            log.print(f"checkpoint {error} in {run.directory}: damaged, moved to {moved.name}; trying the previous one")
+            continue
+        log.print(f"resuming this run from its checkpoint at step {step} in {run.directory}")
+        return restored
+    return None
 
 
 def continue_adam_run(state: Any, adam: AdamImport, path: str, target: ResumeTarget, log: RunLog) -> Any:

@@ -77,8 +77,19 @@ def parse_job_config(
     add_config_flags(parser, config_cls, aliases)
     args = parser.parse_args(argv)
     preset = args.config or default_preset(args)
-    base = load_preset(preset, config_cls) if preset else config_cls()
-    return apply_flags(base, args)
+    try:
+        config = apply_flags(load_preset(preset, config_cls) if preset else config_cls(), args)
+        check_config(config)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        raise SystemExit(f"{prog}: error: {error}") from error
+    return config
+
+
+def check_config(config: Any) -> None:
+    """Every `check()` the config's classes define (flag bases and the job's own), before anything starts."""
+    for cls in type(config).__mro__:
+        if "check" in vars(cls):
+            vars(cls)["check"](config)
 
 
 def run_job(prog: str, job: Callable[..., Any], *args: Any) -> Any:

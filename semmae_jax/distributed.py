@@ -66,3 +66,11 @@ def initialize(
 def is_primary() -> bool:
     """Process 0 prints progress and writes logs, TensorBoard and pictures."""
     return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Every process waits here for the others (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

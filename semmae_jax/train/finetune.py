@@ -134,7 +134,8 @@ def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: Fin
             return mixup.soft_target_cross_entropy(logits, targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return apply_gradients(state, tx, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        state, skipped = apply_gradients(state, tx, grads, loss)
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
 
     return step
 
@@ -147,6 +148,7 @@ class FinetuneJob(Job):
 
     name = "finetune"
     betas = (0.9, 0.999)  # AdamW's, as the original's fine-tuning
+    defining = Job.defining | {"nb_classes", "global_pool", "finetune"}
 
     def build_model(self) -> nn.Module:
         return build_classifier(self.config)

@@ -27,6 +27,13 @@ class ScheduleFlags:
     min_lr: float = field(0.0, "learning rate at the end of the cosine")
     weight_decay: float = field(0.05, "weight decay")
 
+    def check(self) -> None:
+        for name in ("batch_size", "accum_iter", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"--warmup_epochs must be 0 or more, got {self.warmup_epochs}")
+
     def learning_rate(self, global_batch: int) -> tuple[float, int]:
         """(lr, effective batch): the original's `lr = blr * eff_batch_size / 256` unless --lr."""
         effective = global_batch * self.accum_iter
@@ -42,6 +49,12 @@ class DataFlags:
     tfds_data_dir: str | None = field(None, "TFDS data dir (ImageNet archives in its downloads/manual/)")
     num_workers: int = field(10, "parallel decoding calls (tf.data)")
     steps_per_epoch: int | None = field(None, "cap on the steps of an epoch (quick runs)")
+
+    def check(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"--num_workers must be at least 1, got {self.num_workers}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"--steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
 
     def data_paths(self, part_path: str | None = None) -> tuple[str | None, str | None]:
         """(`--data_path`, `part_path`), or the demo data and its part maps when no dataset is named."""
@@ -71,13 +84,24 @@ class RunFlags(DistributedFlags):
 
     output_dir: str = field("./output_dir", "checkpoints, log.txt and pictures")
     log_dir: str | None = field(None, "TensorBoard directory (default: --output_dir)")
-    resume: str = field("auto", "'auto' (this run's latest checkpoint), a run directory, an orbax checkpoint or a .pth")
+    resume: str = field("auto", "'auto' (this run's latest checkpoint), a run directory, an orbax checkpoint, a .pth, "
+                                "or 'scratch' (start over when every checkpoint of this run is damaged)")
     seed: int = field(0, "seed of the data order, augmentation, init and masking")
     mesh: str = field(sharding.DEFAULT_MESH, "device mesh, e.g. data:-1,fsdp:2,tensor:1")
     save_every: int = field(1, "checkpoint every N epochs (and at the end)")
     save_every_steps: int = field(0, "also checkpoint every N steps (0: off)")
     keep_checkpoints: int = field(2, "checkpoints kept")
     log_every: int = field(20, "fetch and log metrics every N steps")
+    max_nonfinite_steps: int = field(0, "steps with a non-finite loss or gradient skipped (not applied) before the "
+                                        "run stops")
+    allow_config_change: bool = field(False, "resume this run's checkpoint even with flags that change the run")
+
+    def check(self) -> None:
+        for name in ("save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.save_every_steps < 0 or self.max_nonfinite_steps < 0:
+            raise ValueError("--save_every_steps and --max_nonfinite_steps must be 0 or more")
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -74,7 +74,8 @@ def make_probe_step(encoder: nn.Module, head: ProbeHead, tx: optax.GradientTrans
             return optax.softmax_cross_entropy(logits, labels).mean(), updates
 
         (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(state, tx, grads, model_state=model_state), {"loss": loss}
+        state, skipped = apply_gradients(state, tx, grads, loss, model_state=model_state)
+        return state, {"loss": loss, "nonfinite": skipped}
 
     return step
 
@@ -83,6 +84,7 @@ class LinprobeJob(Job):
     """Linear probing: the state is the head; the encoder comes from `--finetune` and stays frozen."""
 
     name = "linprobe"
+    defining = Job.defining | {"nb_classes", "global_pool", "finetune"}
 
     def __init__(self, config: LinprobeConfig, reader: WeightsReader | None = None) -> None:
         super().__init__(config, reader)

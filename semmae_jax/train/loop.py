@@ -14,7 +14,6 @@ that must behave the same in every job during the epochs lives here once:
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -84,28 +83,44 @@ class _Preemption:
 
 @dataclasses.dataclass
 class EpochStats:
-    """Device-side sums of one epoch's metrics (no sync until the epoch ends)."""
+    """Device-side sums of one epoch's metrics (no sync until the epoch ends).
 
-    sums: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-    count: int = 0
+    A step skipped as non-finite (`nonfinite` = 1) adds to no mean but its own count.
+    The sums travel in every checkpoint (`as_json` / `from_json`), so an epoch cut by a
+    preemption and resumed reports the figures of the whole epoch.
+    """
+
+    sums: dict[str, Any] = dataclasses.field(default_factory=dict)
+    good: Any = 0.0  # steps that were applied
+    first_refused: Any = -1  # the state index (step before the update) of the first refused step
+    elapsed: float = 0.0  # seconds spent in this epoch before a resume
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def add(self, metrics: dict[str, jax.Array]) -> None:
+    def add(self, metrics: dict[str, jax.Array], step: int) -> None:
+        ok = 1.0 - metrics.get("nonfinite", 0.0)
+        self.first_refused = jnp.where((self.first_refused < 0) & (ok == 0), step, self.first_refused)
         for name, value in metrics.items():
+            value = value if name == "nonfinite" else jnp.where(ok > 0, value, 0.0)
             self.sums[name] = self.sums.get(name, jnp.zeros((), jnp.float32)) + value
-        self.count += 1
+        self.good = self.good + ok
+
+    @property
+    def skipped(self) -> float:
+        return float(self.sums.get("nonfinite", 0.0))
 
     def means(self) -> dict[str, float]:
-        return {name: float(value) / max(self.count, 1) for name, value in self.sums.items()}
+        good = max(float(self.good), 1.0)
+        return {name: float(value) if name == "nonfinite" else float(value) / good for name, value in self.sums.items()}
 
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.start
 
-def check_finite(metrics: dict[str, float], where: str, checkpoints: RunCheckpoints) -> None:
-    """Stop the run on a non-finite loss, saying which checkpoint is the last good one (the original's message)."""
-    loss = metrics.get("loss", 0.0)
-    if not math.isfinite(loss):
-        last = checkpoints.latest_step()
-        kept = f"the last good checkpoint is step {last} in {checkpoints.directory}" if last is not None else "no checkpoint was written"
-        raise NonFiniteLoss(f"Loss is {loss} at {where}, stopping training; {kept}")
+    def as_json(self) -> dict[str, Any]:
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "good": float(self.good), "seconds": self.seconds()}
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> EpochStats:
+        return cls({k: jnp.float32(v) for k, v in saved["sums"].items()}, jnp.float32(saved["good"]), saved["seconds"])
 
 
 @dataclasses.dataclass
@@ -113,9 +128,12 @@ class Trainer:
     """Runs a jitted step over the epochs of a schedule, with everything around it.
 
     `step_fn(state, batch) -> (state, metrics)` is the job's jitted step (metrics may
-    carry per-step schedule values such as SemMAE's `alpha`: they are shown and logged);
+    carry per-step schedule values such as SemMAE's `alpha`: they are shown and logged;
+    `nonfinite` marks a step the step function refused to apply);
     `on_epoch_end(epoch, state, first_batch)` may evaluate or draw pictures and returns
-    extra values for the epoch's log line.
+    extra values for the epoch's log line. More than `max_nonfinite_steps` refused steps
+    stop the run, naming the last checkpoint (every checkpoint is finite: refused steps
+    change nothing).
     """
 
     step_fn: Step
@@ -128,6 +146,8 @@ class Trainer:
     log: RunLog
     images_per_step: int
     on_epoch_end: Callable[[int, TrainState, dict[str, jax.Array]], dict[str, float]] | None = None
+    max_nonfinite_steps: int = 0
+    skipped_before: float = 0.0  # refused steps of the epochs before this one
 
     def run(self, state: TrainState) -> TrainState:
         """From `state.step` to the end of the schedule (or a SIGTERM); the final state."""
@@ -141,10 +161,17 @@ class Trainer:
             self.checkpoints.wait()
             preemption.restore()
 
+    def _resumed_stats(self, step: int) -> EpochStats:
+        """The epoch's sums so far, from the checkpoint the run resumed at (empty at an epoch start)."""
+        if step % self.schedule.steps_per_epoch == 0 or step not in self.checkpoints.all_steps():
+            return EpochStats()
+        saved = self.checkpoints.json_item(step, "epoch_stats")
+        return EpochStats.from_json(saved) if saved else EpochStats()
+
     def _epoch(self, state: TrainState, preemption: _Preemption) -> tuple[TrainState, bool]:
         schedule = self.schedule
         epoch, start = divmod(int(state.step), schedule.steps_per_epoch)
-        stats, first_batch = EpochStats(), None
+        stats, first_batch = self._resumed_stats(int(state.step)), None
         bar = tqdm(total=schedule.steps_per_epoch, initial=start, desc=f"epoch {epoch}", disable=not is_primary(),
                    dynamic_ncols=True)
         window = (time.perf_counter(), 0)
@@ -153,14 +180,14 @@ class Trainer:
             batch = next(batches)
             first_batch = first_batch or batch
             state, metrics = self.step_fn(state, batch)
-            stats.add(metrics)
+            stats.add(metrics, step)
             bar.update(1)
             done = step + 1
             saving = preemption.requested or schedule.saves_after(done)
             if saving or done % schedule.log_every == 0 or done % schedule.steps_per_epoch == 0:
-                window = self._report(done, metrics, window, bar, f"epoch {epoch} step {done}")
+                window = self._report(done, metrics, stats, window, bar, f"epoch {epoch} step {done}")
             if saving:
-                save_state(self.checkpoints, state, schedule.steps_per_epoch, self.config)
+                self._save(state, stats)
             if preemption.requested:
                 bar.close()
                 self.log.print(f"SIGTERM: saved a checkpoint at step {done} in {self.checkpoints.directory}; stopping")
@@ -169,11 +196,39 @@ class Trainer:
         self._end_epoch(epoch, state, stats, first_batch)
         return state, False
 
-    def _report(self, step: int, metrics: dict[str, jax.Array], window: tuple[float, int], bar: tqdm,
-                where: str) -> tuple[float, int]:
+    def _save(self, state: TrainState, stats: EpochStats) -> None:
+        epoch_stats = {} if int(state.step) % self.schedule.steps_per_epoch == 0 else stats.as_json()
+        save_state(self.checkpoints, state, self.schedule.steps_per_epoch, self.config, epoch_stats)
+
+    def _check_finite(self, stats: EpochStats, where: str) -> None:
+        """Stop once more steps were refused as non-finite than `--max_nonfinite_steps` allows.
+
+        Refused steps change nothing, so every checkpoint is finite; but a checkpoint whose
+        params gave the first non-finite loss (step t, and any saved after it) diverged
+        already: those are set aside as `<step>.diverged`, so that the same command with a
+        lower lr resumes from the last good one.
+        """
+        skipped = self.skipped_before + stats.skipped
+        if skipped <= self.max_nonfinite_steps:
+            return
+        self.checkpoints.wait()
+        first = int(stats.first_refused)
+        diverged = [s for s in self.checkpoints.all_steps() if self.skipped_before == 0 and s >= first >= 0]
+        for step in diverged:
+            self.checkpoints.set_aside(step, "diverged")
+        last = self.checkpoints.latest_step()
+        kept = (f"the last good checkpoint is step {last} in {self.checkpoints.directory}" if last is not None
+                else f"no good checkpoint is left in {self.checkpoints.directory}")
+        aside = f" (diverged steps {diverged} set aside as *.diverged)" if diverged else ""
+        raise NonFiniteLoss(f"Loss is non-finite at {where} ({int(skipped)} steps refused, --max_nonfinite_steps "
+                            f"{self.max_nonfinite_steps}), stopping training; {kept}{aside}: rerun with a lower lr "
+                            "to resume from it")
+
+    def _report(self, step: int, metrics: dict[str, jax.Array], stats: EpochStats, window: tuple[float, int],
+                bar: tqdm, where: str) -> tuple[float, int]:
         """Fetch the step's metrics (the only host sync), check them, show and log them."""
         values = {k: float(v) for k, v in metrics.items()}
-        check_finite(values, where, self.checkpoints)
+        self._check_finite(stats, where)
         since, steps_before = window
         rate = (bar.n - steps_before) * self.images_per_step / max(time.perf_counter() - since, 1e-9)
         values.update({"lr": self.lr_at(step), "images_per_sec": rate})
@@ -181,15 +236,18 @@ class Trainer:
         if "alpha" in values:
             shown["alpha"] = f"{values['alpha']:.3f}"
         bar.set_postfix(shown)
-        self.log.scalars(step, {f"train/{k}": v for k, v in values.items()})
+        self.log.scalars(step, {f"train/{k}": v for k, v in values.items() if k != "nonfinite"})
         return time.perf_counter(), bar.n
 
     def _end_epoch(self, epoch: int, state: TrainState, stats: EpochStats, first_batch: Any) -> None:
+        self._check_finite(stats, f"the end of epoch {epoch}")
+        self.skipped_before += stats.skipped
         means = stats.means()
-        check_finite(means, f"the end of epoch {epoch}", self.checkpoints)
-        step = int(state.step)
-        line = {f"train_{k}": v for k, v in means.items()}
-        line.update({"train_lr": self.lr_at(step), "epoch": epoch, "seconds": time.perf_counter() - stats.start})
+        line = {f"train_{k}": v for k, v in means.items() if k != "nonfinite"}
+        if stats.skipped:
+            line["nonfinite_steps"] = int(stats.skipped)
+        line.update({"train_lr": self.lr_at(int(state.step)), "epoch": epoch, "seconds": stats.seconds()})
         if self.on_epoch_end is not None and first_batch is not None:
             line.update(self.on_epoch_end(epoch, state, first_batch))
+        self.checkpoints.wait()  # the epoch's checkpoint is committed before its line: no line twice after a rerun
         self.log.epoch_line(line)

@@ -90,8 +90,9 @@ def make_parts_step(model: PartModel, tx: optax.GradientTransformation, weights:
             outputs = model.apply({"params": frozen_backbone(params)}, batch["image"])
             return part_losses(outputs, batch["image"], weights, background)
 
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return apply_gradients(state, tx, grads), {**metrics, "grad_norm": optax.tree.norm(grads)}
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state, skipped = apply_gradients(state, tx, grads, loss)
+        return state, {**metrics, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
 
     return step
 
@@ -110,6 +111,7 @@ class PartsJob(Job):
     """Stage 1: a part learner on a frozen backbone, which is saved with it."""
 
     name = "parts"
+    defining = Job.defining | {"backbone", "num_parts", "background"}
 
     def __init__(self, config: PartsConfig, reader: WeightsReader) -> None:
         super().__init__(config, reader)

@@ -56,6 +56,12 @@ class PretrainConfig(RunFlags, DataFlags, ScheduleFlags):
     keep_checkpoints: int = field(3)
     vis_every: int = field(10, "picture of reconstructions every N epochs (and at the end)")
 
+    def check(self) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"--mask_ratio must be in [0, 1) (some patches must stay visible), got {self.mask_ratio}")
+        if self.gamma <= 0 or self.num_parts < 1 or self.vis_every < 1:
+            raise ValueError("--gamma must be positive, --num_parts and --vis_every at least 1")
+
 
 def parse(argv: Sequence[str]) -> PretrainConfig:
     """Flags over a preset; without a dataset the `demo` preset is the default."""
@@ -77,6 +83,7 @@ class PretrainJob(Job):
 
     name = "pretrain"
     betas = (0.9, 0.95)  # AdamW's, as the original's pretraining
+    defining = Job.defining | {"mask_ratio", "setting", "gamma", "num_parts", "part_path", "norm_pix_loss"}
 
     def build_model(self) -> nn.Module:
         c = self.config

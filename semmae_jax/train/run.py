@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import json
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -26,8 +27,10 @@ import jax.numpy as jnp
 import optax
 
 from semmae_jax import checkpoint, sharding
-from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, WeightsReader
+from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, RunIdentity, WeightsReader
+from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
+from semmae_jax.run_lock import run_lock
 from semmae_jax.train import optim
 from semmae_jax.train.loop import Schedule, Trainer
 from semmae_jax.train.state import TrainState, create_state
@@ -63,6 +66,9 @@ class Job(abc.ABC):
 
     name: ClassVar[str]
     betas: ClassVar[tuple[float, float] | None] = None  # AdamW's, to continue an original `.pth` run
+    # Flags that make a run another run: resuming with any of them changed is refused.
+    defining: ClassVar[frozenset[str]] = frozenset(
+        {"job", "model", "input_size", "seed", "batch_size", "accum_iter", "data_path", "dataset"})
 
     def __init__(self, config: Any, reader: WeightsReader | None = None) -> None:
         self.config = config
@@ -130,7 +136,8 @@ def run(job: Job) -> Any:
     from semmae_jax import data  # TensorFlow starts here, after jax.distributed
 
     with contextlib.ExitStack() as closing:
-        mesh = sharding.make_mesh(config.mesh)  # mesh and log
+        mesh = sharding.make_mesh(config.mesh)  # mesh, the run directory's lock, and log
+        closing.enter_context(run_lock(config.output_dir, enabled=is_primary()))
         log = closing.enter_context(contextlib.closing(RunLog(config.output_dir, config.log_dir)))
         model = job.build_model()
         global_batch = config.batch_size * jax.device_count()  # data
@@ -154,14 +161,17 @@ def run(job: Job) -> Any:
             run_.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
             checkpoints = closing.enter_context(contextlib.closing(  # restore
                 RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)))
-            state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(run_), log)
+            identity = RunIdentity(json.loads(json.dumps(job.run_config())), job.defining, config.allow_config_change)
+            state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(run_), log,
+                                      identity)
             on_epoch_end = job.epoch_end_hook(run_)
             if not job.only_evaluates():
                 step = jit_step(job.step(run_, tx), run_.shardings, sharding.batch_sharding(mesh), mesh)  # jitted step
                 trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
                                   schedule=run_.schedule, lr_at=lambda s: run_.lr_at(s, config.accum_iter),
                                   checkpoints=checkpoints, config=job.run_config(), log=log,
-                                  images_per_step=global_batch, on_epoch_end=on_epoch_end)
+                                  images_per_step=global_batch, on_epoch_end=on_epoch_end,
+                                  max_nonfinite_steps=config.max_nonfinite_steps)
                 state = trainer.run(state)
             return job.result(state, run_)
 

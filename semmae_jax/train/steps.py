@@ -59,16 +59,35 @@ def make_pretrain_step(
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        return apply_gradients(state, tx, grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), "alpha": alpha}
+        state, skipped = apply_gradients(state, tx, grads, loss)
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "alpha": alpha, "nonfinite": skipped}
 
     return step
 
 
-def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: Any, **changes: Any) -> TrainState:
-    """One optimizer step on `grads`: the state one micro-batch later (`changes`: other fields, e.g. model_state)."""
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: Any, loss: jax.Array,
+                    **changes: Any) -> tuple[TrainState, jax.Array]:
+    """One optimizer step on `grads`, applied only if it is finite: (the state one micro-batch later,
+    1.0 where the step was skipped else 0.0). `changes`: other fields, e.g. model_state.
+
+    A non-finite loss, gradient or updated parameter leaves params, optimizer state and
+    `changes` as they were (only the step count moves on), so no state the loop can save
+    ever holds a NaN; the loop decides whether to stop (`--max_nonfinite_steps`).
+    """
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                         **changes)
+    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, **changes)
+    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new.params)
+    def pick(name: str) -> Any:
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), getattr(new, name), getattr(state, name))
+
+    kept = state.replace(step=state.step + 1, params=pick("params"), opt_state=pick("opt_state"),
+                         model_state=pick("model_state"))
+    return kept, 1.0 - finite.astype(jnp.float32)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def jit_step(step: Step, state_shardings: TrainState, batch_shardings: Any, mesh: jax.sharding.Mesh) -> Step:

@@ -1,0 +1,206 @@
+"""Long runs meet faults: divergence, damaged checkpoints, a second writer, a full disk, bad flags,
+an epoch cut by a preemption. Each case behaves as the README's "Failures and recovery" says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semmae_jax import checkpoint
+from semmae_jax.cli import main as cli_main
+from semmae_jax.run_lock import LOCK_NAME
+
+pytestmark = pytest.mark.usefixtures("demo_root")
+TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
+        "--num_workers", "2", "--log_every", "1", "--vis_every", "100", "--warmup_epochs", "0", "--save_every", "1"]
+
+
+def pretrain(out: Path, *flags: str) -> None:
+    cli_main(["pretrain", *TINY, "--output_dir", str(out), *flags])
+
+
+def steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def all_finite(tree) -> bool:
+    import jax
+
+    return all(np.isfinite(x).all() for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.slow
+def test_divergence_keeps_every_checkpoint_finite_and_resumes_with_a_sane_lr(tmp_path):
+    """The warm-up starts at lr 0, so the first steps are sane; then an update blows the params up
+    (still finite) and the loss from them is not: the checkpoints from there on have diverged."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        pretrain(out, "--epochs", "4", "--warmup_epochs", "4", "--blr", "1e6", "--save_every_steps", "1")
+    message = str(stop.value)
+    named = re.search(r"the last good checkpoint is step (\d+) in (\S+) \(diverged steps \[(.*)\]", message)
+    assert message.startswith("main.py pretrain: error: Loss is non-finite at epoch") and named, message
+    assert int(named.group(1)) == steps(out)[-1]
+    aside = sorted(int(p.name.split(".")[0]) for p in (out / "checkpoints").glob("*.diverged"))
+    assert aside and [int(s) for s in named.group(3).split(",")] == aside
+    for directory in [out / "checkpoints" / str(s) for s in steps(out)] + list((out / "checkpoints").glob("*.diverged")):
+        params, _ = checkpoint.load_params(directory)  # nothing non-finite was ever saved
+        assert all_finite(params) and all_finite(checkpoint.load_item(directory, "opt_state")), directory
+    pretrain(out, "--epochs", "4", "--warmup_epochs", "4", "--blr", "1e-4", "--save_every_steps", "1")  # sane lr
+    assert steps(out)[-1] == 8 and np.isfinite(lines(out)[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_skipped_non_finite_steps_are_counted_and_not_applied(tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, "--epochs", "1", "--blr", "1e6", "--max_nonfinite_steps", "100")
+    line = lines(out)[-1]
+    assert line["nonfinite_steps"] >= 1 and np.isfinite(line["train_loss"])
+    params, _ = checkpoint.load_params(out / "checkpoints")
+    assert all_finite(params)
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """A finished 2-epoch run (steps 2 and 4 kept), copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    pretrain(out, "--epochs", "2")
+    return out
+
+
+def _damaged_copy(two_epochs: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(two_epochs, out)
+    return out
+
+
+def _data_files(step_dir: Path, item: str) -> list[Path]:
+    return sorted(p for p in (step_dir / item).rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "missing item", "flipped bytes"])
+def test_a_damaged_latest_step_falls_back_to_the_previous_one(damage, two_epochs, tmp_path, capsys):
+    out = _damaged_copy(two_epochs, tmp_path)
+    latest = out / "checkpoints" / "4"
+    files = _data_files(latest, "params")
+    if damage == "truncated":
+        os.truncate(files[0], 10)
+    elif damage == "deleted":
+        files[0].unlink()
+    elif damage == "missing item":
+        shutil.rmtree(latest / "opt_state")
+    else:
+        with open(files[-1], "r+b") as f:  # flip 8 bytes in the middle of an array file
+            f.seek(files[-1].stat().st_size // 2)
+            chunk = f.read(8)
+            f.seek(-8, 1)
+            f.write(bytes(b ^ 0xFF for b in chunk))
+    capsys.readouterr()
+    pretrain(out, "--epochs", "3")
+    printed = capsys.readouterr()
+    assert re.search(r"checkpoint step 4: .* damaged, moved to 4\.damaged; trying the previous one", printed.out)
+    assert "resuming this run from its checkpoint at step 2" in printed.out
+    assert "Traceback" not in printed.err
+    assert (out / "checkpoints" / "4.damaged").is_dir() and steps(out)[-1] == 6
+    params, _ = checkpoint.load_params(out / "checkpoints")
+    assert all_finite(params)
+
+
+@pytest.mark.slow
+def test_with_every_step_damaged_scratch_is_refused_unless_asked(two_epochs, tmp_path):
+    out = _damaged_copy(two_epochs, tmp_path)
+    for step in (2, 4):
+        shutil.rmtree(out / "checkpoints" / str(step) / "params")
+    with pytest.raises(SystemExit, match=r"no readable checkpoint is left .* --resume scratch"):
+        pretrain(out, "--epochs", "2")
+    pretrain(out, "--epochs", "2", "--resume", "scratch")
+    assert steps(out) == [2, 4] and sorted(p.name for p in (out / "checkpoints").glob("*.damaged")) == [
+        "2.damaged", "4.damaged"]
+
+
+@pytest.mark.slow
+def test_resuming_with_flags_that_change_the_run_is_refused(two_epochs, tmp_path, capsys):
+    out = _damaged_copy(two_epochs, tmp_path)
+    with pytest.raises(SystemExit, match=r"started with other settings: --seed 1 \(saved 0\)"):
+        pretrain(out, "--epochs", "3", "--seed", "1")
+    assert steps(out) == [2, 4]  # nothing written
+    capsys.readouterr()
+    pretrain(out, "--epochs", "3", "--log_every", "2")  # harmless changes are noted
+    assert "note: --log_every is 2; the run in" in capsys.readouterr().out
+    pretrain(out, "--epochs", "4", "--seed", "1", "--allow_config_change")
+    assert steps(out)[-1] == 8
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        import socket
+
+        (out / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "now"}))
+        with pytest.raises(SystemExit, match=rf"{re.escape(str(out))} is in use by another run \(host .*, pid "
+                                             rf"{holder.pid}, since now\)"):
+            pretrain(out, "--epochs", "1")
+        assert not (out / "checkpoints").exists() and not (out / "log.txt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    pretrain(out, "--epochs", "1")  # the holder is dead now: taken over
+    assert f"held by pid {holder.pid} on this host, which is gone; taking it over" in capsys.readouterr().out
+    assert steps(out) == [2] and not (out / LOCK_NAME).exists()  # released at exit
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_writes_no_epoch_line(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    pretrain(out, "--epochs", "1")
+    real = shutil.disk_usage
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
+    with pytest.raises(SystemExit) as stop:
+        pretrain(out, "--epochs", "2")
+    assert re.fullmatch(r"main\.py pretrain: error: cannot write checkpoint step 4 in \S+: 0 MiB free, about \d+ MiB "
+                        r"needed \(disk full\?\); earlier steps are intact: free space and rerun the same command to "
+                        r"resume", str(stop.value))
+    monkeypatch.undo()
+    assert [line["epoch"] for line in lines(out)] == [0]
+    pretrain(out, "--epochs", "2")
+    assert [line["epoch"] for line in lines(out)] == [0, 1]  # no epoch twice after the rerun
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+    (["--num_workers", "0"], "--num_workers must be at least 1, got 0"),
+    (["--mask_ratio", "1.0", "--setting", "0"], r"--mask_ratio must be in \[0, 1\)"),
+    (["--config", "nonexistent"], "--config: no preset 'nonexistent'"),
+])
+def test_bad_flags_are_one_line_before_anything_starts(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=f"^main.py pretrain: error: {message}"):
+        cli_main(["pretrain", *flags, "--output_dir", str(tmp_path / "run")])
+    assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_epoch_cut_and_resumed_reports_the_whole_epochs_loss(tmp_path):
+    out = tmp_path / "run"
+    pretrain(out, "--epochs", "1", "--steps_per_epoch", "4", "--save_every_steps", "2")
+    straight = lines(out)[-1]
+    shutil.rmtree(out / "checkpoints" / "4")  # as if killed after the step-2 save
+    pretrain(out, "--epochs", "1", "--steps_per_epoch", "4", "--save_every_steps", "2")
+    resumed = lines(out)[-1]
+    np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
+    assert resumed["seconds"] >= straight["seconds"] * 0.5  # the cut epoch's time counts too
