@@ -204,3 +204,36 @@ def test_an_epoch_cut_and_resumed_reports_the_whole_epochs_loss(tmp_path):
     resumed = lines(out)[-1]
     np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
     assert resumed["seconds"] >= straight["seconds"] * 0.5  # the cut epoch's time counts too
+
+
+@pytest.mark.slow
+def test_eval_names_a_head_of_another_shape_once_and_counts_unreadable_images(demo_root, tmp_path, capsys):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from semmae_jax.models import create_model
+
+    def saved(classes: int) -> str:
+        model = create_model("vit_test_patch4", num_classes=classes)
+        params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+        meta = {"model": "vit_test_patch4", "model_overrides": {"num_classes": classes}}
+        checkpoint.save_params(tmp_path / f"vit{classes}", jax.tree.map(np.asarray, params), meta)
+        return str(tmp_path / f"vit{classes}")
+
+    flags = ["eval", "--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4", "--num_workers", "2",
+             "--batch_size", "4", "--output_dir", str(tmp_path / "eval")]
+    with pytest.raises(SystemExit) as stop:
+        cli_main([*flags, "--resume", saved(10), "--data_path", str(demo_root)])
+    assert "other shape: head/bias (model (4,)), head/kernel (model (32, 4))" in str(stop.value)
+    assert "missing" not in str(stop.value) and "unexpected" not in str(stop.value)
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "val", data / "val")
+    broken = sorted((data / "val").rglob("*.jpg")) or sorted((data / "val").rglob("*.JPEG"))
+    broken[0].write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    cli_main([*flags, "--resume", saved(4), "--data_path", str(data)])
+    out = capsys.readouterr().out
+    count = sum(1 for p in (data / "val").rglob("*") if p.is_file())
+    assert f"Accuracy of the network on the {count - 1} test images" in out
+    assert "1 unreadable image(s) left out" in out

@@ -34,11 +34,13 @@ class EvalResult:
     loss: float  # mean cross-entropy
     count: int
     per_class: dict[int, dict[str, float]]
+    skipped: int = 0  # unreadable images of this process's share, left out of every figure
 
     def original_lines(self) -> str:
-        """What MAE's `engine_finetune.evaluate` and `main_finetune` print."""
+        """What MAE's `engine_finetune.evaluate` and `main_finetune` print (and the images left out)."""
+        left_out = f"\n{self.skipped} unreadable image(s) left out (named in the warnings above)" if self.skipped else ""
         return (f"* Acc@1 {self.acc1:.3f} Acc@5 {self.acc5:.3f} loss {self.loss:.3f}\n"
-                f"Accuracy of the network on the {self.count} test images: {self.acc1:.1f}%")
+                f"Accuracy of the network on the {self.count} test images: {self.acc1:.1f}%{left_out}")
 
     def metrics(self) -> dict[str, float]:
         return {"test_acc1": self.acc1, "test_acc5": self.acc5, "test_loss": self.loss}
@@ -128,10 +130,11 @@ class Validation:
         return cls(loader, make_eval_step(logits_fn, num_classes, mesh, variables_sharding), num_classes, mesh)
 
     def __call__(self, variables: Any) -> EvalResult:
+        before = len(self.loader.skipped)
         result = evaluate(self.step, variables, self.loader.batches(), self.loader.num_batches, self.num_classes,
                           self.mesh)
-        self.results.append(result)
-        return result
+        self.results.append(dataclasses.replace(result, skipped=len(self.loader.skipped) - before))
+        return self.results[-1]
 
     @property
     def best_acc1(self) -> float:

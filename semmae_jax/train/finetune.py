@@ -26,7 +26,7 @@ from semmae_jax.checkpoint import RunCheckpoints, WeightsReader
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
-from semmae_jax.paths import summarize
+from semmae_jax.paths import flat_by_path, summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
 from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.run import Job, Run, run
@@ -223,12 +223,22 @@ def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) ->
                                                    reader.params(config.resume, None, model.img_size))
         if missing or unused:
             raise ValueError(f"{config.resume} does not fit {config.model} (--nb_classes {config.nb_classes}, "
-                             f"global_pool {config.global_pool}): missing {missing}, unexpected {unused}")
+                             f"global_pool {config.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
         result = validation(config, data, model, mesh, plan.shardings.params)({"params": params})
         log.print(result.original_lines())
         if log.enabled:
             result.write_per_class(log.output_dir / "per_class_accuracy.json")
     return result
+
+
+def _mismatch(missing: list[str], unused: list[str], model_params: Any) -> str:
+    """What `merge_pretrained` could not take, with a parameter of another shape named once, as such."""
+    shapes = {path: tuple(x.shape) for path, x in flat_by_path(model_params).items()}
+    other = sorted(set(missing) & set(unused))
+    parts = [f"other shape: {', '.join(f'{p} (model {shapes[p]})' for p in other)}" if other else "",
+             f"missing {sorted(set(missing) - set(other))}" if set(missing) - set(other) else "",
+             f"unexpected {sorted(set(unused) - set(other))}" if set(unused) - set(other) else ""]
+    return "; ".join(p for p in parts if p)
 
 
 class BestKeeper:
