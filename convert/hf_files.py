@@ -107,9 +107,11 @@ class HFCheckpoint:
 
 
 def is_hf_source(path: str | Path) -> bool:
-    """A `save_pretrained` directory (it has `config.json`) or a `.safetensors` file."""
+    """A `save_pretrained` directory (`config.json` beside a weights file) or a `.safetensors` file."""
     path = Path(path)
-    return (path / CONFIG).is_file() if path.is_dir() else path.suffix == ".safetensors"
+    if path.is_dir():
+        return (path / CONFIG).is_file() and any((path / name).is_file() for name in WEIGHTS)
+    return path.suffix == ".safetensors"
 
 
 def read_hf(path: str | Path, trust_pickle: bool = False) -> HFCheckpoint:
