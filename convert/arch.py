@@ -101,7 +101,11 @@ def _flax_shapes(name: str, overrides: tuple[tuple[str, Any], ...]) -> tuple[tup
 
 
 def infer_architecture(
-    shapes: Mapping[str, Shape], model_name: str | None = None, *, hint: str | None = None
+    shapes: Mapping[str, Shape],
+    model_name: str | None = None,
+    *,
+    hint: str | None = None,
+    stated: Mapping[str, Any] | None = None,
 ) -> Architecture:
     """The model a torch-layout state dict (given as key -> shape) belongs to.
 
@@ -112,16 +116,20 @@ def infer_architecture(
         reports any disagreement).
       hint: a name the file itself suggests (MAE's `args.model`); preferred among the
         registered names whose shapes match.
+      stated: fields a config file beside the tensors states and the shapes cannot show
+        (head counts, `layer_norm_eps`, `norm_pix_loss`: transformers' `config.json`);
+        they become overrides, and stated head counts replace the head_dim rule.
     """
+    stated = dict(stated or {})
     family, found = read_layout(shapes)
     if model_name is not None:
         if model_family(model_name) != family:
             raise ConversionError(
                 f"the checkpoint holds {describe(family, found)}, but {model_name} is {_FAMILY_WORDS[model_family(model_name)]}"
             )
-        arch = Architecture(model_name).with_overrides(**_free_fields(found))
+        arch = Architecture(model_name).with_overrides(**_free_fields(found), **stated)
     else:
-        arch = _registered_or_rule(family, found, hint)
+        arch = _registered_or_rule(family, found, hint, stated)
     log.info("checkpoint holds %s: model %s", describe(family, found), arch)
     return arch
 
@@ -176,22 +184,25 @@ def _free_fields(found: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in found.items() if k not in _STRUCTURE}
 
 
-def _registered_or_rule(family: str, found: Mapping[str, Any], hint: str | None) -> Architecture:
+def _registered_or_rule(
+    family: str, found: Mapping[str, Any], hint: str | None, stated: Mapping[str, Any]
+) -> Architecture:
     structure = {k: v for k, v in found.items() if k in _STRUCTURE}
     matches = [name for name in model_names(family) if all(full_config(name)[k] == v for k, v in structure.items())]
     if hint is not None and hint not in matches:
         log.info("the checkpoint's args.model=%r does not match its shapes; ignoring it", hint)
     if matches:
         name = hint if hint in matches else matches[0]
-        return Architecture(name).with_overrides(**_free_fields(found))
-    heads = _heads_by_rule(found)
+        return Architecture(name).with_overrides(**_free_fields(found), **stated)
+    heads = {k: v for k, v in stated.items() if k.endswith("num_heads")} or _heads_by_rule(found)
     base = model_names(family)[0]
     log.info(
-        "no registered model has these shapes: built as %s with overrides, num_heads by the head_dim rule %s",
+        "no registered model has these shapes: built as %s with overrides, num_heads %s %s",
         base,
+        "as stated" if "num_heads" in stated else "by the head_dim rule",
         heads,
     )
-    return Architecture(base).with_overrides(**found, **heads)
+    return Architecture(base).with_overrides(**found, **{**stated, **heads})
 
 
 def _heads_by_rule(found: Mapping[str, Any]) -> dict[str, int]:

@@ -12,6 +12,7 @@ Which files give one, and what is taken from each:
 | iBOT release (`{'state_dict': ...}`)                  | everything                            |
 | DINO / iBOT training file (`student`, `teacher`)      | the teacher's `backbone.*`            |
 | cls-token classifier (`norm` + `head`)                | everything but the head               |
+| transformers directory / `.safetensors` (any class)   | the encoder (`vit.*`, `embeddings.*`) |
 
 Finding the state dict inside its wrapper, preferring the teacher, stripping `module.` /
 `backbone.` and dropping the projection head and iBOT's `masked_embed` is the safe
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from convert.core import params_from_checkpoint, torch_to_flax
+from convert.hf_files import is_hf_source
 from convert.safe_load import load_torch_checkpoint
 from convert.table import ConversionError, flatten, unflatten
 from semmae_jax.models import model_family
@@ -81,7 +83,8 @@ def backbone_state_dict(source: str | Path | Mapping[str, np.ndarray]) -> Ordere
 
 
 def backbone_params(path: str | Path, img_size: int | None = None) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """(encoder params, model name, overrides) from a `.pth` file or an orbax checkpoint.
+    """(encoder params, model name, overrides) from a `.pth` file, an orbax checkpoint, or a
+    transformers directory / `.safetensors` file (read by `convert.read_checkpoint`).
 
     The name and overrides are the converter's usual currency: the model the encoder
     came from (an MAE pretraining model for this project's runs, a ViT otherwise);
@@ -89,7 +92,7 @@ def backbone_params(path: str | Path, img_size: int | None = None) -> tuple[dict
     runs the params. With `img_size` the position table is resampled (bicubic, as MAE's
     `interpolate_pos_embed`) to that input size.
     """
-    if Path(path).is_dir():
+    if Path(path).is_dir() or is_hf_source(path):
         params, name, overrides = params_from_checkpoint(path, img_size=img_size)
         encoder, dropped = encoder_only(flatten(params), "/")
         if dropped:

@@ -1,13 +1,18 @@
-"""`python -m convert` / `python main.py convert`: .pth <-> orbax checkpoint conversion.
+"""`python -m convert` / `python main.py convert`: .pth / transformers <-> orbax checkpoint conversion.
 
-    python -m convert to-flax IN.pth OUT_DIR [--model NAME] [--img_size N] [--trust-pickle]
-    python -m convert to-torch IN_DIR OUT.pth [--model NAME]
+    python -m convert to-flax IN OUT_DIR [--model NAME] [--img_size N] [--trust-pickle]
+    python -m convert to-torch CKPT OUT.pth [--model NAME] [--format pth|safetensors]
+    python -m convert to-hf CKPT OUT_DIR [--model NAME]
 
-`to-flax` writes the params with `semmae_jax.checkpoint.save_params` (the layout every
-job loads) and the meta `{'model', 'model_overrides', 'source'}`; `to-torch` writes
+`to-flax` reads a `.pth`, a transformers `save_pretrained` directory or a `.safetensors`
+file and writes the params with `semmae_jax.checkpoint.save_params` (the layout every
+job loads) and the meta `{'model', 'model_overrides', 'source'}` (plus transformers'
+class and config, `mask_ratio`, `id2label` when the source had them); `to-torch` writes
 `{'model': state_dict}` in the original's key order, loadable with
-`torch.load(weights_only=True)`. A file that cannot be converted ends the command with
-one line of error and exit status 1.
+`torch.load(weights_only=True)`, or that state dict as safetensors; `to-hf` writes
+`config.json` + `model.safetensors` in the hub's layout (`from_pretrained` loads it).
+Every verb reads any checkpoint `convert.read_checkpoint` reads. A file that cannot be
+converted ends the command with one line of error and exit status 1.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from convert.core import flax_to_torch, params_from_checkpoint
+import safetensors.numpy
+
+from convert.arch import Architecture
+from convert.core import flax_to_torch, read_checkpoint
+from convert.hf_files import write_hf
 from convert.safe_load import save_torch_checkpoint
 from convert.table import ConversionError
 from semmae_jax.checkpoint import save_params
@@ -30,9 +39,13 @@ T = TypeVar("T")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="{to-flax,to-torch}")
-    to_flax = verbs.add_parser("to-flax", help="a PyTorch .pth -> an orbax checkpoint directory")
-    to_flax.add_argument("source", help="the .pth file (MAE/SemMAE, timm, DINO/iBOT layout)")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="{to-flax,to-torch,to-hf}")
+    to_flax = verbs.add_parser("to-flax", help="a PyTorch .pth or transformers checkpoint -> an orbax directory")
+    to_flax.add_argument(
+        "source",
+        help="the .pth file (MAE/SemMAE, timm, DINO/iBOT layout), a transformers save_pretrained directory, "
+        "or a .safetensors file",
+    )
     to_flax.add_argument("output", help="the orbax checkpoint directory to write")
     to_flax.add_argument("--model", default=None, help="registered model name (default: inferred from the shapes)")
     to_flax.add_argument("--img_size", type=int, default=None, help="resample the position tables to this image size")
@@ -41,29 +54,51 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="unpickle without the safety allow-list: runs any code in the file; only for trusted files",
     )
-    to_torch = verbs.add_parser("to-torch", help="an orbax checkpoint directory -> a PyTorch .pth")
-    to_torch.add_argument("source", help="the orbax checkpoint directory (root or one step)")
-    to_torch.add_argument("output", help="the .pth file to write")
+    to_torch = verbs.add_parser("to-torch", help="a checkpoint -> the original / timm layout (.pth or safetensors)")
+    to_torch.add_argument("source", help="the orbax checkpoint directory (root or one step), or any to-flax source")
+    to_torch.add_argument("output", help="the file to write")
     to_torch.add_argument("--model", default=None, help="registered model name (default: the checkpoint's meta)")
+    to_torch.add_argument(
+        "--format", choices=("pth", "safetensors"), default="pth", help="{'model': state_dict} .pth, or safetensors"
+    )
+    to_hf = verbs.add_parser("to-hf", help="a checkpoint -> a transformers save_pretrained directory (hub layout)")
+    to_hf.add_argument("source", help="the orbax checkpoint directory (root or one step), or any to-flax source")
+    to_hf.add_argument("output", help="the directory to write config.json and model.safetensors into")
+    to_hf.add_argument("--model", default=None, help="registered model name (default: the checkpoint's meta)")
     return p
 
 
 def to_flax(args: argparse.Namespace) -> None:
-    if Path(args.output).exists() and any(Path(args.output).iterdir()):
-        raise ConversionError(f"{args.output} exists and is not empty; choose a new output directory")
-    params, name, overrides = params_from_checkpoint(
-        args.source, args.model, img_size=args.img_size, trust_pickle=args.trust_pickle
-    )
-    meta = {"model": name, "model_overrides": overrides, "source": str(args.source)}
-    step_dir = save_params(args.output, params, meta=meta)
-    print(f"wrote {step_dir}: model {name} overrides {overrides}")
+    _refuse_non_empty(args.output)
+    loaded = read_checkpoint(args.source, args.model, img_size=args.img_size, trust_pickle=args.trust_pickle)
+    meta = {"model": loaded.name, "model_overrides": loaded.overrides, "source": str(args.source), **loaded.meta}
+    step_dir = save_params(args.output, loaded.params, meta=meta)
+    print(f"wrote {step_dir}: model {loaded.name} overrides {loaded.overrides}")
 
 
 def to_torch(args: argparse.Namespace) -> None:
-    params, name, overrides = params_from_checkpoint(args.source, args.model)
-    state_dict = flax_to_torch(params, name, model_overrides=overrides)
-    save_torch_checkpoint(args.output, state_dict)
-    print(f"wrote {args.output}: {len(state_dict)} tensors of model {name} overrides {overrides}")
+    loaded = read_checkpoint(args.source, args.model)
+    state_dict = flax_to_torch(loaded.params, loaded.name, model_overrides=loaded.overrides)
+    if args.format == "safetensors":
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        safetensors.numpy.save_file(dict(state_dict), args.output, metadata={"format": "pt"})
+    else:
+        save_torch_checkpoint(args.output, state_dict)
+    print(f"wrote {args.output}: {len(state_dict)} tensors of model {loaded.name} overrides {loaded.overrides}")
+
+
+def to_hf(args: argparse.Namespace) -> None:
+    _refuse_non_empty(args.output)
+    loaded = read_checkpoint(args.source, args.model)
+    arch = Architecture(loaded.name, loaded.overrides)
+    state_dict = flax_to_torch(loaded.params, loaded.name, model_overrides=loaded.overrides)
+    hf_class = write_hf(args.output, state_dict, arch, loaded.meta)
+    print(f"wrote {args.output}: transformers {hf_class} (config.json, model.safetensors) of model {arch}")
+
+
+def _refuse_non_empty(output: str) -> None:
+    if Path(output).exists() and (not Path(output).is_dir() or any(Path(output).iterdir())):
+        raise ConversionError(f"{output} exists and is not empty; choose a new output directory")
 
 
 @contextlib.contextmanager
@@ -96,4 +131,4 @@ def exit_on_error(fn: Callable[..., T], *args: Any) -> T:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    exit_on_error({"to-flax": to_flax, "to-torch": to_torch}[args.verb], args)
+    exit_on_error({"to-flax": to_flax, "to-torch": to_torch, "to-hf": to_hf}[args.verb], args)

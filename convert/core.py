@@ -14,11 +14,13 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
+import flax.linen as nn
 import numpy as np
 
 from convert.arch import Architecture, check_shapes, infer_architecture
+from convert.hf_files import is_hf_source, read_hf
 from convert.safe_load import load_torch_checkpoint
 from convert.table import (
     ConversionError,
@@ -38,6 +40,8 @@ T = TypeVar("T")
 
 # The position tables: the same names in the torch and the Flax layout.
 POSITION_TABLES = ("pos_embed", "decoder_pos_embed")
+# Meta entries a checkpoint carries on through conversions (`Loaded.meta`, `hf_files.HFCheckpoint.meta`).
+CARRIED_META = ("transformers", "mask_ratio", "id2label")
 
 
 def torch_to_flax(
@@ -46,6 +50,7 @@ def torch_to_flax(
     *,
     img_size: int | None = None,
     hint: str | None = None,
+    stated: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Flax params from a torch-layout state dict (prefixes already stripped).
 
@@ -54,13 +59,14 @@ def torch_to_flax(
       model_name: a registered name; inferred from the keys and shapes when None.
       img_size: resample the position tables (bicubic, cls row kept) to this image size.
       hint: a name the file suggests (MAE's `args.model`), used when it fits the shapes.
+      stated: model fields a config beside the tensors states (`infer_architecture`).
 
     Returns:
       (params, model name, `create_model` overrides) such that
       `create_model(name, **overrides).apply({'params': params}, ...)` runs the checkpoint.
     """
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
-    arch = infer_architecture(shapes, model_name, hint=hint)
+    arch = infer_architecture(shapes, model_name, hint=hint, stated=stated)
     if img_size is not None:
         state_dict, arch = _resize_tables(state_dict, arch, img_size)
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
@@ -92,22 +98,51 @@ def flax_to_torch(
     return OrderedDict((key, np.ascontiguousarray(converted[key])) for key in arch.torch_shapes())
 
 
+class Loaded(NamedTuple):
+    """A checkpoint read for a model: its params, model name, overrides, and the meta it carries."""
+
+    params: dict[str, Any]
+    name: str
+    overrides: dict[str, Any]
+    meta: dict[str, Any]  # transformers' class and config, `mask_ratio`, `id2label` (when the file had them)
+
+
 def params_from_checkpoint(
     path: str | Path, model_name: str | None = None, *, img_size: int | None = None, trust_pickle: bool = False
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """(params, model name, overrides) from a `.pth` file or an orbax checkpoint directory.
+    """(params, model name, overrides) from any checkpoint `read_checkpoint` reads.
 
-    What `--resume` / `--finetune` call: a `.pth` is converted in memory (safe loading,
-    architecture inference, key check); an orbax directory is read with its saved model
-    name and overrides (or inferred when it has none), checked the same way. Errors
-    name the file.
+    What `--resume` / `--finetune` / `parts train --backbone` call.
     """
+    params, name, overrides, _ = read_checkpoint(path, model_name, img_size=img_size, trust_pickle=trust_pickle)
+    return params, name, overrides
+
+
+def read_checkpoint(
+    path: str | Path, model_name: str | None = None, *, img_size: int | None = None, trust_pickle: bool = False
+) -> Loaded:
+    """A `.pth` file, an orbax checkpoint directory, a transformers `save_pretrained`
+    directory or a `.safetensors` file, read for a model.
+
+    A `.pth` is converted in memory (safe loading, architecture inference, key check); a
+    transformers checkpoint the same way, its `config.json` deciding what the shapes cannot
+    (`convert.hf_files`); an orbax directory is read with its saved model name, overrides and
+    meta (or inferred when it has none), checked the same way. The detected layout is logged;
+    errors name the file.
+    """
+    if is_hf_source(path):
+        hf = read_hf(path, trust_pickle)
+        log.info("%s", hf.summary())
+        converted = _named_errors(path, torch_to_flax, hf.state_dict, model_name, img_size=img_size, stated=hf.stated)
+        return Loaded(*converted, hf.meta)
     if Path(path).is_dir():
         params, meta = checkpoint.load_params(path)
-        return _named_errors(path, _checked_params, params, meta, model_name, img_size)
+        converted = _named_errors(path, _checked_params, params, meta, model_name, img_size)
+        return Loaded(*converted, {k: v for k, v in meta.items() if k in CARRIED_META})
     state_dict, info = load_torch_checkpoint(path, trust_pickle=trust_pickle)
     log.info("%s", info.summary())
-    return _named_errors(path, torch_to_flax, state_dict, model_name, img_size=img_size, hint=info.args_model)
+    converted = _named_errors(path, torch_to_flax, state_dict, model_name, img_size=img_size, hint=info.args_model)
+    return Loaded(*converted, {})
 
 
 def _named_errors(path: str | Path, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -132,9 +167,21 @@ def _checked_params(
 
 
 def _flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    if set(params) == {"params"}:
+    """The params as {'a/b/c': array}: from the `params` collection or a `{'params': ...}`
+    variables dict, boxed (`nn.with_logical_partitioning`, as `model.init` returns them) or not."""
+    if not isinstance(params, Mapping):
+        raise ConversionError(
+            f"expected Flax params (a mapping of module names to arrays, e.g. model.init(...)['params']), "
+            f"got a {type(params).__name__}"
+        )
+    if "params" in params and isinstance(params["params"], Mapping):
         params = params["params"]
-    return flatten(params)
+    flat = flatten(nn.meta.unbox(params))
+    not_arrays = [path for path, leaf in flat.items() if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype"))]
+    if not_arrays:
+        leaf = flat[not_arrays[0]]
+        raise ConversionError(f"not a params tree: {not_arrays[0]!r} is a {type(leaf).__name__}, not an array")
+    return flat
 
 
 def _flax_architecture(

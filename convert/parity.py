@@ -1,17 +1,21 @@
 """`python main.py parity`: run a checkpoint in JAX and in a PyTorch reference, compare.
 
-    python main.py parity --checkpoint X.pth [--model NAME] [--data_path DIR]
+    python main.py parity --checkpoint X.pth|HF_DIR [--model NAME] [--data_path DIR]
                           [--batch_size N] [--img_size N] [--norm_pix_loss]
 
 The user's check that a converted release behaves as it did in PyTorch. The checkpoint
-(a `.pth` or an orbax directory) is converted once; the PyTorch side gets the state dict
-back from the converted params (bit for bit the file's tensors, see the round-trip
-tests), so both sides run exactly the same weights:
+(a `.pth`, an orbax directory, a transformers directory or `.safetensors`) is converted
+once. A transformers directory runs in transformers' own class, loaded by transformers
+from that directory; otherwise the PyTorch side gets the state dict back from the
+converted params (bit for bit the file's tensors, see the round-trip tests), so both
+sides run exactly the same weights:
 
-- classifiers and encoders: timm's `VisionTransformer`; compared: logits (or pooled
-  features), max abs and max relative difference, top-1 agreement;
-- MAE pretraining models: transformers' `ViTMAEForPreTraining` with the same `noise`;
-  compared: loss (relative), reconstruction `pred` (max abs), mask.
+- classifiers and encoders: timm's `VisionTransformer` (or the directory's
+  `ViTForImageClassification` / `ViTModel` / `ViTMAEModel`); compared: logits (or the
+  cls features after the final norm), max abs and max relative difference, top-1 agreement;
+- MAE pretraining models: transformers' `ViTMAEForPreTraining` with the same `noise`
+  and mask ratio (the config's unless `--mask_ratio`); compared: loss (relative),
+  reconstruction `pred` (max abs), mask.
 
 The batch is the first eval batch of `--data_path` (the project's eval transform) or a
 fixed random one; with `--all_images`, classifiers run over the whole validation split
@@ -24,8 +28,10 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # timm and transformers (through `references`) load triton, which crashes the process when
@@ -36,9 +42,10 @@ import jax
 import numpy as np
 import torch
 
-from convert.arch import full_config
+from convert.arch import Architecture
 from convert.cli import exit_on_error
-from convert.core import flax_to_torch, params_from_checkpoint
+from convert.core import Loaded, flax_to_torch, read_checkpoint
+from convert.hf_files import is_hf_source, write_hf
 from semmae_jax.models import create_model, model_family
 
 
@@ -60,14 +67,22 @@ class Row:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python main.py parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a .pth file or an orbax checkpoint directory")
+    p.add_argument(
+        "--checkpoint", required=True,
+        help="a .pth file, an orbax checkpoint directory, a transformers save_pretrained directory or a .safetensors",
+    )
     p.add_argument("--model", default=None, help="registered model name (default: inferred / from the meta)")
     p.add_argument("--data_path", default=None, help="dataset root: compare on its first eval batch")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--all_images", action="store_true", help="classifiers: the whole val split, with Acc@1 on both sides")
     p.add_argument("--img_size", type=int, default=None, help="resample the position tables to this image size")
-    p.add_argument("--norm_pix_loss", action="store_true", help="MAE: per-patch normalised pixel targets")
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="MAE: fraction of patches removed")
+    p.add_argument(
+        "--norm_pix_loss", action="store_true", help="MAE: per-patch normalised pixel targets (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--mask_ratio", type=float, default=None,
+        help="MAE: fraction of patches removed (default: the checkpoint's config, else 0.75)",
+    )
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference of logits / features / pred")
     p.add_argument("--loss_rtol", type=float, default=1e-5, help="max relative difference of the MAE loss")
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch and of the MAE noise")
@@ -88,32 +103,53 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def compare(args: argparse.Namespace) -> list[Row]:
     """Load, build both models, run them on one batch, and measure the differences."""
-    params, name, overrides = params_from_checkpoint(
-        args.checkpoint, args.model, img_size=args.img_size, trust_pickle=args.trust_pickle
-    )
-    if model_family(name) == "mae":
-        overrides = {**overrides, "norm_pix_loss": args.norm_pix_loss}
-    config = full_config(name, **overrides)
-    state_dict = flax_to_torch(params, name, model_overrides=overrides)
-    batches = list(image_batches(args, config))
+    loaded = read_checkpoint(args.checkpoint, args.model, img_size=args.img_size, trust_pickle=args.trust_pickle)
+    overrides = dict(loaded.overrides)
+    if model_family(loaded.name) == "mae" and args.norm_pix_loss:
+        overrides["norm_pix_loss"] = True
+    arch = Architecture(loaded.name, overrides)
+    mask_ratio = args.mask_ratio if args.mask_ratio is not None else loaded.meta.get("mask_ratio", 0.75)
+    batches = list(image_batches(args, arch.config))
     count = sum(len(images) for images, _ in batches)
-    print(f"model {name} {overrides}; {count} images of {config['img_size']}px from "
-          f"{args.data_path or 'a seeded random batch'}")
-    model = create_model(name, **overrides)
-    with jax.default_matmul_precision("float32"), torch.no_grad():
-        if model_family(name) == "mae":
-            return mae_rows(model, params, state_dict, config, batches[0][0], args)
-        return classifier_rows(model, params, state_dict, config, batches, args)
+    print(f"model {arch}; {count} images of {arch.config['img_size']}px from {args.data_path or 'a seeded random batch'}")
+    model = create_model(arch.name, **arch.overrides)
+    with jax.default_matmul_precision("float32"), torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
+        reference, hf_class = reference_model(args.checkpoint, loaded, arch, scratch, resampled=args.img_size is not None)
+        print(f"reference: {f'transformers {hf_class}' if hf_class else 'timm VisionTransformer'}")
+        if arch.family == "mae":
+            reference.config.mask_ratio, reference.config.norm_pix_loss = mask_ratio, arch.config["norm_pix_loss"]
+            return mae_rows(model, loaded.params, reference, arch.config, batches[0][0], args, mask_ratio)
+        forward = references.classifier_forward(reference, hf_class)
+        return classifier_rows(model, loaded.params, forward, arch.config, batches, args)
+
+
+def reference_model(
+    checkpoint: str, loaded: Loaded, arch: Architecture, scratch: str, *, resampled: bool
+) -> tuple[torch.nn.Module, str | None]:
+    """(the PyTorch model, its transformers class or None for timm) that runs the checkpoint.
+
+    A transformers directory runs in its own class, read by transformers from the directory
+    itself (unless its position tables were resampled). Anything else runs the weights the
+    converter gives back (bit for bit the file's): timm for classifiers and encoders,
+    transformers' ViTMAEForPreTraining for MAE, from a directory written by `to-hf`'s writer.
+    """
+    hf_class = loaded.meta.get("transformers", {}).get("class")
+    if Path(checkpoint).is_dir() and is_hf_source(checkpoint) and not resampled:
+        return references.hf_pretrained(checkpoint, hf_class), hf_class
+    state_dict = flax_to_torch(loaded.params, arch.name, model_overrides=arch.overrides)
+    if arch.family == "mae":
+        hf_class = write_hf(scratch, state_dict, arch, loaded.meta)
+        return references.hf_pretrained(scratch, hf_class), hf_class
+    return references.load_numpy_state_dict(references.timm_classifier(arch.config), state_dict), None
 
 
 def classifier_rows(
-    model: Any, params: Any, state_dict: Any, config: dict, batches: list[tuple[np.ndarray, Any]],
-    args: argparse.Namespace,
+    model: Any, params: Any, forward: Callable[[torch.Tensor], np.ndarray], config: dict,
+    batches: list[tuple[np.ndarray, Any]], args: argparse.Namespace,
 ) -> list[Row]:
-    reference = references.load_numpy_state_dict(references.timm_classifier(config), state_dict)
     apply = jax.jit(model.apply)
     got = np.concatenate([np.asarray(apply({"params": params}, images)) for images, _ in batches])
-    expected = np.concatenate([reference(_nchw(images)).numpy() for images, _ in batches])
+    expected = np.concatenate([forward(_nchw(images)) for images, _ in batches])
     what = "logit" if config["num_classes"] else "feature"
     diff = np.abs(got - expected).max()
     rows = [
@@ -130,14 +166,13 @@ def classifier_rows(
 
 
 def mae_rows(
-    model: Any, params: Any, state_dict: Any, config: dict, images: np.ndarray, args: argparse.Namespace
+    model: Any, params: Any, reference: torch.nn.Module, config: dict, images: np.ndarray,
+    args: argparse.Namespace, mask_ratio: float,
 ) -> list[Row]:
-    reference = references.hf_mae(config, mask_ratio=args.mask_ratio)
-    references.load_numpy_state_dict(reference, references.pth_to_hf(state_dict))
     num_patches = (config["img_size"] // config["patch_size"]) ** 2
     noise = np.random.default_rng(args.seed + 1).random((len(images), num_patches), dtype=np.float32)
     out = reference(_nchw(images), noise=torch.from_numpy(noise))
-    apply = jax.jit(functools.partial(model.apply, mask_ratio=args.mask_ratio))
+    apply = jax.jit(functools.partial(model.apply, mask_ratio=mask_ratio))
     loss, pred, mask = (np.asarray(x) for x in apply({"params": params}, images, noise=noise))
     expected_loss = out.loss.item()
     return [
@@ -146,6 +181,7 @@ def mae_rows(
         Row("|loss diff| / |loss|", abs(float(loss) - expected_loss) / abs(expected_loss), args.loss_rtol),
         Row("max |pred diff|", np.abs(pred - out.logits.numpy()).max(), args.atol),
         Row("mask disagreements", float(np.sum(mask != out.mask.numpy())), 0.0),
+        Row("masked fraction", float(mask.mean())),
     ]
 
 

@@ -5,8 +5,10 @@
   exact GELU, `global_pool='avg'` + `fc_norm` or `'token'` + `norm` as the checkpoint.
 - MAE pretraining: transformers' `ViTMAEForPreTraining` (an independent implementation
   with a `noise` argument), eps 1e-6, `hidden_act='gelu'` (exact); `ViTMAEModel` for the
-  encoder alone. Its keys differ from the `.pth` layout (q, k, v apart, other names):
-  `pth_to_hf` / `hf_to_pth` map them with one template table read both ways.
+  encoder alone. Weights reach it through a `save_pretrained` directory (`hf_pretrained`):
+  the converter writes and reads transformers' on-disk layout (`convert.hf_keys`), and
+  transformers maps that onto its modules itself.
+- A transformers checkpoint (`parity --checkpoint HF_DIR`): its own class, `hf_pretrained`.
 
 Import this module before anything imports TensorFlow: timm and transformers load triton,
 which crashes the process when it is loaded after TensorFlow.
@@ -15,41 +17,20 @@ which crashes the process when it is loaded after TensorFlow.
 from __future__ import annotations
 
 import functools
-import re
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import timm.models.vision_transformer as timm_vit
 import torch
+import transformers
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 from convert.safe_load import numpy_to_tensor
+from convert.table import ConversionError
 
 LN_EPS = 1e-6
-
-# (.pth template, transformers template): {e} is the encoder's prefix ('vit.' inside
-# ViTMAEForPreTraining, '' in ViTMAEModel), {i} a block index, {w} 'weight' or 'bias'.
-_BLOCK_NAMES = (("blocks", "{e}layers"), ("decoder_blocks", "decoder.decoder_layers"))
-_IN_BLOCK = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
-             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))  # fmt: skip
-_LAYOUT: tuple[tuple[str, str], ...] = (
-    ("cls_token", "{e}embeddings.cls_token"),
-    ("pos_embed", "{e}embeddings.position_embeddings"),
-    ("patch_embed.proj.{w}", "{e}embeddings.patch_embeddings.projection.{w}"),
-    ("norm.{w}", "{e}layernorm.{w}"),
-    ("mask_token", "decoder.mask_token"),
-    ("decoder_pos_embed", "decoder.decoder_pos_embed"),
-    ("decoder_embed.{w}", "decoder.decoder_embed.{w}"),
-    ("decoder_norm.{w}", "decoder.decoder_norm.{w}"),
-    ("decoder_pred.{w}", "decoder.decoder_pred.{w}"),
-    *((f"{b}.{{i}}.{p}.{{w}}", f"{h}.{{i}}.{q}.{{w}}") for b, h in _BLOCK_NAMES for p, q in _IN_BLOCK),
-    # The fused qkv: split into q, k, v one way, concatenated the other.
-    *((f"{b}.{{i}}.attn.qkv.{{w}}", f"{h}.{{i}}.attention.{{qkv}}_proj.{{w}}") for b, h in _BLOCK_NAMES),
-)
-_FIELDS = {"i": r"(?P<i>\d+)", "w": r"(?P<w>weight|bias)", "qkv": r"(?P<qkv>[qkv])"}
-
 
 def timm_classifier(config: Mapping[str, Any]) -> timm_vit.VisionTransformer:
     """A timm ViT with the JAX model's shape and pooling; weights left for the caller to load."""
@@ -64,7 +45,7 @@ def timm_classifier(config: Mapping[str, Any]) -> timm_vit.VisionTransformer:
         depth=config["depth"],
         num_heads=config["num_heads"],
         mlp_ratio=config["mlp_ratio"],
-        norm_layer=functools.partial(torch.nn.LayerNorm, eps=LN_EPS),
+        norm_layer=functools.partial(torch.nn.LayerNorm, eps=config.get("layer_norm_eps", LN_EPS)),
         act_layer=torch.nn.GELU,
         weight_init="skip",
     ).eval()
@@ -86,7 +67,7 @@ def hf_mae(config: Mapping[str, Any], *, encoder_only: bool = False, mask_ratio:
         decoder_num_attention_heads=config.get("decoder_num_heads", 16),
         decoder_intermediate_size=int(decoder_width * ratio),
         hidden_act="gelu",
-        layer_norm_eps=LN_EPS,
+        layer_norm_eps=config.get("layer_norm_eps", LN_EPS),
         qkv_bias=True,
         mask_ratio=mask_ratio,
         norm_pix_loss=config.get("norm_pix_loss", False),
@@ -94,41 +75,32 @@ def hf_mae(config: Mapping[str, Any], *, encoder_only: bool = False, mask_ratio:
     return (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(hf_config).eval()
 
 
-def pth_to_hf(state_dict: Mapping[str, np.ndarray], encoder_prefix: str = "vit.") -> OrderedDict[str, np.ndarray]:
-    """`.pth` keys -> transformers keys (q, k, v split from the fused qkv)."""
-    out = OrderedDict()
-    for key, value in state_dict.items():
-        fields, hf = _match(key, 0, encoder_prefix)
-        if "{qkv}" in hf:
-            for name, part in zip("qkv", np.split(value, 3), strict=True):
-                out[hf.format(qkv=name, **fields)] = part
-        else:
-            out[hf.format(**fields)] = value
-    return out
+def hf_pretrained(directory: str | Path, hf_class: str) -> torch.nn.Module:
+    """transformers' own `hf_class` (`ViTMAEForPreTraining`, ...) from a `save_pretrained` directory,
+    refused unless every tensor fits (no missing, unexpected or mismatched keys)."""
+    model, info = getattr(transformers, hf_class).from_pretrained(directory, output_loading_info=True)
+    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if problems or info.get("error_msgs"):
+        raise ConversionError(f"{directory}: transformers' {hf_class} does not load it cleanly: {problems or info}")
+    return model.eval()
 
 
-def hf_to_pth(state_dict: Mapping[str, np.ndarray], encoder_prefix: str = "vit.") -> OrderedDict[str, np.ndarray]:
-    """transformers keys -> `.pth` keys (q, k, v concatenated into qkv)."""
-    out = OrderedDict()
-    for key, value in state_dict.items():
-        fields, pth = _match(key, 1, encoder_prefix)
-        if fields.get("qkv") == "q":
-            parts = [state_dict[key.replace(".q_proj.", f".{name}_proj.")] for name in "qkv"]
-            out[pth.format(**fields)] = np.concatenate(parts)
-        elif "qkv" not in fields:
-            out[pth.format(**fields)] = value
-    return out
+def classifier_forward(module: torch.nn.Module, hf_class: str | None) -> Callable[[torch.Tensor], np.ndarray]:
+    """NCHW images -> what the JAX classifier returns: logits, or the cls features after the
+    final norm for an encoder (`hf_class` None: a timm model, which returns either itself)."""
+    if hf_class is None:
+        return lambda x: module(x).numpy()
+    if hf_class == "ViTForImageClassification":
+        return lambda x: module(pixel_values=x).logits.numpy()
+    if hf_class == "ViTMAEModel":  # it masks: keep every patch, in order (increasing noise)
+        module.config.mask_ratio = 0.0
+        return lambda x: module(pixel_values=x, noise=_in_order(x, module.config.patch_size)).last_hidden_state[:, 0].numpy()
+    return lambda x: module(pixel_values=x).last_hidden_state[:, 0].numpy()
 
 
-def _match(key: str, side: int, encoder_prefix: str) -> tuple[dict[str, str], str]:
-    """(placeholder values, the other side's template) for `key` on `side` (0 pth, 1 hf)."""
-    for pair in _LAYOUT:
-        template = pair[side].replace("{e}", encoder_prefix)
-        pattern = re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**_FIELDS)
-        match = re.fullmatch(pattern, key)
-        if match:
-            return match.groupdict(), pair[1 - side].replace("{e}", encoder_prefix)
-    raise KeyError(f"no .pth <-> transformers mapping for {key!r}")
+def _in_order(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    num_patches = (images.shape[-1] // patch_size) ** 2
+    return torch.arange(num_patches, dtype=torch.float32).expand(len(images), -1)
 
 
 def load_numpy_state_dict(module: torch.nn.Module, state_dict: Mapping[str, np.ndarray]) -> torch.nn.Module:

@@ -7,7 +7,6 @@ numerical parity against timm / transformers is in `test_parity.py`.
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from torch_helpers import assert_same_bits, payloads
 
 import convert
 from convert import cli, references
@@ -48,15 +48,6 @@ def random_params(arch: Architecture, seed: int = 0, dtype=np.float32) -> dict:
 
 def tensors(state_dict) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, numpy_to_tensor(v)) for k, v in state_dict.items())
-
-
-def assert_same_bits(a: dict, b: dict) -> None:
-    """Same keys in the same order, and every array the same dtype, shape and bytes."""
-    assert list(a) == list(b)
-    for key in a:
-        x, y = np.asarray(a[key]), np.asarray(b[key])
-        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
-        assert x.tobytes() == y.tobytes(), key
 
 
 def mae_training_checkpoint(state_dict) -> dict:
@@ -109,28 +100,11 @@ def test_numpy_scalars_load_under_numpy_1_and_2_names(tmp_path):
         assert list(loaded) == list(values["model"])
 
 
-class _Payload:
-    """Pickles as a call of `function(argument)`: what a malicious checkpoint holds."""
-
-    def __init__(self, function, argument):
-        self.function, self.argument = function, argument
-
-    def __reduce__(self):
-        return self.function, (self.argument,)
-
-
-def _payloads(marker: Path) -> dict[str, _Payload]:
-    return {
-        "os.system": _Payload(os.system, f"touch {marker}"),
-        "exec": _Payload(exec, f"open({str(marker)!r}, 'w').close()"),
-    }
-
-
 @pytest.mark.parametrize("payload", ["os.system", "exec"])
 @pytest.mark.parametrize("writer", ["torch.save", "legacy torch.save", "plain pickle"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, writer):
     marker = tmp_path / "payload_ran"
-    evil = {"args": _payloads(marker)[payload], "model": tensors(random_state_dict(GLOBAL_POOL))}
+    evil = {"args": payloads(marker)[payload], "model": tensors(random_state_dict(GLOBAL_POOL))}
     path = tmp_path / "evil.pth"
     if writer == "plain pickle":
         path.write_bytes(pickle.dumps(evil, protocol=2))  # the protocol torch.load reads
@@ -147,7 +121,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, payload, writer):
 def test_trust_pickle_runs_the_payload_after_a_warning(tmp_path, capsys):
     """The opt-in really unpickles (so the refusal above is what protects)."""
     marker = tmp_path / "payload_ran"
-    torch.save({"model": _payloads(marker)["os.system"]}, tmp_path / "evil.pth")
+    torch.save({"model": payloads(marker)["os.system"]}, tmp_path / "evil.pth")
     with pytest.raises(convert.ConversionError, match=r"entry|not a checkpoint"):
         convert.load_torch_checkpoint(tmp_path / "evil.pth", trust_pickle=True)
     assert marker.exists()

@@ -8,47 +8,20 @@ The last tests drive `python main.py parity` itself on small models.
 
 from __future__ import annotations
 
-import functools
-from collections import OrderedDict
-
-import jax
 import numpy as np
 import pytest
 import torch
+from torch_helpers import images, masking_noise, nchw, numpy_state_dict, pth_layout, run_jax
 
 import semmae_jax.data
 from convert import parity, references, torch_to_flax
 from convert.arch import Architecture, full_config
-from convert.safe_load import save_torch_checkpoint, tensor_to_numpy
+from convert.safe_load import save_torch_checkpoint
 from convert.table import unflatten
 from semmae_jax.models import create_model
 
 ATOL = 1e-4  # max abs difference of logits, pred and features
 LOSS_RTOL = 1e-5
-
-
-def numpy_state_dict(module: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, tensor_to_numpy(v)) for k, v in module.state_dict().items())
-
-
-def images(config: dict, batch: int = 2) -> np.ndarray:
-    shape = (batch, config["img_size"], config["img_size"], config["in_chans"])
-    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-
-
-def masking_noise(config: dict, batch: int = 2) -> np.ndarray:
-    return np.random.default_rng(1).random((batch, (config["img_size"] // config["patch_size"]) ** 2), dtype=np.float32)
-
-
-def nchw(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def run_jax(model, params, *args, **kwargs):
-    """`model.apply` jitted, in float32 matmul precision; static keywords go in `kwargs`."""
-    with jax.default_matmul_precision("float32"):
-        out = jax.jit(functools.partial(model.apply, **kwargs))({"params": params}, *args)
-    return jax.tree.map(np.asarray, out)
 
 
 @pytest.mark.parametrize("global_pool", [True, False], ids=["global_pool", "cls"])
@@ -92,11 +65,11 @@ def test_layer_norm_eps_is_1e6_where_it_matters():
 
 
 @pytest.fixture(scope="module")
-def mae_base():
+def mae_base(tmp_path_factory):
     """A transformers MAE of `mae_vit_base_patch16`'s shape and its weights in the `.pth` layout."""
     config = full_config("mae_vit_base_patch16")
     reference = references.randomize_(references.hf_mae(config), seed=1)
-    return reference, references.hf_to_pth(numpy_state_dict(reference)), config
+    return reference, pth_layout(reference, tmp_path_factory.mktemp("mae_base")), config
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True], ids=["pixels", "norm_pix_loss"])
@@ -115,12 +88,12 @@ def test_mae_loss_pred_mask_match_transformers(mae_base, norm_pix_loss):
     assert abs(float(loss) - expected.loss.item()) <= LOSS_RTOL * abs(expected.loss.item())
 
 
-def test_encoder_only_features_match_vitmae_model():
+def test_encoder_only_features_match_vitmae_model(tmp_path):
     """An encoder-only file: MAE's masked `forward_encoder` and the unmasked feature extractor
     it converts to both equal transformers' `ViTMAEModel`."""
     config = full_config("mae_vit_base_patch16")
     reference = references.randomize_(references.hf_mae(config, encoder_only=True), seed=2)
-    params, name, overrides = torch_to_flax(references.hf_to_pth(numpy_state_dict(reference), encoder_prefix=""))
+    params, name, overrides = torch_to_flax(pth_layout(reference, tmp_path))
     assert (name, overrides) == ("vit_base_patch16", {"num_classes": 0, "global_pool": False})
     x, noise = images(config), masking_noise(config)
 
@@ -157,7 +130,7 @@ def small_checkpoints(tmp_path) -> dict[str, str]:
         )
         files[layout] = numpy_state_dict(timm_model)
     hf = references.randomize_(references.hf_mae(full_config("mae_vit_test_patch4")), seed=3)
-    files["mae"] = references.hf_to_pth(numpy_state_dict(hf))
+    files["mae"] = pth_layout(hf, tmp_path / "hf_mae")
     for layout, state_dict in files.items():
         save_torch_checkpoint(tmp_path / f"{layout}.pth", state_dict)
     return {layout: str(tmp_path / f"{layout}.pth") for layout in files}

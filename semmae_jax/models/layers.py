@@ -40,10 +40,11 @@ zeros = nn.initializers.zeros
 ones = nn.initializers.ones
 
 
-def layer_norm(name: str | None, dtype: Dtype) -> nn.LayerNorm:
-    """LayerNorm(eps=1e-6); statistics are computed in float32 whatever `dtype` is."""
+def layer_norm(name: str | None, dtype: Dtype, eps: float = LN_EPS) -> nn.LayerNorm:
+    """LayerNorm(eps=1e-6 unless a checkpoint says otherwise: transformers' hub configs carry
+    1e-12); statistics are computed in float32 whatever `dtype` is."""
     return nn.LayerNorm(
-        epsilon=LN_EPS,
+        epsilon=eps,
         dtype=dtype,
         scale_init=logical(ones, "embed"),
         bias_init=logical(zeros, "embed"),
@@ -178,16 +179,16 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
+    norm_eps: float = LN_EPS
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dim = x.shape[-1]
         drop = DropPath(self.drop_path)
-        x = x + drop(
-            Attention(self.num_heads, self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x)), deterministic
-        )
+        norm1, norm2 = (layer_norm(name, self.dtype, self.norm_eps) for name in ("norm1", "norm2"))
+        x = x + drop(Attention(self.num_heads, self.dtype, name="attn")(norm1(x)), deterministic)
         mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")
-        x = x + drop(mlp(layer_norm("norm2", self.dtype)(x)), deterministic)
+        x = x + drop(mlp(norm2(x)), deterministic)
         return nn.with_logical_constraint(x, ACT)
 
 
@@ -198,6 +199,7 @@ def make_blocks(
     mlp_ratio: float,
     dtype: Dtype,
     remat: bool,
+    norm_eps: float = LN_EPS,
     drop_path_rates: Sequence[float] | None = None,
 ) -> list[Block]:
     """`depth` blocks for a `setup()` list attribute (Flax names them `{attr}_{i}`).
@@ -207,7 +209,7 @@ def make_blocks(
     """
     block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
     rates = drop_path_rates if drop_path_rates is not None else [0.0] * depth
-    return [block_cls(num_heads, mlp_ratio, rates[i], dtype) for i in range(depth)]
+    return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps) for i in range(depth)]
 
 
 def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool = True) -> jax.Array:

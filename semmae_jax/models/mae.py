@@ -18,7 +18,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from semmae_jax.models.layers import ACT, Dtype, PatchEmbed, apply_blocks, dense, layer_norm, logical, make_blocks
+from semmae_jax.models.layers import (
+    ACT,
+    LN_EPS,
+    Dtype,
+    PatchEmbed,
+    apply_blocks,
+    dense,
+    layer_norm,
+    logical,
+    make_blocks,
+)
 from semmae_jax.models.pos_embed import sincos_init
 
 # Parameters that MAE creates with requires_grad=False.
@@ -99,6 +109,7 @@ class MaskedAutoencoderViT(nn.Module):
     norm_pix_loss: bool = False
     dtype: Dtype = jnp.float32
     remat: bool = False
+    layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
 
     @property
     def grid_size(self) -> int:
@@ -111,13 +122,13 @@ class MaskedAutoencoderViT(nn.Module):
     def setup(self) -> None:
         tokens = logical(nn.initializers.normal(0.02), None, None, "embed")
         table = logical(sincos_init(self.grid_size), None, None, "embed")
-        blocks = dict(mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat)
+        blocks = dict(mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, norm_eps=self.layer_norm_eps)
         # Encoder.
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
         self.cls_token = self.param("cls_token", tokens, (1, 1, self.embed_dim))
         self.pos_embed = self.param("pos_embed", table, (1, self.num_patches + 1, self.embed_dim))
         self.blocks = make_blocks(self.depth, self.num_heads, **blocks)
-        self.norm = layer_norm(None, self.dtype)
+        self.norm = layer_norm(None, self.dtype, self.layer_norm_eps)
         # Decoder.
         self.decoder_embed = dense(self.decoder_embed_dim, (None, "embed"), None, self.dtype)
         self.mask_token = self.param("mask_token", tokens, (1, 1, self.decoder_embed_dim))
@@ -125,7 +136,7 @@ class MaskedAutoencoderViT(nn.Module):
             "decoder_pos_embed", table, (1, self.num_patches + 1, self.decoder_embed_dim)
         )
         self.decoder_blocks = make_blocks(self.decoder_depth, self.decoder_num_heads, **blocks)
-        self.decoder_norm = layer_norm(None, self.dtype)
+        self.decoder_norm = layer_norm(None, self.dtype, self.layer_norm_eps)
         self.decoder_pred = dense(self.patch_size**2 * self.in_chans, ("embed", None), None, self.dtype)
 
     def forward_encoder(

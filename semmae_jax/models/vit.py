@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from semmae_jax.models.layers import (
     ACT,
+    LN_EPS,
     Dtype,
     PatchEmbed,
     apply_blocks,
@@ -48,6 +49,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     remat: bool = False
+    layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
 
     @property
     def grid_size(self) -> int:
@@ -68,12 +70,13 @@ class VisionTransformer(nn.Module):
             mlp_ratio=self.mlp_ratio,
             dtype=self.dtype,
             remat=self.remat,
+            norm_eps=self.layer_norm_eps,
             drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth),
         )
         if self.global_pool:
-            self.fc_norm = layer_norm(None, self.dtype)
+            self.fc_norm = layer_norm(None, self.dtype, self.layer_norm_eps)
         else:
-            self.norm = layer_norm(None, self.dtype)
+            self.norm = layer_norm(None, self.dtype, self.layer_norm_eps)
         if self.num_classes:
             head_init = nn.initializers.normal(HEAD_INIT_STD)
             self.head = dense(self.num_classes, ("embed", "classes"), None, self.dtype, kernel_init=head_init)

@@ -1,0 +1,91 @@
+"""Helpers shared by the converter's tests: state dicts as numpy, inputs, JAX runs, bit comparisons,
+and tiny randomised transformers models of the test models' shapes."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+import transformers
+
+from convert import references
+from convert.hf_files import read_hf
+from convert.safe_load import tensor_to_numpy
+
+# transformers configs of `mae_vit_test_patch4` / `vit_test_patch4`'s shapes (hub defaults otherwise).
+TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                    patch_size=4)  # fmt: skip
+TINY_DECODER = dict(decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                    decoder_intermediate_size=64)  # fmt: skip
+HF_CLASSES = ("ViTMAEForPreTraining", "ViTMAEModel", "ViTModel", "ViTForImageClassification")
+
+
+def numpy_state_dict(module: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, tensor_to_numpy(v)) for k, v in module.state_dict().items())
+
+
+def images(config: dict, batch: int = 2) -> np.ndarray:
+    shape = (batch, config["img_size"], config["img_size"], config["in_chans"])
+    return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+
+
+def masking_noise(config: dict, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(1).random((batch, (config["img_size"] // config["patch_size"]) ** 2), dtype=np.float32)
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def run_jax(model, params, *args, **kwargs):
+    """`model.apply` jitted, in float32 matmul precision; static keywords go in `kwargs`."""
+    with jax.default_matmul_precision("float32"):
+        out = jax.jit(functools.partial(model.apply, **kwargs))({"params": params}, *args)
+    return jax.tree.map(np.asarray, out)
+
+
+def assert_same_bits(a: dict, b: dict) -> None:
+    """Same keys in the same order, and every array the same dtype, shape and bytes."""
+    assert list(a) == list(b)
+    for key in a:
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        assert (x.dtype, x.shape) == (y.dtype, y.shape), key
+        assert x.tobytes() == y.tobytes(), key
+
+
+def tiny_hf(hf_class: str, *, seed: int = 0, **config) -> torch.nn.Module:
+    """A transformers `hf_class` of the test models' shapes with random weights of a real scale
+    (`references.randomize_`: perturbed LayerNorm scales and biases, random tables and tokens)."""
+    if hf_class.startswith("ViTMAE"):
+        hf_config = transformers.ViTMAEConfig(**TINY_ENCODER, **TINY_DECODER, **config)
+    else:
+        hf_config = transformers.ViTConfig(**TINY_ENCODER, **{"num_labels": 10, **config})
+    return references.randomize_(getattr(transformers, hf_class)(hf_config).eval(), seed)
+
+
+def pth_layout(module: torch.nn.Module, directory) -> OrderedDict[str, np.ndarray]:
+    """A transformers model's weights in the `.pth` layout: `save_pretrained`, then the converter's reader."""
+    module.save_pretrained(directory)
+    return read_hf(directory).state_dict
+
+
+class Payload:
+    """Pickles as a call of `function(argument)`: what a malicious checkpoint holds."""
+
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return self.function, (self.argument,)
+
+
+def payloads(marker: Path) -> dict[str, Payload]:
+    return {
+        "os.system": Payload(os.system, f"touch {marker}"),
+        "exec": Payload(exec, f"open({str(marker)!r}, 'w').close()"),
+    }
