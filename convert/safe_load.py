@@ -158,9 +158,21 @@ def _unpickle(path: Path, trust_pickle: bool) -> Any:
                 f"{path}: refused to unpickle '{refused}', which is not in the allow-list of harmless "
                 "checkpoint globals; if you trust this file, pass --trust-pickle (it runs the file's code)"
             ) from err
+        if _is_plain_pickle(path):
+            raise ConversionError(
+                f"{path}: a plain Python pickle, not a torch.save file: refused (unpickling it could run code); "
+                "if you trust it, pass --trust-pickle, or load it yourself and torch.save its state dict"
+            ) from err
         raise ConversionError(
             f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_first_line(err)}"
         ) from err
+
+
+def _is_plain_pickle(path: str | Path) -> bool:
+    """A pickle that is not torch's legacy format (which opens with protocol 2 and its magic number as LONG1)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:1] == b"\x80" and head != b"\x80\x02\x8a\x0a"
 
 
 def _refused_global(message: str) -> str | None:

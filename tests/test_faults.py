@@ -237,3 +237,16 @@ def test_eval_names_a_head_of_another_shape_once_and_counts_unreadable_images(de
     count = sum(1 for p in (data / "val").rglob("*") if p.is_file())
     assert f"Accuracy of the network on the {count - 1} test images" in out
     assert "1 unreadable image(s) left out" in out
+
+
+def test_a_plain_pickle_is_refused_as_a_pickle_not_called_corrupt(tmp_path):
+    import pickle
+
+    from convert.safe_load import load_torch_checkpoint
+    from convert.table import ConversionError
+
+    path = tmp_path / "plain.pth"
+    path.write_bytes(pickle.dumps({"model": {"w": np.zeros(3)}}))
+    with pytest.raises(ConversionError, match="a plain Python pickle, not a torch.save file: refused") as error:
+        load_torch_checkpoint(path)
+    assert "corrupt" not in str(error.value)

@@ -134,8 +134,8 @@ def make_finetune_step(model: Any, tx: optax.GradientTransformation, config: Fin
             return mixup.soft_target_cross_entropy(logits, targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        state, skipped = apply_gradients(state, tx, grads, loss)
-        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
+        state, refused = apply_gradients(state, tx, grads, loss)
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **refused}
 
     return step
 

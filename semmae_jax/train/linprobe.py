@@ -74,8 +74,8 @@ def make_probe_step(encoder: nn.Module, head: ProbeHead, tx: optax.GradientTrans
             return optax.softmax_cross_entropy(logits, labels).mean(), updates
 
         (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        state, skipped = apply_gradients(state, tx, grads, loss, model_state=model_state)
-        return state, {"loss": loss, "nonfinite": skipped}
+        state, refused = apply_gradients(state, tx, grads, loss, model_state=model_state)
+        return state, {"loss": loss, **refused}
 
     return step
 

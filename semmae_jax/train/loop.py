@@ -30,6 +30,7 @@ from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.train.state import TrainState
 
+COUNTS = ("nonfinite", "nonfinite_loss")  # per-step flags of refused steps: counted, never averaged
 Step = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -92,15 +93,16 @@ class EpochStats:
 
     sums: dict[str, Any] = dataclasses.field(default_factory=dict)
     good: Any = 0.0  # steps that were applied
-    first_refused: Any = -1  # the state index (step before the update) of the first refused step
+    first_diverged: Any = -1  # the state index (step before the update) of the first non-finite loss
     elapsed: float = 0.0  # seconds spent in this epoch before a resume
     start: float = dataclasses.field(default_factory=time.perf_counter)
 
     def add(self, metrics: dict[str, jax.Array], step: int) -> None:
         ok = 1.0 - metrics.get("nonfinite", 0.0)
-        self.first_refused = jnp.where((self.first_refused < 0) & (ok == 0), step, self.first_refused)
+        diverged = metrics.get("nonfinite_loss", 0.0) > 0
+        self.first_diverged = jnp.where((self.first_diverged < 0) & diverged, step, self.first_diverged)
         for name, value in metrics.items():
-            value = value if name == "nonfinite" else jnp.where(ok > 0, value, 0.0)
+            value = value if name in COUNTS else jnp.where(ok > 0, value, 0.0)
             self.sums[name] = self.sums.get(name, jnp.zeros((), jnp.float32)) + value
         self.good = self.good + ok
 
@@ -110,7 +112,7 @@ class EpochStats:
 
     def means(self) -> dict[str, float]:
         good = max(float(self.good), 1.0)
-        return {name: float(value) if name == "nonfinite" else float(value) / good for name, value in self.sums.items()}
+        return {name: float(value) / good for name, value in self.sums.items() if name not in COUNTS}
 
     def seconds(self) -> float:
         return self.elapsed + time.perf_counter() - self.start
@@ -204,15 +206,16 @@ class Trainer:
         """Stop once more steps were refused as non-finite than `--max_nonfinite_steps` allows.
 
         Refused steps change nothing, so every checkpoint is finite; but a checkpoint whose
-        params gave the first non-finite loss (step t, and any saved after it) diverged
-        already: those are set aside as `<step>.diverged`, so that the same command with a
-        lower lr resumes from the last good one.
+        params gave the first non-finite loss or gradient (step t, and any saved after it)
+        diverged already: those are set aside as `<step>.diverged`, so that the same command
+        with a lower lr resumes from the last good one. (A refused update from sane params,
+        an lr too high for them, leaves their checkpoint good.)
         """
         skipped = self.skipped_before + stats.skipped
         if skipped <= self.max_nonfinite_steps:
             return
         self.checkpoints.wait()
-        first = int(stats.first_refused)
+        first = int(stats.first_diverged)
         diverged = [s for s in self.checkpoints.all_steps() if self.skipped_before == 0 and s >= first >= 0]
         for step in diverged:
             self.checkpoints.set_aside(step, "diverged")
@@ -236,14 +239,14 @@ class Trainer:
         if "alpha" in values:
             shown["alpha"] = f"{values['alpha']:.3f}"
         bar.set_postfix(shown)
-        self.log.scalars(step, {f"train/{k}": v for k, v in values.items() if k != "nonfinite"})
+        self.log.scalars(step, {f"train/{k}": v for k, v in values.items() if k not in COUNTS})
         return time.perf_counter(), bar.n
 
     def _end_epoch(self, epoch: int, state: TrainState, stats: EpochStats, first_batch: Any) -> None:
         self._check_finite(stats, f"the end of epoch {epoch}")
         self.skipped_before += stats.skipped
         means = stats.means()
-        line = {f"train_{k}": v for k, v in means.items() if k != "nonfinite"}
+        line = {f"train_{k}": v for k, v in means.items()}
         if stats.skipped:
             line["nonfinite_steps"] = int(stats.skipped)
         line.update({"train_lr": self.lr_at(int(state.step)), "epoch": epoch, "seconds": stats.seconds()})

@@ -91,8 +91,8 @@ def make_parts_step(model: PartModel, tx: optax.GradientTransformation, weights:
             return part_losses(outputs, batch["image"], weights, background)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        state, skipped = apply_gradients(state, tx, grads, loss)
-        return state, {**metrics, "grad_norm": optax.tree.norm(grads), "nonfinite": skipped}
+        state, refused = apply_gradients(state, tx, grads, loss)
+        return state, {**metrics, "grad_norm": optax.tree.norm(grads), **refused}
 
     return step
 

@@ -59,16 +59,18 @@ def make_pretrain_step(
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        state, skipped = apply_gradients(state, tx, grads, loss)
-        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "alpha": alpha, "nonfinite": skipped}
+        state, refused = apply_gradients(state, tx, grads, loss)
+        return state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "alpha": alpha, **refused}
 
     return step
 
 
 def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: Any, loss: jax.Array,
-                    **changes: Any) -> tuple[TrainState, jax.Array]:
+                    **changes: Any) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `grads`, applied only if it is finite: (the state one micro-batch later,
-    1.0 where the step was skipped else 0.0). `changes`: other fields, e.g. model_state.
+    metrics `nonfinite`: 1.0 where the step was refused, and `nonfinite_loss`: 1.0 where the loss or
+    gradient itself was not finite, i.e. the params it started from had diverged already).
+    `changes`: other fields, e.g. model_state.
 
     A non-finite loss, gradient or updated parameter leaves params, optimizer state and
     `changes` as they were (only the step count moves on), so no state the loop can save
@@ -76,13 +78,15 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: 
     """
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, **changes)
-    finite = jnp.isfinite(loss) & _all_finite(grads) & _all_finite(new.params)
+    inputs_finite = jnp.isfinite(loss) & _all_finite(grads)
+    finite = inputs_finite & _all_finite(new.params)
     def pick(name: str) -> Any:
         return jax.tree.map(lambda a, b: jnp.where(finite, a, b), getattr(new, name), getattr(state, name))
 
     kept = state.replace(step=state.step + 1, params=pick("params"), opt_state=pick("opt_state"),
                          model_state=pick("model_state"))
-    return kept, 1.0 - finite.astype(jnp.float32)
+    return kept, {"nonfinite": 1.0 - finite.astype(jnp.float32),
+                  "nonfinite_loss": 1.0 - inputs_finite.astype(jnp.float32)}
 
 
 def _all_finite(tree: Any) -> jax.Array:
