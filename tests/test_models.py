@@ -280,7 +280,8 @@ def test_drop_path_is_active_in_training_only():
 
     np.testing.assert_array_equal(outputs(model, train=False), outputs(plain, train=False))
     np.testing.assert_array_equal(outputs(plain, train=True), outputs(plain, train=False))  # nothing else random
-    assert np.abs(outputs(model, train=True) - outputs(plain, train=True)).max() > 1e-3
+    reference = outputs(plain, train=True)
+    assert np.abs(outputs(model, train=True) - reference).max() > 0.1 * np.abs(reference).max()
 
 
 def test_bad_names_and_options_are_clear_errors():

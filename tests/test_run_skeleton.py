@@ -53,8 +53,8 @@ def _job_flags(job: str, root: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["pretrain", "finetune", "linprobe", "parts"])
 def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(job, demo_root, tmp_path):
-    out = tmp_path / "run"
-    cli_main([*_job_flags(job, tmp_path), *SHARED, "--data_path", str(demo_root), "--output_dir", str(out)])
+    out, flags = tmp_path / "run", _job_flags(job, tmp_path)
+    cli_main([*flags, *SHARED, "--data_path", str(demo_root), "--output_dir", str(out)])
     step_dir = checkpoint.resolve_step_dir(out / "checkpoints")
     assert step_dir.name == str(STEPS * EPOCHS)  # micro-batches seen
     counts = {path: int(value) for path, value in flat_by_path(checkpoint.load_item(step_dir, "opt_state")).items()
@@ -63,7 +63,7 @@ def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(jo
     assert any(p.endswith("gradient_step") for p in counts) and set(counts.values()) == {updates}, counts
     # After epoch 0 (2 of the 4 warm-up updates), the lr is half the peak; the peak follows the
     # effective batch: blr x (1 per device x 8 devices x accum_iter) / 256.
-    blr = float(_job_flags(job, tmp_path)[-1])
+    blr = float(flags[-1])
     first = json.loads((out / "log.txt").read_text().splitlines()[0])
     np.testing.assert_allclose(first["train_lr"], blr * 8 * ACCUM / 256 * (STEPS // ACCUM) / 4, rtol=1e-6)
     placement = (out / "param_placement.txt").read_text().splitlines()
