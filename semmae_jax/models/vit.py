@@ -48,6 +48,7 @@ class VisionTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
 
     @property
     def grid_size(self) -> int:
@@ -68,6 +69,7 @@ class VisionTransformer(nn.Module):
             mlp_ratio=self.mlp_ratio,
             dtype=self.dtype,
             remat=self.remat,
+            attention=self.attention,
             drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth),
         )
         if self.global_pool:
