@@ -362,7 +362,7 @@ def row_line(name: str, r: dict[str, Any]) -> str:
         return (f"{name}: {r['device_kind']}, bf16 {r['matmul_size']}^3 matmul {r['matmul_tflops']:.1f} TFLOP/s, "
                 f"copy {r['copy_gbs']:.0f} GB/s")
     return (f"{name}: batch {r['batch']}, {r['images_per_s']:.1f} img/s, {r['ms_per_step']:.1f} ms/step, "
-            f"peak {r['peak_gib']:.2f} GiB, compile {r['compile_s']:.1f} s")
+            f"peak {fmt(r['peak_gib'], '.2f')} GiB, compile {r['compile_s']:.1f} s")
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -381,7 +381,7 @@ def print_table(report: dict[str, Any]) -> None:
         ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r["ratios"].items())
         print(f"| {r['name']} | {r['model_run']} | {r['batch']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.1f} "
               f"| {r['model_tflops']:.1f} | {fmt(r['mfu_vs_measured'], '.1%')} | {r['mfu_vs_989']:.1%} "
-              f"| {r['peak_gib']:.2f} | {r['compile_s']:.1f} | {ratios} |")
+              f"| {fmt(r['peak_gib'], '.2f')} | {r['compile_s']:.1f} | {ratios} |")
     if report["skipped"]:
         print(f"\nskipped (budget of {report['budget_s']:.0f} s spent): " + "; ".join(report["skipped"]))
     print(f"\n{len(report['rows'])} rows in {report['elapsed_s']:.0f} s. {report['flops']}.")

@@ -50,9 +50,12 @@ def device_memory() -> dict[str, int] | None:
     return jax.devices()[0].memory_stats()
 
 
-def compiled_bytes(compiled: Any) -> int:
-    """XLA's estimate of the bytes one run needs: arguments + outputs + temporaries - donated."""
+def compiled_bytes(compiled: Any) -> int | None:
+    """XLA's estimate of the bytes one run needs: arguments + outputs + temporaries - donated
+    (None where the backend gives no memory analysis)."""
     m = compiled.memory_analysis()
+    if m is None:
+        return None
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
@@ -143,7 +146,7 @@ def fit_batch(compile_at: Callable[[int], Any], max_batch: int, limit: int | Non
             batch //= 2
             continue
         seconds, need = time.perf_counter() - start, compiled_bytes(compiled)
-        if limit is None or need <= limit:
+        if limit is None or need is None or need <= limit:
             return batch, compiled, seconds, tries
         fixed = compiled.memory_analysis().argument_size_in_bytes
         smaller = batch // 2
@@ -190,7 +193,8 @@ def peak_memory(compiled: Any) -> dict[str, Any]:
     stats = device_memory()
     if stats and "peak_bytes_in_use" in stats:
         return {"peak_gib": stats["peak_bytes_in_use"] / 2**30, "memory_source": "memory_stats peak_bytes_in_use"}
-    return {"peak_gib": compiled_bytes(compiled) / 2**30, "memory_source": "XLA memory_analysis (no memory_stats)"}
+    need = compiled_bytes(compiled)
+    return {"peak_gib": None if need is None else need / 2**30, "memory_source": "XLA memory_analysis (no memory_stats)"}
 
 
 def describe_device() -> dict[str, Any]:

@@ -22,7 +22,8 @@ BETAS, WEIGHT_DECAY, LR = (0.9, 0.95), 0.05, 1e-4
 def build(model_name: str, device: torch.device, compile_backend: str | None) -> tuple[Any, Any, torch.nn.Module]:
     """(model to call, optimizer, the module) on `device`."""
     module = hf_mae(full_config(model_name)).train().to(device)
-    module.set_attn_implementation("sdpa")
+    if hasattr(module, "set_attn_implementation"):  # else transformers' default, which is SDPA where torch has it
+        module.set_attn_implementation("sdpa")
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
     call = torch.compile(module, backend=compile_backend) if compile_backend else module
@@ -59,7 +60,8 @@ def time_at(model_name: str, batch: int, device: torch.device, compile_backend: 
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     return {"batch": batch, "images_per_s": batch / seconds, "ms_per_step": seconds * 1e3,
-            "compile_s": max(warm_s - warmup * seconds, 0.0) if compile_backend else 0.0}
+            "compile_s": max(warm_s - warmup * seconds, 0.0) if compile_backend else 0.0,
+            "attn_implementation": module.config._attn_implementation}
 
 
 def train_step(model_name: str, *, max_batch: int, compile_backend: str | None, warmup: int,
@@ -74,7 +76,9 @@ def train_step(model_name: str, *, max_batch: int, compile_backend: str | None, 
             torch.cuda.reset_peak_memory_stats(device)
         try:
             row = time_at(model_name, batch, device, compile_backend, warmup, steps)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as error:  # inductor wraps the OOMs it meets
+            if not isinstance(error, torch.cuda.OutOfMemoryError) and "out of memory" not in str(error).lower():
+                raise
             batch //= 2
             continue
         return {**row, **peak_memory(device), "torch": torch.__version__,
