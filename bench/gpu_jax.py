@@ -159,8 +159,9 @@ def fit_batch(compile_at: Callable[[int], Any], max_batch: int, limit: int | Non
 def train_step(kind: str, model_name: str, *, attention: str, setting: int, remat: bool, max_batch: int,
                warmup: int, steps: int) -> dict[str, Any]:
     """One pretraining or fine-tuning row: bf16 compute, fp32 params, the largest batch that fits."""
-    classes = {} if kind == "pretrain" else {"num_classes": FINETUNE_RECIPE.nb_classes}
-    model = create_model(model_name, dtype="bfloat16", attention=attention, remat=remat, **classes)
+    recipe = {} if kind == "pretrain" else {"num_classes": FINETUNE_RECIPE.nb_classes,
+                                            "drop_path_rate": FINETUNE_RECIPE.drop_path}
+    model = create_model(model_name, dtype="bfloat16", attention=attention, remat=remat, **recipe)
     mesh = one_device_mesh()
     stats = device_memory()
     limit = int(stats["bytes_limit"] * FIT_MARGIN) if stats and "bytes_limit" in stats else None
