@@ -204,7 +204,7 @@ def child(specs: list[dict[str, Any]], settings: Settings) -> None:
         except Exception as error:  # one row's failure is that row's result, not the suite's end
             result = {"error": f"{type(error).__name__}: {error}"[:800]}
         emit({"name": row.name, "model_run": model_run(row, settings), **result,
-              "wall_s": time.perf_counter() - start, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "wall_s": time.perf_counter() - start, "xla_flags_run": os.environ.get("XLA_FLAGS", ""),
               "tensorflow_imported": "tensorflow" in sys.modules})
 
 

@@ -50,7 +50,7 @@ def test_smoke_runs_every_row_with_finite_numbers(tmp_path):
             assert r["images_per_s"] > 0 and r["peak_gib"] > 0 and r["model_tflops"] > 0, name
             assert r["mfu_vs_measured"] > 0 and set(r["ratios"]) == set(r["vs"]), name
     assert rows["ceilings"]["matmul_tflops"] > 0 and rows["ceilings"]["copy_gbs"] > 0
-    assert gpu.WITHOUT_DEFAULT_FLAGS in rows["pretrain ViT-B/16 xla without default XLA flags"]["xla_flags"]
+    assert gpu.WITHOUT_DEFAULT_FLAGS in rows["pretrain ViT-B/16 xla without default XLA flags"]["xla_flags_run"]
     assert rows["torch ViT-L/16"]["batch"] == rows["pretrain ViT-L/16 xla"]["batch"]
     assert rows["torch.compile ViT-L/16"]["torch_compile"] == "eager"
     assert "| pretrain ViT-H/14 cudnn | mae_vit_test_patch4 | 8 |" in proc.stdout  # the table, printed last
