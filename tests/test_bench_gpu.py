@@ -138,3 +138,48 @@ def test_plan_orders_rows_by_importance_and_refers_only_to_earlier_rows():
         assert set(row.vs) <= set(names), row.name
     assert len(set(names)) == len(names)
     assert np.all([row.model for row in rows[1:]])
+
+
+def suite_with(rows, launches, budget_s=100.0):
+    """A Suite over `rows` whose child processes are `launches`: one function per start, called with
+    (batches, on_record) and returning whether the budget ran out."""
+    calls = []
+
+    def fake_launch(group, batches, settings, cache_dir, timeout_s, on_record):
+        calls.append(dict(batches))
+        return launches[len(calls) - 1](batches, on_record), ["last line of the child"]
+
+    args = SimpleNamespace(budget_s=budget_s, cache_dir=None, out="unused.json")
+    settings = gpu.Settings(False, 512, 1, 1, 8, 8, 1, 0.0)
+    suite = gpu.Suite(rows, settings, args)
+    suite.write = lambda: None
+    return suite, calls, fake_launch
+
+
+def result(batch):
+    return {"batch": batch, "images_per_s": 10.0, "ms_per_step": 1.0, "compile_s": 1.0, "peak_gib": 1.0,
+            "model_run": "mae_vit_test_patch4"}
+
+
+def test_out_of_memory_while_running_is_retried_in_a_new_process_at_half_the_batch(monkeypatch):
+    rows = [gpu.Row("a", "pretrain", "mae_vit_test_patch4"),
+            gpu.Row("b", "torch", "mae_vit_test_patch4", batch_of="a", vs=("a",))]
+    launches = [lambda batches, rec: rec({"name": "a", "retry_below": 512}) and False,
+                lambda batches, rec: rec({"name": "a", **result(batches["a"])}) and False,
+                lambda batches, rec: rec({"name": "b", **result(batches["b"])}) and False]
+    suite, calls, fake = suite_with(rows, launches)
+    monkeypatch.setattr(gpu, "launch", fake)
+    suite.run()
+    assert calls == [{"a": 512}, {"a": 256}, {"b": 256}]  # b starts from the batch a settled on
+    assert suite.results["a"]["batch"] == 256 and suite.skipped == []
+    assert suite.derived("b", suite.results["b"])["ratios"] == {"a": 1.0}
+
+
+def test_a_process_that_dies_is_that_rows_error_and_a_spent_budget_skips_the_rest(monkeypatch):
+    rows = [gpu.Row(name, "pretrain", "mae_vit_test_patch4") for name in "abc"]
+    launches = [lambda batches, rec: False, lambda batches, rec: True]  # a: dies; b: the budget runs out
+    suite, calls, fake = suite_with(rows, launches)
+    monkeypatch.setattr(gpu, "launch", fake)
+    suite.run()
+    assert "the process ended without a result: last line of the child" in suite.results["a"]["error"]
+    assert suite.skipped == ["b", "c"] and len(calls) == 2
