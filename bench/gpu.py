@@ -390,7 +390,7 @@ def print_table(report: dict[str, Any]) -> None:
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/gpu.json", help="JSON with every number (rewritten per row)")
-    parser.add_argument("--budget_s", type=float, default=420.0, help="stop starting rows after this many seconds")
+    parser.add_argument("--budget_s", type=float, default=420.0, help="seconds for the whole run; then the running row is stopped, the rest skipped")
     parser.add_argument("--cache_dir", default=None, help="persistent compilation cache (JAX and inductor)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--smoke", action="store_true", help="every code path on CPU with the test models")
