@@ -10,13 +10,26 @@ Three ways in, tried in this order:
 CPU runs use gloo collectives (the only cross-process CPU backend). A peer that dies is
 noticed by the coordination service's heartbeat: the survivors stop with an error
 after `heartbeat_timeout_seconds` instead of waiting forever in a collective.
+
+On a GPU, start-up also adds the project's default XLA flags (`GPU_XLA_FLAGS`) to
+`XLA_FLAGS`: XLA reads that variable once, when the backend starts, so this is the one
+moment they can be set. A flag that `XLA_FLAGS` already names keeps the user's value.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import MutableMapping
 
 import jax
+
+# The XLA flags every job sets on a GPU (NVIDIA's JAX image sets the same): the latency-hiding
+# scheduler overlaps collectives (and async copies) with compute. `bench/gpu.py` measures a
+# step with and without them. Override any of them with XLA_FLAGS, e.g.
+# XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false.
+GPU_XLA_FLAGS = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+_CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
 
 # Environment variables whose presence means "launched as one of several processes".
 _CLUSTER_HINTS = {
@@ -25,6 +38,37 @@ _CLUSTER_HINTS = {
     "TPU_WORKER_HOSTNAMES": lambda v: "," in v,
     "MEGASCALE_COORDINATOR_ADDRESS": bool,
 }
+
+
+def with_gpu_xla_flags(xla_flags: str, defaults: tuple[str, ...] = GPU_XLA_FLAGS) -> str:
+    """`xla_flags` plus every default whose flag it does not set already (the given value wins)."""
+    given = xla_flags.split()
+    names = {flag.split("=")[0] for flag in given}
+    return " ".join(given + [flag for flag in defaults if flag.split("=")[0] not in names])
+
+
+def gpu_expected(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Whether JAX will start on an NVIDIA GPU: a CUDA plugin is installed and neither
+    `JAX_PLATFORMS` nor an empty `CUDA_VISIBLE_DEVICES` rules it out. Answered without
+    starting the backend, which would read XLA_FLAGS too early."""
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if platforms and not {"cuda", "gpu"} & set(platforms.lower().split(",")):
+        return False
+    if environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return any(importlib.util.find_spec(name) is not None for name in _CUDA_PLUGINS)
+
+
+def apply_gpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Add `GPU_XLA_FLAGS` to `XLA_FLAGS` when JAX will start on a GPU; returns the flags added.
+
+    Call before anything touches a JAX device; afterwards XLA_FLAGS is no longer read.
+    """
+    if not gpu_expected(environ):
+        return []
+    old = environ.get("XLA_FLAGS", "")
+    environ["XLA_FLAGS"] = with_gpu_xla_flags(old)
+    return environ["XLA_FLAGS"].split()[len(old.split()):]
 
 
 def _cluster_detected() -> bool:
@@ -41,8 +85,10 @@ def initialize(
 ) -> bool:
     """Join the job's processes if there are several; True when running multi-process.
 
-    Call before anything touches a JAX device. Safe to call twice.
+    Call before anything touches a JAX device (it also sets the GPU's default XLA flags,
+    `apply_gpu_xla_flags`). Safe to call twice.
     """
+    apply_gpu_xla_flags()
     explicit = [coordinator_address, num_processes, process_id]
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise ValueError("give all three of --coordinator_address, --num_processes and --process_id, or none")

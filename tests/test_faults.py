@@ -247,6 +247,6 @@ def test_a_plain_pickle_is_refused_as_a_pickle_not_called_corrupt(tmp_path):
 
     path = tmp_path / "plain.pth"
     path.write_bytes(pickle.dumps({"model": {"w": np.zeros(3)}}))
-    with pytest.raises(ConversionError, match="a plain Python pickle, not a torch.save file: refused") as error:
+    with pytest.raises(ConversionError, match=r"a plain Python pickle, not a torch\.save file: refused") as error:
         load_torch_checkpoint(path)
     assert "corrupt" not in str(error.value)

@@ -68,3 +68,10 @@ def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(jo
     np.testing.assert_allclose(first["train_lr"], blr * 8 * ACCUM / 256 * (STEPS // ACCUM) / 4, rtol=1e-6)
     placement = (out / "param_placement.txt").read_text().splitlines()
     assert placement and all(" lr_scale=" in line or " frozen " in line for line in placement)
+
+
+@pytest.mark.parametrize("job", ["pretrain", "finetune", "linprobe", "parts"])
+def test_every_job_takes_attention_and_refuses_cudnn_on_cpu_in_one_line(job, demo_root, tmp_path):
+    flags = [*_job_flags(job, tmp_path), *SHARED, "--data_path", str(demo_root), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit, match=r"error: .*cudnn.*'cpu'"):
+        cli_main([*flags, "--attention", "cudnn"])

@@ -104,6 +104,37 @@ class PatchEmbed(nn.Module):
         return x.reshape(n, gh * gw, d)
 
 
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+QKV = ("act_batch", "act_len", "act_heads", None)
+
+
+def check_attention(implementation: str, dtype: Dtype, head_dim: int, device: Any = None) -> None:
+    """Refuse, with the reason, an attention implementation that cannot run on `device`
+    (default: JAX's first device).
+
+    `jax.nn.dot_product_attention(implementation="cudnn")` fails deep inside cuDNN's
+    lowering; these are its conditions (jax's `check_is_flash_attention`: a CUDA GPU,
+    bf16/fp16, head dim a multiple of 8 and <= 128, or 256 from compute capability 9.0),
+    checked before it is called so that the message names the model option.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={implementation!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation != "cudnn":
+        return
+    device = jax.devices()[0] if device is None else device
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability is None:
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU; JAX runs on {device.platform!r} "
+                         f"({device.device_kind}): use attention='xla'")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"attention='cudnn' (flash attention) runs in bfloat16 or float16, the model's dtype is "
+                         f"{jnp.dtype(dtype).name}: set dtype='bfloat16' or use attention='xla'")
+    max_dim = 256 if tuple(int(v) for v in str(capability).split(".")) >= (9, 0) else 128
+    if head_dim % 8 or head_dim > max_dim:
+        raise ValueError(f"attention='cudnn' needs a head dim that is a multiple of 8 and at most {max_dim} on "
+                         f"this GPU (compute capability {capability}); this model's is {head_dim}: use attention='xla'")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
@@ -111,15 +142,23 @@ class Attention(nn.Module):
     split) and the output kernel [heads, head_dim, D]: they initialise with the torch
     Linear's xavier bound (qkv fans D and 3D) and let tensor parallelism split whole
     heads. The softmax runs in float32 for any compute dtype.
+
+    `implementation` is `jax.nn.dot_product_attention`'s: 'xla' (any backend) or 'cudnn'
+    (cuDNN flash attention, NVIDIA GPUs in bfloat16/float16; the [heads, L, L] scores
+    are never stored). When the caller asks for the `intermediates` collection (stage
+    1's raw-attention baseline, attention pictures), the weights are computed explicitly
+    and sown as `attention`, whatever the implementation: a fused kernel has none to give.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    implementation: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
         head_dim = dim // self.num_heads
+        check_attention(self.implementation, self.dtype, head_dim)
         qkv = nn.Einsum(
             (dim, 3, self.num_heads, head_dim),
             "bnd,dthk->bnthk",
@@ -128,12 +167,11 @@ class Attention(nn.Module):
             bias_init=logical(zeros, None, "heads", "kv"),
             name="qkv",
         )(x)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * head_dim**-0.5, k)
-        logits = nn.with_logical_constraint(logits, ("act_batch", "act_heads", None, None))
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        self.sow("intermediates", "attention", weights)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+        q, k, v = (nn.with_logical_constraint(qkv[:, :, i], QKV) for i in range(3))
+        if self.is_mutable_collection("intermediates"):
+            out = self.explicit_attention(q, k, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return nn.Einsum(
             (self.num_heads, head_dim, dim),
             "bnhk,hkd->bnd",
@@ -142,6 +180,14 @@ class Attention(nn.Module):
             bias_init=logical(zeros, "embed"),
             name="proj",
         )(out)
+
+    def explicit_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """softmax(q k^T / sqrt(d)) v with the weights [B, heads, L, L] sown as `attention`."""
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * q.shape[-1] ** -0.5, k)
+        logits = nn.with_logical_constraint(logits, ("act_batch", "act_heads", None, None))
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        self.sow("intermediates", "attention", weights)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
 class Mlp(nn.Module):
@@ -180,13 +226,15 @@ class Block(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     norm_eps: float = LN_EPS
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dim = x.shape[-1]
         drop = DropPath(self.drop_path)
         norm1, norm2 = (layer_norm(name, self.dtype, self.norm_eps) for name in ("norm1", "norm2"))
-        x = x + drop(Attention(self.num_heads, self.dtype, name="attn")(norm1(x)), deterministic)
+        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+        x = x + drop(attn(norm1(x)), deterministic)
         mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")
         x = x + drop(mlp(norm2(x)), deterministic)
         return nn.with_logical_constraint(x, ACT)
@@ -200,16 +248,18 @@ def make_blocks(
     dtype: Dtype,
     remat: bool,
     norm_eps: float = LN_EPS,
+    attention: str = "xla",
     drop_path_rates: Sequence[float] | None = None,
 ) -> list[Block]:
     """`depth` blocks for a `setup()` list attribute (Flax names them `{attr}_{i}`).
 
     With `remat`, activations inside each block are recomputed in the backward pass
-    (`nn.remat`), trading compute for memory on the big models.
+    (`nn.remat`), trading compute for memory on the big models. `attention` is the
+    `Attention` implementation ('xla' or 'cudnn').
     """
     block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
     rates = drop_path_rates if drop_path_rates is not None else [0.0] * depth
-    return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps) for i in range(depth)]
+    return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps, attention) for i in range(depth)]
 
 
 def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool = True) -> jax.Array:

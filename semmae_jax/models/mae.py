@@ -110,6 +110,7 @@ class MaskedAutoencoderViT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
+    attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
 
     @property
     def grid_size(self) -> int:
@@ -122,7 +123,8 @@ class MaskedAutoencoderViT(nn.Module):
     def setup(self) -> None:
         tokens = logical(nn.initializers.normal(0.02), None, None, "embed")
         table = logical(sincos_init(self.grid_size), None, None, "embed")
-        blocks = dict(mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, norm_eps=self.layer_norm_eps)
+        blocks = dict(mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, norm_eps=self.layer_norm_eps,
+                      attention=self.attention)
         # Encoder.
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
         self.cls_token = self.param("cls_token", tokens, (1, 1, self.embed_dim))

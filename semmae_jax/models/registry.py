@@ -14,6 +14,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from semmae_jax.models.mae import FROZEN_PARAMS, MaskedAutoencoderViT
 from semmae_jax.models.vit import VisionTransformer
 
@@ -69,6 +70,8 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         if config["dtype"] not in _DTYPES:
             raise ValueError(f"unknown dtype {config['dtype']!r}; choose from {sorted(_DTYPES)}")
         config["dtype"] = _DTYPES[config["dtype"]]
+    if config.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention {config['attention']!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
     return config
 
 
@@ -77,7 +80,8 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     Overrides are any field of the module: `img_size`, `num_classes`, `global_pool`,
     `drop_path_rate`, `dtype` ('float32' / 'bfloat16' or a jnp dtype), `norm_pix_loss`,
-    `remat`, ...
+    `remat`, `attention` ('xla', the default, or 'cudnn': cuDNN flash attention, NVIDIA
+    GPUs in bfloat16/float16; refused with the reason elsewhere when the model is traced), ...
     """
     family, _ = _lookup(name)
     return _FAMILIES[family](**model_config(name, **overrides))

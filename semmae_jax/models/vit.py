@@ -50,6 +50,7 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
+    attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
 
     @property
     def grid_size(self) -> int:
@@ -71,6 +72,7 @@ class VisionTransformer(nn.Module):
             dtype=self.dtype,
             remat=self.remat,
             norm_eps=self.layer_norm_eps,
+            attention=self.attention,
             drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth),
         )
         if self.global_pool:

@@ -28,7 +28,7 @@ from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.paths import flat_by_path, summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
-from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
+from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.run import Job, Run, run
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
@@ -37,7 +37,7 @@ MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig(RunFlags, DataFlags, ScheduleFlags):
+class FinetuneConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_finetune.py`'s."""
 
     # Model.
@@ -101,7 +101,7 @@ def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
 def build_classifier(config: FinetuneConfig) -> nn.Module:
     return create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
                         global_pool=config.global_pool, drop_path_rate=config.drop_path, dtype=config.dtype,
-                        remat=config.remat)
+                        remat=config.remat, attention=config.attention)
 
 
 def validation(config: FinetuneConfig, data: Any, model: nn.Module, mesh: jax.sharding.Mesh,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from semmae_jax import distributed, sharding
 from semmae_jax.config import field
+from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,14 @@ class ScheduleFlags:
         """(lr, effective batch): the original's `lr = blr * eff_batch_size / 256` unless --lr."""
         effective = global_batch * self.accum_iter
         return (self.lr if self.lr is not None else self.blr * effective / 256), effective
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeFlags:
+    """How the model computes, whatever the job."""
+
+    attention: str = field("xla", "attention kernel: 'xla', or 'cudnn' (fused flash attention: NVIDIA GPUs, "
+                                  "bfloat16 / float16)", choices=ATTENTION_IMPLEMENTATIONS)
 
 
 @dataclasses.dataclass(frozen=True)

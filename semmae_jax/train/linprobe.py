@@ -26,14 +26,14 @@ from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
 from semmae_jax.paths import summarize
 from semmae_jax.train import evaluate, optim
-from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
+from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.run import Job, Run, run
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
-class LinprobeConfig(RunFlags, DataFlags, ScheduleFlags):
+class LinprobeConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_linprobe.py`'s."""
 
     model: str = field("vit_large_patch16", "registered classifier name (its encoder is probed)")
@@ -89,7 +89,7 @@ class LinprobeJob(Job):
     def __init__(self, config: LinprobeConfig, reader: WeightsReader | None = None) -> None:
         super().__init__(config, reader)
         self.encoder = create_model(config.model, img_size=config.input_size, num_classes=0,
-                                    global_pool=config.global_pool, dtype=config.dtype)
+                                    global_pool=config.global_pool, dtype=config.dtype, attention=config.attention)
 
     def build_model(self) -> nn.Module:
         return ProbeHead(self.config.nb_classes)

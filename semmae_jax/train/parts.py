@@ -38,14 +38,14 @@ from semmae_jax.parts import (
     part_losses,
 )
 from semmae_jax.train import optim
-from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
+from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.run import Job, Run, run
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
-class PartsConfig(RunFlags, DataFlags, ScheduleFlags):
+class PartsConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """`parts train` flags (with the shared run, data and schedule flags); `configs/parts_*.py` presets."""
 
     # Backbone and learner.
@@ -120,7 +120,8 @@ class PartsJob(Job):
                                                                                             config.input_size)
 
     def build_model(self) -> nn.Module:
-        return build_part_model(dataclasses.asdict(self.config), self.backbone_name, self.backbone_overrides)
+        overrides = {**self.backbone_overrides, "attention": self.config.attention}  # the run's, not saved with it
+        return build_part_model(dataclasses.asdict(self.config), self.backbone_name, overrides)
 
     def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
         c = self.config

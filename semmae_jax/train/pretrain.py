@@ -27,14 +27,14 @@ from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
-from semmae_jax.train.flags import DataFlags, RunFlags, ScheduleFlags
+from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
 from semmae_jax.train.run import Job, Run, run
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step, make_pretrain_step
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig(RunFlags, DataFlags, ScheduleFlags):
+class PretrainConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_pretrain.py`'s; `configs/*.py` presets change them."""
 
     # Model.
@@ -88,7 +88,7 @@ class PretrainJob(Job):
     def build_model(self) -> nn.Module:
         c = self.config
         return create_model(c.model, img_size=c.input_size, norm_pix_loss=c.norm_pix_loss, dtype=c.dtype,
-                            remat=c.remat)
+                            remat=c.remat, attention=c.attention)
 
     def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
