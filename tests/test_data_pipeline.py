@@ -38,8 +38,11 @@ def identity_folder(root, count: int, num_classes: int = 3) -> list:
 
 
 def file_ids(batch) -> np.ndarray:
-    red = batch["image"][..., 0].mean(axis=(1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]
-    return np.round((red * 255 - 4) / 8).astype(int)
+    """Which file each row shows, from its red level (training batches are uint8, evaluation's normalised)."""
+    red = batch["image"][..., 0].mean(axis=(1, 2))
+    if batch["image"].dtype != np.uint8:
+        red = (red * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+    return np.round((red - 4) / 8).astype(int)
 
 
 def train_loader(root, batch_size, **kwargs) -> TrainLoader:

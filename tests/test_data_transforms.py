@@ -42,8 +42,11 @@ def encode(pixels: np.ndarray, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def pixels_of(normalised: np.ndarray) -> np.ndarray:
-    return np.round((normalised * STD + MEAN) * 255).astype(np.int64)
+def pixels_of(image: np.ndarray) -> np.ndarray:
+    """Pixel values of a uint8 (training) or normalised (evaluation) image."""
+    if image.dtype == np.uint8:
+        return image.astype(np.int64)
+    return np.round((image * STD + MEAN) * 255).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- vote

@@ -27,15 +27,16 @@ with `tf.cond`: each cond costs a function call per image.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from semmae_jax.data.part_maps import NO_PART, UNLABELLED
+from semmae_jax.data.tf_runtime import tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,28 +79,70 @@ def decode_full(raw: dict[str, tf.Tensor]) -> tf.Tensor:
     return tf.cond(raw["pil"], with_pil, with_tf)
 
 
-def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+class Window(NamedTuple):
+    """A decoded crop window: the pixels, where the window lies in them, and in the image."""
+
+    pixels: tf.Tensor  # uint8 [h', w', 3]: the window, possibly decoded at 1/ratio of full size
+    box: tf.Tensor  # float32 [x0, y0, x1, y1]: the window inside `pixels` (PIL's resize box)
+    window: tf.Tensor  # int32 [top, left, h, w]: the window in the full-size image
+    size: tf.Tensor  # int32 [H, W]: the full image's size
+
+
+DECODE_RATIOS = (1, 2, 4, 8)  # libjpeg's DCT scalings that TensorFlow offers
+
+
+def decode_ratio(window: tf.Tensor, out_size: int) -> tf.Tensor:
+    """Index into `DECODE_RATIOS` of the largest ratio r with the window >= 2 r x `out_size` on both sides.
+
+    Decoded at 1/r the window still has at least twice the output's pixels per side
+    (and r = 1 when it has less), so the resize keeps downscaling: its antialiasing
+    filter, not the DCT, shapes the result.
+    """
+    shortest = tf.minimum(window[2], window[3])
+    fits = [tf.cast(shortest >= 2 * r * out_size, tf.int32) for r in DECODE_RATIOS[1:]]
+    return tf.add_n(fits)
+
+
+def _jpeg_window(data: tf.Tensor, size: tf.Tensor, window: tf.Tensor, ratio: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(pixels, box) of `window` decoded at 1/`ratio`: the scaled window's pixel cover, the exact box inside."""
+    scaled_size = (size + ratio - 1) // ratio  # libjpeg's scaled image size (rounded up)
+    start = window[:2] // ratio
+    stop = tf.minimum((window[:2] + window[2:] + ratio - 1) // ratio, scaled_size)
+    pixels = tf.io.decode_and_crop_jpeg(
+        data, tf.concat([start, stop - start], 0), channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE"
+    )
+    corner = tf.cast(window[:2], tf.float32) / ratio - tf.cast(start, tf.float32)
+    far = corner + tf.cast(window[2:], tf.float32) / ratio
+    return pixels, tf.stack([corner[1], corner[0], far[1], far[0]])
+
+
+def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn, out_size: int | None = None) -> Window:
     """Decode only the window `window_fn(height, width)` of the image.
 
-    Returns (crop uint8 [h, w, 3], window [top, left, h, w], full size [H, W]). A JPEG's
-    size is read from its header and only the window is decoded; other formats are
-    decoded whole and sliced.
+    A JPEG's size is read from its header and only the window is decoded; with
+    `out_size`, at a reduced resolution (`decode_ratio`) when the window is at least
+    twice `out_size` on both sides. Other formats are decoded whole and sliced.
     """
     data = raw["image"]
 
-    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         size = tf.io.extract_jpeg_shape(data)[:2]
         window = window_fn(size[0], size[1])
-        crop = tf.io.decode_and_crop_jpeg(data, window, channels=3, dct_method="INTEGER_ACCURATE")
-        return crop, window, size
+        if out_size is None:
+            return (*_jpeg_window(data, size, window, 1), window, size)
+        branches = [lambda r=r: _jpeg_window(data, size, window, r) for r in DECODE_RATIOS]
+        pixels, box = tf.switch_case(decode_ratio(window, out_size), branches)
+        return pixels, box, window, size
 
-    def whole() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    def whole() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
         image = decode_full(raw)
         size = tf.shape(image)[:2]
         window = window_fn(size[0], size[1])
-        return tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0)), window, size
+        pixels = tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0))
+        return pixels, tf.cast(tf.stack([0, 0, window[3], window[2]]), tf.float32), window, size
 
-    return tf.cond(tf.logical_and(tf.io.is_jpeg(data), tf.logical_not(raw["pil"])), jpeg, whole)
+    decoded = tf.cond(tf.logical_and(tf.io.is_jpeg(data), tf.logical_not(raw["pil"])), jpeg, whole)
+    return Window(*decoded)
 
 
 # ------------------------------------------------------------------------- geometry
@@ -139,10 +182,38 @@ def random_resized_crop_window(
     return tf.where(tf.reduce_any(fits), sampled, fallback)
 
 
-def resize(image: tf.Tensor, size: tf.Tensor | tuple[int, int], method: Interpolation) -> tf.Tensor:
-    """Resize to `size` as PIL does: antialiased when shrinking, rounded to uint8."""
-    resized = tf.image.resize(image, size, method=method, antialias=method != "nearest")
-    return tf.saturate_cast(tf.round(resized), tf.uint8)
+_PIL_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def _pil_resize(pixels: np.ndarray, size: np.ndarray, box: np.ndarray, method: str) -> np.ndarray:
+    image = Image.fromarray(pixels)
+    return np.asarray(image.resize((int(size[1]), int(size[0])), _PIL_FILTERS[method], box=tuple(box.tolist())))
+
+
+def resize(
+    image: tf.Tensor, size: tf.Tensor | tuple[int, int], method: Interpolation, box: tf.Tensor | None = None
+) -> tf.Tensor:
+    """uint8 [h, w, 3] -> uint8 [*size, 3] by PIL's `Image.resize`: torchvision's exact pixels.
+
+    PIL is what torchvision resizes with, and it is faster than TensorFlow's antialiased
+    resize (integer arithmetic; it releases the GIL, so tf.data threads run it in
+    parallel). `box` [x0, y0, x1, y1] (float, PIL's order) resizes only that region.
+    """
+    if box is None:
+        box = tf.cast(tf.stack([0, 0, tf.shape(image)[1], tf.shape(image)[0]]), tf.float32)
+    resized = tf.numpy_function(
+        functools.partial(_pil_resize, method=method),
+        [image, tf.convert_to_tensor(size, tf.int32), box],
+        tf.uint8,
+        stateful=False,
+    )
+    static = tf.get_static_value(tf.convert_to_tensor(size, tf.int32))
+    shape = [None, None, 3] if static is None else [int(static[0]), int(static[1]), 3]
+    return tf.ensure_shape(resized, shape)
 
 
 def torchvision_resize_size(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tensor:
@@ -255,6 +326,7 @@ class TrainTransform:
     interpolation: Interpolation = "bicubic"
     hflip: float = 0.5
     pixel_augment: Augment | None = None
+    reduced_decode: bool = True  # JPEG windows >= 2x img_size decoded at 1/2, 1/4, 1/8 (`decode_ratio`)
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -262,15 +334,17 @@ class TrainTransform:
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-        crop, window, size = decode_window(
-            raw, lambda h, w: random_resized_crop_window(crop_seed, h, w, self.scale, self.ratio)
+        decoded = decode_window(
+            raw,
+            lambda h, w: random_resized_crop_window(crop_seed, h, w, self.scale, self.ratio),
+            self.img_size if self.reduced_decode else None,
         )
         flip = tf.random.stateless_uniform([], flip_seed) < self.hflip
-        image = resize(crop, (self.img_size, self.img_size), self.interpolation)
+        image = resize(decoded.pixels, (self.img_size, self.img_size), self.interpolation, decoded.box)
         image = tf.gather(image, flip_columns(self.img_size, flip), axis=1)
         if self.pixel_augment is not None:
             image = self.pixel_augment(image, augment_seed)
-        labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
+        labels = warped_part_labels(raw["part"], decoded.window, decoded.size, self.img_size, self.patch_size, flip)
         return {"image": image, "part_labels": labels}
 
 
