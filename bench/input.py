@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import psutil
-import torch
+import torch  # torch/torchvision before TensorFlow: triton crashes if loaded after TF
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
 from PIL import Image
@@ -58,6 +58,7 @@ from semmae_jax.data.transforms import (
     resize,
     warped_part_labels,
 )
+from semmae_jax.models.registry import model_config
 
 SIZE, PATCH = 224, 16
 SCALE = (0.2, 1.0)
@@ -177,6 +178,48 @@ def compare(root: Path, packed_root: Path, args: argparse.Namespace) -> None:
         (theirs, their_cpu), (mine, my_cpu) = best[f"torchvision, {kind}"], best[f"ours, {kind}"]
         print(f"ratio, {kind:15s} {mine / theirs:5.2f}x images/s, {their_cpu / my_cpu:5.2f}x less CPU per image")
     print(f"packed / folder (part map)  {best['ours, part map, packed'][0] / best['ours, part map'][0]:5.2f}x images/s")
+    cores_per_gpu({name: best[name][0] / cores for name in ("ours, part map", "torchvision, part map")})
+
+
+# --------------------------------------------------------------- cores per GPU
+
+GPU_PEAK_FLOPS = 989e12  # H100 / H200 dense bf16
+MFU = 0.40
+
+
+def mae_train_flops(name: str, img_size: int = SIZE, mask_ratio: float = 0.75) -> float:
+    """FLOPs of one MAE training image: 3 x the forward's matmuls (2 per multiply-add), from the model's shape.
+
+    Encoder on the kept patches + cls, decoder on every patch + cls; per block 12 d^2
+    multiply-adds per token (qkv, projection, MLP x4) and 2 n d for attention.
+    """
+    config = model_config(name)
+    patches = (img_size // config["patch_size"]) ** 2
+    kept = int(patches * (1 - mask_ratio)) + 1
+    d, e = config["embed_dim"], config["decoder_embed_dim"]
+
+    def blocks(depth: int, tokens: int, width: int) -> float:
+        return depth * (12 * tokens * width**2 + 2 * tokens**2 * width)
+
+    pixels = config["patch_size"] ** 2 * 3
+    forward = (
+        (kept - 1) * pixels * d  # patch embedding
+        + blocks(config["depth"], kept, d)
+        + kept * d * e  # decoder embedding
+        + blocks(config["decoder_depth"], patches + 1, e)
+        + patches * e * pixels  # pixel prediction
+    )
+    return 3 * 2 * forward
+
+
+def cores_per_gpu(per_core: dict[str, float]) -> None:
+    """Cores of input pipeline one GPU needs at 40 % MFU, for each pipeline's measured images/s per core."""
+    print(f"cores per GPU at {MFU:.0%} MFU of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (from the FLOP count):")
+    for name in ("mae_vit_base_patch16", "mae_vit_large_patch16"):
+        flops = mae_train_flops(name)
+        rate = MFU * GPU_PEAK_FLOPS / flops
+        needs = ", ".join(f"{pipeline} {rate / speed:.1f}" for pipeline, speed in per_core.items())
+        print(f"  {name}: {flops / 1e9:.1f} GFLOP/image -> {rate:.0f} images/s; cores: {needs}")
 
 
 # ------------------------------------------------------------------------ profile
