@@ -178,7 +178,7 @@ def compare(root: Path, packed_root: Path, args: argparse.Namespace) -> None:
         (theirs, their_cpu), (mine, my_cpu) = best[f"torchvision, {kind}"], best[f"ours, {kind}"]
         print(f"ratio, {kind:15s} {mine / theirs:5.2f}x images/s, {their_cpu / my_cpu:5.2f}x less CPU per image")
     print(f"packed / folder (part map)  {best['ours, part map, packed'][0] / best['ours, part map'][0]:5.2f}x images/s")
-    cores_per_gpu({name: best[name][0] / cores for name in ("ours, part map", "torchvision, part map")})
+    cores_per_gpu({name: best[name][1] for name in list(best)[:4]})
 
 
 # --------------------------------------------------------------- cores per GPU
@@ -212,13 +212,14 @@ def mae_train_flops(name: str, img_size: int = SIZE, mask_ratio: float = 0.75) -
     return 3 * 2 * forward
 
 
-def cores_per_gpu(per_core: dict[str, float]) -> None:
-    """Cores of input pipeline one GPU needs at 40 % MFU, for each pipeline's measured images/s per core."""
+def cores_per_gpu(cpu_ms: dict[str, float]) -> None:
+    """Cores one GPU needs at 40 % MFU, from each pipeline's CPU ms per image (1000 / ms images/s per busy core:
+    steadier on a shared machine than images/s)."""
     print(f"cores per GPU at {MFU:.0%} MFU of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (from the FLOP count):")
     for name in ("mae_vit_base_patch16", "mae_vit_large_patch16"):
         flops = mae_train_flops(name)
         rate = MFU * GPU_PEAK_FLOPS / flops
-        needs = ", ".join(f"{pipeline} {rate / speed:.1f}" for pipeline, speed in per_core.items())
+        needs = ", ".join(f"{pipeline} {rate * ms / 1000:.1f}" for pipeline, ms in cpu_ms.items())
         print(f"  {name}: {flops / 1e9:.1f} GFLOP/image -> {rate:.0f} images/s; cores: {needs}")
 
 

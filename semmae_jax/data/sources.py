@@ -1,8 +1,9 @@
-"""Where examples come from: image folders in the original's layout, or TFDS.
+"""Where examples come from: image folders in the original's layout, packed data, or TFDS.
 
 A source knows its examples and the order they are read in; the transforms and the
-batching are the pipeline's (`pipeline.py`). Both kinds hand the pipeline a `Stream`:
-a tf.data dataset of cheap *references* (a path, or TFDS's still-encoded bytes) in the
+batching are the pipeline's (`pipeline.py`). Every kind hands the pipeline a `Stream`:
+a tf.data dataset of cheap *references* (a path, a record's place in a packed shard
+(`packed.py`, ordered as its image folder), or TFDS's still-encoded bytes) in the
 order one process reads them, plus a way to name an element for error messages.
 
 Image folders (`--data_path DIR`): `DIR/train/<class>/...`, `DIR/val/<class>/...`.

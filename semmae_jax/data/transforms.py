@@ -2,25 +2,27 @@
 
 Every transform takes one *raw* example, `{'image': encoded bytes, 'part': encoded
 part-map PNG or b'' for none, 'pil': whether the format needs PIL}`, and a stateless
-seed of shape [2], and returns a dict of tensors with the image still uint8; the
-pipeline normalises whole batches (`normalize`), which costs less than per image.
+seed of shape [2], and returns a dict of tensors with the image still uint8 (training
+batches reach the device as uint8 and are normalised there; evaluation's are
+normalised on the host, whole batches at once: `normalize`).
 With the seed coming from (seed, epoch, example id), an example's augmentation does
 not depend on which thread or process handles it: that is what makes the pipeline
 deterministic and resumable.
 
 * `TrainTransform`: MAE's pretraining augmentation, RandomResizedCrop (torchvision's
   parameter sampling) + horizontal flip. A JPEG is decoded only inside its crop window
-  (`decode_and_crop_jpeg`). The part map goes through the same geometry (window scaled
+  (`decode_and_crop_jpeg`), at reduced resolution when the window is >= 2x the output
+  (`decode_ratio`); resize + flip run in torch's uint8 antialiased kernel (`resize`).
+  The part map goes through the same geometry (window scaled
   to the map's own resolution, nearest sampling, same flip) and is reduced to one
   label per patch by majority vote, equal to `part_maps.patch_vote`. One optional hook,
   `pixel_augment` on uint8 pixels, is RandAugment's place for fine-tuning; tensor-level
   augmentations (random erasing, mixup / cutmix) belong on the device, in the step, as
   timm's fast loader does them on the GPU.
 * `EvalTransform`: resize the short side to `int(img_size / crop_pct)` with
-  torchvision's size rule, bicubic with antialiasing (as PIL), center crop.
+  torchvision's size rule, PIL's bicubic resize (torchvision's exact pixels), center crop.
 
-Resized pixels are rounded to uint8 as PIL's are, which keeps the numbers close to
-torchvision's. Cheap alternatives are selected with `tf.where` rather than branched
+Cheap alternatives are selected with `tf.where` rather than branched
 with `tf.cond`: each cond costs a function call per image.
 """
 
