@@ -17,7 +17,7 @@ from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
 from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader
 from semmae_jax.data.sources import image_folder
-from semmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
+from semmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, normalize
 
 TRANSFORM = TrainTransform(img_size=16, patch_size=8)
 
@@ -38,8 +38,11 @@ def identity_folder(root, count: int, num_classes: int = 3) -> list:
 
 
 def file_ids(batch) -> np.ndarray:
-    red = batch["image"][..., 0].mean(axis=(1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]
-    return np.round((red * 255 - 4) / 8).astype(int)
+    """Which file each row shows, from its red level (training batches are uint8, evaluation's normalised)."""
+    red = batch["image"][..., 0].mean(axis=(1, 2))
+    if batch["image"].dtype != np.uint8:
+        red = (red * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+    return np.round((red - 4) / 8).astype(int)
 
 
 def train_loader(root, batch_size, **kwargs) -> TrainLoader:
@@ -234,3 +237,16 @@ def test_prefetch_to_device_keeps_order_and_two_batches_ahead(mesh):
     for ours, theirs in zip([first, *rest], local_batches(5), strict=True):
         np.testing.assert_array_equal(np.asarray(ours["label"]), theirs["label"])
     assert list(prefetch_to_device(counted(1), mesh)) and len(pulled) == 6
+
+
+def test_prefetch_to_device_normalises_uint8_images_on_the_devices_as_the_host_would(mesh):
+    """Training batches travel as uint8; on the devices they must equal the host's normalisation (`normalize`)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    floats = np.random.default_rng(1).normal(size=(8, 2, 2, 3)).astype(np.float32)
+    batches = list(prefetch_to_device(iter([{"image": pixels, "label": np.arange(8)}, {"image": floats}]), mesh))
+    uint8_batch, float_batch = batches
+    assert uint8_batch["image"].dtype == np.float32
+    assert uint8_batch["image"].sharding == NamedSharding(mesh, P(("data", "fsdp")))
+    np.testing.assert_allclose(np.asarray(uint8_batch["image"]), normalize(pixels).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(uint8_batch["label"]), np.arange(8))
+    np.testing.assert_array_equal(np.asarray(float_batch["image"]), floats)  # already normalised: left as it is

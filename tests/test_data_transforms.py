@@ -1,6 +1,7 @@
 """Transforms: torchvision parity (crop sampling, eval pipeline), the patch vote, and the
 part map staying aligned with the image under the real augmentation."""
 
+import dataclasses
 import io
 
 import numpy as np
@@ -22,6 +23,7 @@ from semmae_jax.data.transforms import (
     EvalTransform,
     TrainTransform,
     decode_full,
+    decode_ratio,
     normalize,
     patch_vote,
     random_resized_crop_window,
@@ -42,8 +44,11 @@ def encode(pixels: np.ndarray, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def pixels_of(normalised: np.ndarray) -> np.ndarray:
-    return np.round((normalised * STD + MEAN) * 255).astype(np.int64)
+def pixels_of(image: np.ndarray) -> np.ndarray:
+    """Pixel values of a uint8 (training) or normalised (evaluation) image."""
+    if image.dtype == np.uint8:
+        return image.astype(np.int64)
+    return np.round((image * STD + MEAN) * 255).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------- vote
@@ -259,3 +264,61 @@ def test_part_labels_follow_the_colours_with_bicubic_jpegs(tmp_path):
                 agree += label == (-1 if winner == NO_PART else winner)
                 total += 1
     assert agree / total > 0.9
+
+
+# ------------------------------------------------- fast paths against the exact one, on photographs
+
+
+@pytest.fixture(scope="module")
+def photo_jpegs() -> list[bytes]:
+    """scikit-learn's two sample photographs (640 x 427), as JPEGs at quality 90."""
+    from sklearn.datasets import load_sample_images
+
+    return [encode(photo, "JPEG", quality=90) for photo in load_sample_images().images]
+
+
+def _window_and_flip(seed: tf.Tensor, transform: TrainTransform, height: int, width: int):
+    crop_seed, flip_seed, _ = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    window = random_resized_crop_window(crop_seed, height, width, transform.scale, transform.ratio)
+    return window.numpy(), bool(tf.random.stateless_uniform([], flip_seed) < transform.hflip)
+
+
+def test_train_resize_kernels_against_torchvision_on_photographs(photo_jpegs):
+    """Same window and flip as torchvision's RandomResizedCrop would apply: 'pil' gives its pixels
+    (up to the windowed JPEG decode), 'torch' stays within its documented 0.05 levels on average."""
+    exact, fast = TrainTransform(img_size=224, resize_kernel="pil"), TrainTransform(img_size=224)
+    distance = {"pil": [], "torch": []}
+    for data in photo_jpegs:
+        with Image.open(io.BytesIO(data)) as image:
+            photo = image.convert("RGB")
+        for k in range(12):
+            seed = tf.constant([k, 3], tf.int64)
+            (top, left, h, w), flip = _window_and_flip(seed, exact, photo.height, photo.width)
+            theirs = T.functional.resized_crop(photo, top, left, h, w, [224, 224], T.InterpolationMode.BICUBIC)
+            theirs = np.asarray(theirs.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else theirs, np.int64)
+            for name, transform in (("pil", exact), ("torch", fast)):
+                ours = transform(raw(data), seed)["image"].numpy().astype(np.int64)
+                distance[name].append(np.abs(ours - theirs).mean())
+    print({name: (float(np.mean(d)), float(np.max(d))) for name, d in distance.items()})
+    assert np.mean(distance["pil"]) < 0.01 and max(distance["pil"]) < 0.05  # measured 0.001 / 0.008
+    assert np.mean(distance["torch"]) < 0.05 and max(distance["torch"]) < 0.5  # measured 0.014 / 0.23
+
+
+def test_reduced_resolution_decode_stays_within_its_tolerance(photo_jpegs):
+    """Windows >= 2x the output decoded at 1/2, 1/4: about 2 grey levels of 255 from the exact
+    path on average (documented: at most 3 on average, 5 for any image), and used when it may."""
+    size = 64  # windows of a 640 x 427 photo at scale >= 0.5 are >= 2 x 64 on both sides
+    exact = TrainTransform(img_size=size, patch_size=16, scale=(0.5, 1.0), reduced_decode=False)
+    reduced = dataclasses.replace(exact, reduced_decode=True)
+    distances, ratios = [], []
+    for data in photo_jpegs:
+        for k in range(16):
+            seed = tf.constant([k, 7], tf.int64)
+            window, _ = _window_and_flip(seed, exact, 427, 640)
+            ratios.append(int(decode_ratio(tf.constant(window), size)))
+            ours = reduced(raw(data), seed)["image"].numpy().astype(np.int64)
+            distances.append(np.abs(ours - exact(raw(data), seed)["image"].numpy().astype(np.int64)).mean())
+    print(f"reduced decode vs exact: mean {np.mean(distances):.2f}, worst {max(distances):.2f} levels; ratios {ratios}")
+    assert min(ratios) >= 1  # every window here qualifies: the fast path is the one measured
+    assert np.mean(distances) < 3 and max(distances) < 5
+    assert min(distances) > 0  # it did decode differently (the exact path would give 0)

@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
-import tensorflow as tf
 
+from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import IMAGENET_MEAN, Augment
 
 Resample = Literal["bilinear", "bicubic", "random"]

@@ -3,6 +3,11 @@
 Each process holds rows [p * B, (p + 1) * B) of the global batch (the pipeline's
 layout); `jax.make_array_from_process_local_data` stitches them into one array whose
 leading dimension is split over `batch_axes` of the mesh.
+
+Training batches arrive with uint8 images (a quarter of float32's bytes through
+tf.data and the host -> device copy); `prefetch_to_device` normalises them on the
+devices, right after the transfer, in one jitted function (ToTensor + ImageNet
+Normalize, as torchvision), so the steps see float32 images as before.
 """
 
 from __future__ import annotations
@@ -12,34 +17,50 @@ import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DEFAULT_BATCH_AXES = ("data", "fsdp")
+from semmae_jax.sharding import BATCH_AXES
+from semmae_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
+
+
+@jax.jit
+def normalize_on_device(images: jax.Array) -> jax.Array:
+    """uint8 [..., 3] -> float32 (x / 255 - mean) / std, computed where `images` lives (sharding kept)."""
+    return images.astype(jnp.float32) * (1 / (255 * IMAGENET_STD)) - IMAGENET_MEAN / IMAGENET_STD
 
 
 def global_batch(
-    batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = DEFAULT_BATCH_AXES
+    batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES
 ) -> dict[str, jax.Array]:
     """Every array of `batch` as a global array, dimension 0 sharded over `batch_axes`."""
     sharding = NamedSharding(mesh, P(tuple(batch_axes)))
     return {name: jax.make_array_from_process_local_data(sharding, array) for name, array in batch.items()}
 
 
+def _on_device(batch: Mapping[str, np.ndarray], mesh: Mesh, batch_axes: Sequence[str]) -> dict[str, jax.Array]:
+    """`global_batch`, with a uint8 'image' normalised on the devices (float images pass as they are)."""
+    arrays = global_batch(batch, mesh, batch_axes)
+    if "image" in arrays and arrays["image"].dtype == jnp.uint8:
+        arrays["image"] = normalize_on_device(arrays["image"])
+    return arrays
+
+
 def prefetch_to_device(
     batches: Iterable[Mapping[str, np.ndarray]],
     mesh: Mesh,
-    batch_axes: Sequence[str] = DEFAULT_BATCH_AXES,
+    batch_axes: Sequence[str] = BATCH_AXES,
     size: int = 2,
 ) -> Iterator[dict[str, jax.Array]]:
-    """`global_batch` of each batch, keeping `size` batches in flight to the devices.
+    """Each batch as global arrays (uint8 images normalised on device), `size` batches in flight.
 
-    Transfers are asynchronous, so the copy of the next batches overlaps the step that
-    consumes the current one.
+    Transfers and the normalisation are asynchronous, so the copy of the next batches
+    overlaps the step that consumes the current one.
     """
     batches = iter(batches)
-    queue = collections.deque(global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, size))
+    queue = collections.deque(_on_device(b, mesh, batch_axes) for b in itertools.islice(batches, size))
     while queue:
-        queue.extend(global_batch(b, mesh, batch_axes) for b in itertools.islice(batches, 1))
+        queue.extend(_on_device(b, mesh, batch_axes) for b in itertools.islice(batches, 1))
         yield queue.popleft()

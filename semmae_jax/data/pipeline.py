@@ -21,8 +21,8 @@ Guarantees, and how they are kept:
   images stay as in a clean run, which resume and multi-host lock-step need (a batch
   with no readable image at all keeps blank rows: zero image, labels -1). In
   evaluation the slot is masked out instead, as is the padding after the last image.
-* No TensorFlow op runs on an accelerator: TF is denied the GPUs before the first
-  pipeline is built (TF otherwise grabs GPU memory that JAX needs).
+* No TensorFlow op runs on an accelerator: TF is denied the GPUs when it is first
+  imported (`tf_runtime`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import tensorflow as tf
 
 from semmae_jax.data.sources import Shard, Source, Stream, image_folder
+from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import EvalTransform, TrainTransform, Transform, normalize
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,9 @@ log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 
 
-def hide_gpus_from_tf() -> None:
-    """Keep TensorFlow on the CPU (must run before TF first touches its devices)."""
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # devices already initialised, e.g. by an earlier eager op
-        if tf.config.get_visible_devices("GPU"):
-            log.warning("TensorFlow already holds a GPU; the input pipeline may take accelerator memory")
+def normalize_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """The batch with its uint8 'image' normalised (float32), whole batches at once."""
+    return {**batch, "image": normalize(batch["image"])}
 
 
 def make_shard(process_index: int | None, process_count: int | None) -> Shard:
@@ -66,12 +62,19 @@ def make_shard(process_index: int | None, process_count: int | None) -> Shard:
 
 
 def _element_dataset(
-    source: Source, stream: Stream, transform: Transform, key: tuple[int, int], batch_size: int, num_workers: int | None
+    source: Source,
+    stream: Stream,
+    transform: Transform,
+    key: tuple[int, int],
+    batch_size: int,
+    num_workers: int | None,
+    normalized: bool,
 ) -> tuple[tf.data.Dataset, dict[str, np.ndarray]]:
     """Batches of transformed elements, each with its 'pos'; and a blank row of the same structure.
 
-    The blank row (missing images, padding) is 0 where floating, so a normalised blank
-    image is the mean colour, and -1 elsewhere (no label, no part, no position).
+    Images stay uint8 unless `normalized`. The blank row (missing images, padding) is
+    -1 where a signed integer (no label, no part, no position), 0 elsewhere (so a
+    normalised blank image is the mean colour).
     """
 
     def element(ref: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -79,18 +82,18 @@ def _element_dataset(
         out = transform(source.load(ref), seed)
         return {**out, "label": tf.cast(ref["label"], tf.int32), "pos": ref["pos"]}
 
-    def normalized(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return {**batch, "image": normalize(batch["image"])}
-
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1  # parallel over images, not inside one: no idle spinning
     if num_workers:
         options.threading.private_threadpool_size = num_workers
     elements = stream.refs.map(element, num_parallel_calls=num_workers or tf.data.AUTOTUNE)
-    batches = elements.ignore_errors().batch(batch_size).map(normalized, num_parallel_calls=tf.data.AUTOTUNE)
+    batches = elements.ignore_errors().batch(batch_size)
+    if normalized:
+        batches = batches.map(normalize_batch, num_parallel_calls=tf.data.AUTOTUNE)
     blank = {
-        name: np.full(spec.shape[1:], 0 if spec.dtype.is_floating else -1, spec.dtype.as_numpy_dtype)
+        name: np.full(spec.shape[1:], -1 if spec.dtype.is_integer and not spec.dtype.is_unsigned else 0,
+                      spec.dtype.as_numpy_dtype)
         for name, spec in batches.element_spec.items()
     }
     return batches.prefetch(tf.data.AUTOTUNE).with_options(options), blank
@@ -148,6 +151,8 @@ def _fill_gaps(batch: Batch, present: np.ndarray) -> Batch:
 class _Loader:
     """What training and evaluation loaders share: the shard, the batching, the skip log."""
 
+    normalized: bool  # images normalised (float32) on the host, or left uint8 for the device
+
     def __init__(
         self,
         source: Source,
@@ -157,14 +162,15 @@ class _Loader:
         process_index: int | None,
         process_count: int | None,
     ) -> None:
-        hide_gpus_from_tf()
         self.source, self.batch_size, self.transform, self.num_workers = source, batch_size, transform, num_workers
         self.shard = make_shard(process_index, process_count)
         self.skipped: list[str] = []  # unreadable images met so far (names), in order
 
     def _batches(self, stream: Stream, key: tuple[int, int], steps: range) -> Iterator[tuple[Batch, np.ndarray]]:
         """(batch, present) for `steps` of `stream`; unreadable examples are named, logged and kept in `skipped`."""
-        dataset, blank = _element_dataset(self.source, stream, self.transform, key, self.batch_size, self.num_workers)
+        dataset, blank = _element_dataset(
+            self.source, stream, self.transform, key, self.batch_size, self.num_workers, self.normalized
+        )
         for step, batch, present in _fixed_slots(dataset.as_numpy_iterator(), steps, self.batch_size, blank):
             for pos in step * self.batch_size + np.flatnonzero(~present):
                 if pos < stream.length:
@@ -176,10 +182,14 @@ class _Loader:
 class TrainLoader(_Loader):
     """One process's training batches, epoch by epoch.
 
-    Yields {'image': float32 [B, S, S, 3], 'part_labels': int32 [B, L], 'label': int32 [B]}
+    Yields {'image': uint8 [B, S, S, 3], 'part_labels': int32 [B, L], 'label': int32 [B]}
     with B = `batch_size`, this process's share of the global batch (global = B *
-    process count). Images the source could not read are listed in `skipped`.
+    process count). Images stay uint8 (a quarter of the bytes, no float work on the
+    host): `global_arrays.prefetch_to_device` normalises them on the devices. Images
+    the source could not read are listed in `skipped`.
     """
+
+    normalized = False
 
     def __init__(
         self,
@@ -220,8 +230,11 @@ class EvalLoader(_Loader):
     Yields {'image': float32 [B, S, S, 3], 'label': int32 [B], 'mask': bool [B]}, and
     'part_labels' int32 [B, L] when the transform makes them; `mask` is False on padding
     (after the last example) and on unreadable images, which metrics must ignore. Every
-    process yields `num_batches` batches.
+    process yields `num_batches` batches. Images are normalised on the host (evaluation
+    is not where the input time goes, and its batches also feed host-side tools).
     """
+
+    normalized = True
 
     def __init__(
         self,
@@ -294,4 +307,4 @@ def pretrain_batches(
 def _endless(loader: TrainLoader) -> Iterator[dict[str, np.ndarray]]:
     for epoch in itertools.count():
         for batch in loader.epoch_batches(epoch):
-            yield {"image": batch["image"], "part_labels": batch["part_labels"]}
+            yield {"image": normalize(batch["image"]).numpy(), "part_labels": batch["part_labels"]}

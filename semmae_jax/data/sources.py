@@ -1,8 +1,9 @@
-"""Where examples come from: image folders in the original's layout, or TFDS.
+"""Where examples come from: image folders in the original's layout, packed data, or TFDS.
 
 A source knows its examples and the order they are read in; the transforms and the
-batching are the pipeline's (`pipeline.py`). Both kinds hand the pipeline a `Stream`:
-a tf.data dataset of cheap *references* (a path, or TFDS's still-encoded bytes) in the
+batching are the pipeline's (`pipeline.py`). Every kind hands the pipeline a `Stream`:
+a tf.data dataset of cheap *references* (a path, a record's place in a packed shard
+(`packed.py`, ordered as its image folder), or TFDS's still-encoded bytes) in the
 order one process reads them, plus a way to name an element for error messages.
 
 Image folders (`--data_path DIR`): `DIR/train/<class>/...`, `DIR/val/<class>/...`.
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
-import tensorflow as tf
 
 from semmae_jax.data.part_maps import part_map_path
+from semmae_jax.data.tf_runtime import tf
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _PIL_ONLY_PATTERN = r".*\.(ppm|pgm|tiff?)"  # formats tf.io cannot decode: PIL decodes them
 MissingParts = Literal["error", "unlabelled"]
+PACKED_INDEX = "packed.json"  # the index file that marks a `--data_path` as packed (`packed.py`)
 
 
 class Shard(NamedTuple):
@@ -164,8 +166,47 @@ def _part_files(
     return [part if part in existing else "" for part in expected], absent
 
 
+class IndexedSource:
+    """A source whose examples have ids 0..N-1 and can be read in any order (image folders, packed data).
+
+    Training order: the ids are shuffled per epoch by numpy seeded with (seed, epoch);
+    evaluation: each process reads its `eval_share` in id order. Subclasses say what a
+    reference holds (`_columns`) and what an example is called (`_name`).
+    """
+
+    num_examples: int
+
+    def _columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _name(self, example_id: int) -> str:
+        raise NotImplementedError
+
+    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
+        return self.num_examples // (batch_size * shard.count)
+
+    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream:
+        steps = self.steps_per_epoch(batch_size, shard)
+        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(self.num_examples)
+        mine = order[: steps * batch_size * shard.count].reshape(steps, shard.count, batch_size)[:, shard.index]
+        return self._stream(mine.reshape(-1), first_pos=start_step * batch_size)
+
+    def eval_stream(self, shard: Shard) -> Stream:
+        return self._stream(np.arange(*eval_share(self.num_examples, shard)), first_pos=0)
+
+    def _stream(self, ids: np.ndarray, first_pos: int) -> Stream:
+        """References for `ids[first_pos:]`; nothing before `first_pos` is ever read."""
+        rest = ids[first_pos:]
+        columns = {
+            **self._columns(rest),
+            "id": rest.astype(np.int64),
+            "pos": np.arange(first_pos, len(ids), dtype=np.int64),
+        }
+        return Stream(tf.data.Dataset.from_tensor_slices(columns), len(ids), lambda pos: self._name(int(ids[pos])))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class FolderSource:
+class FolderSource(IndexedSource):
     """One split of an image-folder dataset, with optional part maps (a mirrored PNG tree)."""
 
     root: Path  # the split's folder, holding the class folders
@@ -183,36 +224,20 @@ class FolderSource:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
-        return self.num_examples // (batch_size * shard.count)
+    def _columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return {"path": self.paths[ids], "part": self.part_paths[ids], "label": self.labels[ids]}
 
-    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream:
-        steps = self.steps_per_epoch(batch_size, shard)
-        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(self.num_examples)
-        mine = order[: steps * batch_size * shard.count].reshape(steps, shard.count, batch_size)[:, shard.index]
-        return self._stream(mine.reshape(-1), first_pos=start_step * batch_size)
-
-    def eval_stream(self, shard: Shard) -> Stream:
-        return self._stream(np.arange(*eval_share(self.num_examples, shard)), first_pos=0)
-
-    def _stream(self, ids: np.ndarray, first_pos: int) -> Stream:
-        """References for `ids[first_pos:]`; nothing before `first_pos` is ever read."""
-        rest = ids[first_pos:]
-        refs = tf.data.Dataset.from_tensor_slices(
-            {
-                "path": self.paths[rest],
-                "part": self.part_paths[rest],
-                "label": self.labels[rest],
-                "id": rest.astype(np.int64),
-                "pos": np.arange(first_pos, len(ids), dtype=np.int64),
-            }
-        )
-        return Stream(refs, len(ids), lambda pos: str(self.paths[ids[pos]]))
+    def _name(self, example_id: int) -> str:
+        return str(self.paths[example_id])
 
     def load(self, ref: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         path = ref["path"]
-        pil = tf.strings.regex_full_match(tf.strings.lower(path), _PIL_ONLY_PATTERN)
-        return {"image": tf.io.read_file(path), "part": read_part_map_bytes(ref["part"]), "pil": pil}
+        return {"image": tf.io.read_file(path), "part": read_part_map_bytes(ref["part"]), "pil": needs_pil(path)}
+
+
+def needs_pil(file_name: tf.Tensor) -> tf.Tensor:
+    """Graph op: whether a file of this name is in a format only PIL decodes (TIFF, PPM/PGM)."""
+    return tf.strings.regex_full_match(tf.strings.lower(file_name), _PIL_ONLY_PATTERN)
 
 
 def read_part_map_bytes(path: tf.Tensor) -> tf.Tensor:
@@ -265,7 +290,8 @@ def open_source(
     """The dataset named by the command-line flags.
 
     Args:
-      data_path: `--data_path`, for `dataset='folder'`.
+      data_path: `--data_path`, for `dataset='folder'`: an image folder, or packed data
+        (`main.py prepare`; recognised by its `packed.json`).
       split: 'train' or 'val' ('val' is TFDS's 'validation', else 'test').
       dataset: 'folder' (an image folder at `data_path`) or 'tfds:NAME' (`--dataset`).
       tfds_data_dir: `--tfds_data_dir`, TFDS's data dir (ImageNet's archives go in its
@@ -280,4 +306,8 @@ def open_source(
         raise ValueError(f"unknown dataset {dataset!r}: use 'folder' (with --data_path) or 'tfds:NAME'")
     if data_path is None:
         raise ValueError("an image-folder dataset needs --data_path")
+    if (Path(data_path) / PACKED_INDEX).is_file():
+        from semmae_jax.data.packed import packed_source  # lazily: packed builds on this module
+
+        return packed_source(data_path, split, part_path)
     return image_folder(data_path, split, part_path, missing_parts)

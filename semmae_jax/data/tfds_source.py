@@ -25,11 +25,10 @@ import os
 from pathlib import Path
 
 import jax
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from semmae_jax.data.pipeline import hide_gpus_from_tf
 from semmae_jax.data.sources import MissingParts, Shard, Stream, epoch_seed, read_part_map_bytes
+from semmae_jax.data.tf_runtime import tf
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,7 +149,6 @@ def tfds_source(
     With `part_path`, records take their part maps from `part_path/split/` (see the
     module's docstring); `missing_parts` as for image folders.
     """
-    hide_gpus_from_tf()  # before TFDS runs the first TensorFlow op
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         if jax.process_count() > 1:

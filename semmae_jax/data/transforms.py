@@ -2,40 +2,43 @@
 
 Every transform takes one *raw* example, `{'image': encoded bytes, 'part': encoded
 part-map PNG or b'' for none, 'pil': whether the format needs PIL}`, and a stateless
-seed of shape [2], and returns a dict of tensors with the image still uint8; the
-pipeline normalises whole batches (`normalize`), which costs less than per image.
+seed of shape [2], and returns a dict of tensors with the image still uint8 (training
+batches reach the device as uint8 and are normalised there; evaluation's are
+normalised on the host, whole batches at once: `normalize`).
 With the seed coming from (seed, epoch, example id), an example's augmentation does
 not depend on which thread or process handles it: that is what makes the pipeline
 deterministic and resumable.
 
 * `TrainTransform`: MAE's pretraining augmentation, RandomResizedCrop (torchvision's
   parameter sampling) + horizontal flip. A JPEG is decoded only inside its crop window
-  (`decode_and_crop_jpeg`). The part map goes through the same geometry (window scaled
+  (`decode_and_crop_jpeg`), at reduced resolution when the window is >= 2x the output
+  (`decode_ratio`); resize + flip run in torch's uint8 antialiased kernel (`resize`).
+  The part map goes through the same geometry (window scaled
   to the map's own resolution, nearest sampling, same flip) and is reduced to one
   label per patch by majority vote, equal to `part_maps.patch_vote`. One optional hook,
   `pixel_augment` on uint8 pixels, is RandAugment's place for fine-tuning; tensor-level
   augmentations (random erasing, mixup / cutmix) belong on the device, in the step, as
   timm's fast loader does them on the GPU.
 * `EvalTransform`: resize the short side to `int(img_size / crop_pct)` with
-  torchvision's size rule, bicubic with antialiasing (as PIL), center crop.
+  torchvision's size rule, PIL's bicubic resize (torchvision's exact pixels), center crop.
 
-Resized pixels are rounded to uint8 as PIL's are, which keeps the numbers close to
-torchvision's. Cheap alternatives are selected with `tf.where` rather than branched
+Cheap alternatives are selected with `tf.where` rather than branched
 with `tf.cond`: each cond costs a function call per image.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from semmae_jax.data.part_maps import NO_PART, UNLABELLED
+from semmae_jax.data.tf_runtime import tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -78,20 +81,58 @@ def decode_full(raw: dict[str, tf.Tensor]) -> tf.Tensor:
     return tf.cond(raw["pil"], with_pil, with_tf)
 
 
-def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+class Window(NamedTuple):
+    """A decoded crop window: its pixels, and where it lies in the image."""
+
+    pixels: tf.Tensor  # uint8 [h', w', 3]: the window, possibly decoded at 1/ratio of full size
+    window: tf.Tensor  # int32 [top, left, h, w]: the window in the full-size image
+    size: tf.Tensor  # int32 [H, W]: the full image's size
+
+
+DECODE_RATIOS = (1, 2, 4, 8)  # libjpeg's DCT scalings that TensorFlow offers
+
+
+def decode_ratio(window: tf.Tensor, out_size: int) -> tf.Tensor:
+    """Index into `DECODE_RATIOS` of the largest ratio r with the window >= 2 r x `out_size` on both sides.
+
+    Decoded at 1/r the window still has at least twice the output's pixels per side
+    (and r = 1 when it has less), so the resize keeps downscaling: its antialiasing
+    filter, not the DCT, shapes the result.
+    """
+    shortest = tf.minimum(window[2], window[3])
+    return tf.add_n([tf.cast(shortest >= 2 * r * out_size, tf.int32) for r in DECODE_RATIOS[1:]])
+
+
+def _jpeg_window(data: tf.Tensor, size: tf.Tensor, window: tf.Tensor, ratio: int) -> tf.Tensor:
+    """`window` decoded at 1/`ratio`: the scaled image's window with rounded corners (ratio 1: exact)."""
+    scaled_size = (size + ratio - 1) // ratio  # libjpeg's scaled image size (rounded up)
+    start = tf.minimum((window[:2] + ratio // 2) // ratio, scaled_size - 1)
+    stop = tf.minimum((window[:2] + window[2:] + ratio // 2) // ratio, scaled_size)
+    scaled = tf.concat([start, tf.maximum(stop - start, 1)], 0)
+    return tf.io.decode_and_crop_jpeg(data, scaled, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+
+
+def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn, out_size: int | None = None) -> Window:
     """Decode only the window `window_fn(height, width)` of the image.
 
-    Returns (crop uint8 [h, w, 3], window [top, left, h, w], full size [H, W]). A JPEG's
-    size is read from its header and only the window is decoded; other formats are
-    decoded whole and sliced.
+    A JPEG's size is read from its header and only the window is decoded; with
+    `out_size`, at a reduced resolution (`decode_ratio`) when the window is at least
+    twice `out_size` on both sides (the common case, ratio 1, costs one branch). Other
+    formats are decoded whole and sliced.
     """
     data = raw["image"]
 
     def jpeg() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         size = tf.io.extract_jpeg_shape(data)[:2]
         window = window_fn(size[0], size[1])
-        crop = tf.io.decode_and_crop_jpeg(data, window, channels=3, dct_method="INTEGER_ACCURATE")
-        return crop, window, size
+        if out_size is None:
+            return _jpeg_window(data, size, window, 1), window, size
+        index = decode_ratio(window, out_size)
+        reduced = [lambda r=r: _jpeg_window(data, size, window, r) for r in DECODE_RATIOS[1:]]
+        pixels = tf.cond(
+            index == 0, lambda: _jpeg_window(data, size, window, 1), lambda: tf.switch_case(index - 1, reduced)
+        )
+        return pixels, window, size
 
     def whole() -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         image = decode_full(raw)
@@ -99,7 +140,7 @@ def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn) -> tuple[tf.Te
         window = window_fn(size[0], size[1])
         return tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0)), window, size
 
-    return tf.cond(tf.logical_and(tf.io.is_jpeg(data), tf.logical_not(raw["pil"])), jpeg, whole)
+    return Window(*tf.cond(tf.logical_and(tf.io.is_jpeg(data), tf.logical_not(raw["pil"])), jpeg, whole))
 
 
 # ------------------------------------------------------------------------- geometry
@@ -139,10 +180,67 @@ def random_resized_crop_window(
     return tf.where(tf.reduce_any(fits), sampled, fallback)
 
 
-def resize(image: tf.Tensor, size: tf.Tensor | tuple[int, int], method: Interpolation) -> tf.Tensor:
-    """Resize to `size` as PIL does: antialiased when shrinking, rounded to uint8."""
-    resized = tf.image.resize(image, size, method=method, antialias=method != "nearest")
-    return tf.saturate_cast(tf.round(resized), tf.uint8)
+ResizeKernel = Literal["pil", "torch"]
+_PIL_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+_TORCH_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest-exact"}
+
+
+def _pil_resize(pixels: np.ndarray, size: np.ndarray, flip: np.ndarray, method: Interpolation) -> np.ndarray:
+    image = Image.fromarray(pixels).resize((int(size[1]), int(size[0])), _PIL_FILTERS[method])
+    return np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
+
+
+@functools.cache
+def _torch() -> object:
+    """torch, imported on first use, its ops single-threaded: tf.data runs images in parallel already."""
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+def _torch_resize(pixels: np.ndarray, size: np.ndarray, flip: np.ndarray, method: Interpolation) -> np.ndarray:
+    torch = _torch()
+    image = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(
+        image, size=(int(size[0]), int(size[1])), mode=_TORCH_MODES[method], antialias=method != "nearest"
+    )[0]
+    return (resized.flip(2) if flip else resized).permute(1, 2, 0).contiguous().numpy()
+
+
+_RESIZERS = {"pil": _pil_resize, "torch": _torch_resize}
+
+
+def resize(
+    image: tf.Tensor,
+    size: tf.Tensor | tuple[int, int],
+    method: Interpolation,
+    kernel: ResizeKernel = "pil",
+    flip: tf.Tensor | bool = False,
+) -> tf.Tensor:
+    """uint8 [h, w, 3] -> uint8 [*size, 3], antialiased when shrinking, by PIL or by torch; mirrored if `flip`.
+
+    'pil' is PIL's `Image.resize`, what torchvision resizes PIL images with: its exact
+    pixels. 'torch' is torch's uint8 antialiased kernel (`interpolate(antialias=True)`,
+    what torchvision v2 uses for uint8 tensors): about 3x faster, within a small,
+    measured distance of PIL's (see `tests/test_data_transforms.py`). Both release the
+    GIL, so tf.data's threads run them in parallel; both beat TensorFlow's antialiased
+    `tf.image.resize` in speed (`python bench/input.py --profile`). The flip rides along
+    in the same call: a TensorFlow gather costs more than the mirrored copy here.
+    """
+    size = tf.convert_to_tensor(size, tf.int32)
+    resized = tf.numpy_function(
+        functools.partial(_RESIZERS[kernel], method=method),
+        [image, size, tf.convert_to_tensor(flip, tf.bool)],
+        tf.uint8,
+        stateful=False,
+    )
+    static = tf.get_static_value(size)
+    return tf.ensure_shape(resized, [None, None, 3] if static is None else [int(static[0]), int(static[1]), 3])
 
 
 def torchvision_resize_size(height: tf.Tensor, width: tf.Tensor, size: int) -> tf.Tensor:
@@ -255,6 +353,8 @@ class TrainTransform:
     interpolation: Interpolation = "bicubic"
     hflip: float = 0.5
     pixel_augment: Augment | None = None
+    reduced_decode: bool = True  # JPEG windows >= 2x img_size decoded at 1/2, 1/4, 1/8 (`decode_ratio`)
+    resize_kernel: ResizeKernel = "torch"  # 'pil': torchvision's exact pixels, slower (see `resize`)
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -262,15 +362,16 @@ class TrainTransform:
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-        crop, window, size = decode_window(
-            raw, lambda h, w: random_resized_crop_window(crop_seed, h, w, self.scale, self.ratio)
+        decoded = decode_window(
+            raw,
+            lambda h, w: random_resized_crop_window(crop_seed, h, w, self.scale, self.ratio),
+            self.img_size if self.reduced_decode else None,
         )
         flip = tf.random.stateless_uniform([], flip_seed) < self.hflip
-        image = resize(crop, (self.img_size, self.img_size), self.interpolation)
-        image = tf.gather(image, flip_columns(self.img_size, flip), axis=1)
+        image = resize(decoded.pixels, (self.img_size, self.img_size), self.interpolation, self.resize_kernel, flip)
         if self.pixel_augment is not None:
             image = self.pixel_augment(image, augment_seed)
-        labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
+        labels = warped_part_labels(raw["part"], decoded.window, decoded.size, self.img_size, self.patch_size, flip)
         return {"image": image, "part_labels": labels}
 
 
