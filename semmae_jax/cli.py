@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parts export": ("semmae_jax.train.parts_tools:export_main", "stage 1: write a PNG part map per image (resumable)"),
     "parts show": ("semmae_jax.train.parts_tools:show_main", "stage 1: a picture of images with their learned parts"),
     "parts eval": ("semmae_jax.train.parts_tools:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
+    "prepare": ("semmae_jax.data.packed:main", "pack an image folder (and its part maps) into TFRecord shards for --data_path"),
     "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),
 }
 
