@@ -250,3 +250,27 @@ def test_a_plain_pickle_is_refused_as_a_pickle_not_called_corrupt(tmp_path):
     with pytest.raises(ConversionError, match=r"a plain Python pickle, not a torch\.save file: refused") as error:
         load_torch_checkpoint(path)
     assert "corrupt" not in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", ["id 200", "rgb"])
+def test_a_bad_part_map_is_refused_naming_the_map_and_setting_0_never_reads_maps(bad, demo_root, tmp_path):
+    from PIL import Image
+
+    parts = tmp_path / "parts"
+    shutil.copytree(demo_root / "parts", parts)
+    victim = sorted((parts / "train").rglob("*.png"))[0]
+    labels = np.asarray(Image.open(victim))
+    if bad == "id 200":
+        Image.fromarray(np.where(labels == 1, 200, labels).astype(np.uint8)).save(victim)
+        message = r"holds the value 200, not a part id: ids must be 0\.\.7 \(--num_parts 8\) or 255"
+    else:
+        Image.fromarray(np.stack([labels] * 3, -1).astype(np.uint8)).save(victim)
+        message = "is not a single-channel PNG"
+    flags = ["--data_path", str(demo_root), "--part_path", str(parts), "--steps_per_epoch", "100", "--epochs", "1",
+             "--batch_size", "8"]
+    with pytest.raises(SystemExit, match=rf"the part map of \S+ \({re.escape(str(victim))}\) {message}"):
+        pretrain(tmp_path / "run", *flags, "--setting", "3", "--num_parts", "8")
+    victim.write_bytes(b"not a png")  # with random masking the maps are never read: nothing to skip
+    pretrain(tmp_path / "run0", *flags, "--setting", "0")
+    assert lines(tmp_path / "run0")[-1]["epoch"] == 0

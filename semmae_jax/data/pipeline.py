@@ -36,9 +36,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from semmae_jax.data.part_maps import UNLABELLED
 from semmae_jax.data.sources import Shard, Source, Stream, image_folder
 from semmae_jax.data.tf_runtime import tf
-from semmae_jax.data.transforms import EvalTransform, TrainTransform, Transform, normalize
+from semmae_jax.data.transforms import EvalTransform, TrainTransform, Transform, normalize, part_map_problem
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,24 @@ class _Loader:
             self.source, stream, self.transform, key, self.batch_size, self.num_workers, self.normalized
         )
         for step, batch, present in _fixed_slots(dataset.as_numpy_iterator(), steps, self.batch_size, blank):
+            self._check_part_maps(stream, step, batch, present)
             for pos in step * self.batch_size + np.flatnonzero(~present):
                 if pos < stream.length:
                     self.skipped.append(stream.name(pos))
                     log.warning("skipped an unreadable image (or its part map): %s", self.skipped[-1])
             yield batch, present
+
+
+    def _check_part_maps(self, stream: Stream, step: int, batch: Batch, present: np.ndarray) -> None:
+        """A part map the transform refused stops the run, naming the map and what is wrong with it."""
+        if "part_labels" not in batch:
+            return
+        for row in np.flatnonzero(present & (batch["part_labels"].min(axis=1) < UNLABELLED)):
+            problem = part_map_problem(batch["part_labels"][row], getattr(self.transform, "num_parts", None))
+            if problem:
+                name = stream.name(step * self.batch_size + row)
+                where = self.source.part_map_name(name) if hasattr(self.source, "part_map_name") else "its part map"
+                raise ValueError(f"the part map of {name} ({where}) {problem}")
 
 
 class TrainLoader(_Loader):

@@ -230,6 +230,10 @@ class FolderSource(IndexedSource):
     def _name(self, example_id: int) -> str:
         return str(self.paths[example_id])
 
+    def part_map_name(self, image_name: str) -> str:
+        """The part-map file of an image (for error messages)."""
+        return str(self.part_paths[np.flatnonzero(self.paths == image_name)[0]])
+
     def load(self, ref: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         path = ref["path"]
         return {"image": tf.io.read_file(path), "part": read_part_map_bytes(ref["part"]), "pil": needs_pil(path)}

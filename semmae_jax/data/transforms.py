@@ -300,18 +300,46 @@ def warp_part_map(
     return tf.gather(tf.gather(part_map, rows, axis=0), tf.gather(cols, flip_columns(out_size, flip)), axis=1)
 
 
+# What `warped_part_labels` puts in every label of a map it refuses (the loader raises, naming the map):
+NOT_SINGLE_CHANNEL = -2  # an RGB / palette / grey+alpha PNG: a luminance conversion would invent ids
+OUT_OF_RANGE = -256  # minus the first bad value: an id >= num_parts that is not NO_PART (255)
+
+
 def warped_part_labels(
-    part_png: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: int, patch_size: int, flip: tf.Tensor
+    part_png: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: int, patch_size: int, flip: tf.Tensor,
+    num_parts: int | None = None,
 ) -> tf.Tensor:
     """Per-patch labels int32 [L] of an encoded part map warped as its image was (`warp_part_map`),
-    by majority vote; all `UNLABELLED` for b'' (an image without a map)."""
+    by majority vote; all `UNLABELLED` for b'' (an image without a map).
+
+    The map is checked whole before warping: single channel, ids in 0..num_parts-1 or
+    255. A map that fails gets every label set to a code (`NOT_SINGLE_CHANNEL`, or
+    `OUT_OF_RANGE - value`), which the loader turns into an error naming the map.
+    """
+    num_patches = (out_size // patch_size) ** 2
 
     def vote() -> tf.Tensor:
-        warped = warp_part_map(tf.io.decode_png(part_png, channels=1)[..., 0], window, image_size, out_size, flip)
-        return patch_vote(tf.ensure_shape(warped, [out_size, out_size]), patch_size)
+        decoded = tf.io.decode_png(part_png, channels=0)
+        part_map = decoded[..., 0]
+        bad = (part_map >= num_parts) & (part_map != NO_PART) if num_parts else tf.zeros_like(part_map, tf.bool)
+        first_bad = tf.cast(tf.reduce_min(tf.where(bad, part_map, NO_PART)), tf.int32)
+        warped = warp_part_map(part_map, window, image_size, out_size, flip)
+        labels = patch_vote(tf.ensure_shape(warped, [out_size, out_size]), patch_size)
+        labels = tf.where(tf.reduce_any(bad), tf.fill([num_patches], OUT_OF_RANGE - first_bad), labels)
+        return tf.where(tf.shape(decoded)[-1] != 1, tf.fill([num_patches], NOT_SINGLE_CHANNEL), labels)
 
-    num_patches = (out_size // patch_size) ** 2
     return tf.cond(tf.strings.length(part_png) > 0, vote, lambda: tf.fill([num_patches], UNLABELLED))
+
+
+def part_map_problem(labels: np.ndarray, num_parts: int | None) -> str | None:
+    """What a refused map's label code says (None for a map that was fine)."""
+    code = int(labels.min(initial=0))
+    if code == NOT_SINGLE_CHANNEL:
+        return "is not a single-channel PNG (RGB, palette or with alpha): write part ids as one 8-bit channel"
+    if code <= OUT_OF_RANGE:
+        return (f"holds the value {OUT_OF_RANGE - code}, not a part id: ids must be 0..{num_parts - 1} "
+                f"(--num_parts {num_parts}) or {NO_PART} for no part")
+    return None
 
 
 def _sample_index(image_coords: tf.Tensor, image_len: tf.Tensor, map_len: tf.Tensor) -> tf.Tensor:
@@ -355,6 +383,7 @@ class TrainTransform:
     pixel_augment: Augment | None = None
     reduced_decode: bool = True  # JPEG windows >= 2x img_size decoded at 1/2, 1/4, 1/8 (`decode_ratio`)
     resize_kernel: ResizeKernel = "torch"  # 'pil': torchvision's exact pixels, slower (see `resize`)
+    num_parts: int | None = None  # part ids must be below this (or NO_PART); None: only NO_PART is special
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -371,7 +400,8 @@ class TrainTransform:
         image = resize(decoded.pixels, (self.img_size, self.img_size), self.interpolation, self.resize_kernel, flip)
         if self.pixel_augment is not None:
             image = self.pixel_augment(image, augment_seed)
-        labels = warped_part_labels(raw["part"], decoded.window, decoded.size, self.img_size, self.patch_size, flip)
+        labels = warped_part_labels(raw["part"], decoded.window, decoded.size, self.img_size, self.patch_size, flip,
+                                    self.num_parts)
         return {"image": image, "part_labels": labels}
 
 

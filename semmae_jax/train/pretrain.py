@@ -93,9 +93,12 @@ class PretrainJob(Job):
     def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
         data_path, part_path = c.data_paths(c.part_path)
+        random_masking = masking.MaskingSetting(c.setting) is masking.MaskingSetting.RANDOM
         source = data.open_source(data_path, "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
-                                  part_path=part_path, missing_parts=c.missing_part_map)
-        return source, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size)
+                                  part_path=None if random_masking else part_path,  # setting 0 never reads maps
+                                  missing_parts=c.missing_part_map)
+        return source, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size,
+                                           num_parts=c.num_parts)
 
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
         return optim.adamw(params, lr_schedule, weight_decay=self.config.weight_decay, betas=self.betas,
