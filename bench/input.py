@@ -44,9 +44,10 @@ from sklearn.datasets import load_sample_images
 from torchvision.datasets import ImageFolder
 
 from semmae_jax.data import packed
+from semmae_jax.data.datasets import open_source
 from semmae_jax.data.part_maps import NO_PART, part_map_path, read_part_map, write_part_map
 from semmae_jax.data.pipeline import TrainLoader
-from semmae_jax.data.sources import Shard, Source, open_source
+from semmae_jax.data.sources import Shard, Source
 from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import (
     IMAGENET_MEAN,

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from semmae_jax.data import packed
+from semmae_jax.data.datasets import open_source
 from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader
-from semmae_jax.data.sources import Shard, open_source
+from semmae_jax.data.sources import Shard
 from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import EvalTransform, TrainTransform
 

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from semmae_jax.data.datasets import open_source
 from semmae_jax.data.part_maps import write_part_map
-from semmae_jax.data.sources import image_folder, open_source
+from semmae_jax.data.sources import image_folder
 
 
 def touch_image(path, size=(4, 4)):

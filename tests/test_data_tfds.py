@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from semmae_jax.data.datasets import open_source
 from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader
-from semmae_jax.data.sources import open_source
 from semmae_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform
 
 NAME = "semmae_tiny_shapes"

@@ -20,10 +20,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from semmae_jax.data.datasets import open_source
     from semmae_jax.data.demo import demo_data
     from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
     from semmae_jax.data.pipeline import EvalLoader, TrainLoader, eval_batches, pretrain_batches
-    from semmae_jax.data.sources import image_folder, open_source
+    from semmae_jax.data.sources import image_folder
     from semmae_jax.data.transforms import EvalTransform, TrainTransform, WholeImageTransform
 
 _EXPORTS = {
@@ -35,7 +36,7 @@ _EXPORTS = {
     "eval_batches": "pipeline",
     "pretrain_batches": "pipeline",
     "image_folder": "sources",
-    "open_source": "sources",
+    "open_source": "datasets",
     "EvalTransform": "transforms",
     "TrainTransform": "transforms",
     "WholeImageTransform": "transforms",

@@ -40,7 +40,6 @@ import numpy as np
 from PIL import Image
 
 from semmae_jax.data.sources import (
-    PACKED_INDEX,
     FolderSource,
     IndexedSource,
     MissingParts,
@@ -59,6 +58,8 @@ FEATURES = {
     "file_name": tf.io.FixedLenFeature([], tf.string),
     "part": tf.io.FixedLenFeature([], tf.string),
 }
+
+PACKED_INDEX = "packed.json"  # the index file that marks a `--data_path` as packed
 
 
 # ---------------------------------------------------------------------------- reading

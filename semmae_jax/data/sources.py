@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _PIL_ONLY_PATTERN = r".*\.(ppm|pgm|tiff?)"  # formats tf.io cannot decode: PIL decodes them
 MissingParts = Literal["error", "unlabelled"]
-PACKED_INDEX = "packed.json"  # the index file that marks a `--data_path` as packed (`packed.py`)
 
 
 class Shard(NamedTuple):
@@ -280,38 +279,3 @@ def image_folder(
         part_paths=np.asarray(parts, dtype=object).astype(str),
         missing_parts=tuple(absent),
     )
-
-
-def open_source(
-    data_path: str | Path | None = None,
-    split: Literal["train", "val"] = "train",
-    *,
-    dataset: str = "folder",
-    tfds_data_dir: str | None = None,
-    part_path: str | Path | None = None,
-    missing_parts: MissingParts = "error",
-) -> Source:
-    """The dataset named by the command-line flags.
-
-    Args:
-      data_path: `--data_path`, for `dataset='folder'`: an image folder, or packed data
-        (`main.py prepare`; recognised by its `packed.json`).
-      split: 'train' or 'val' ('val' is TFDS's 'validation', else 'test').
-      dataset: 'folder' (an image folder at `data_path`) or 'tfds:NAME' (`--dataset`).
-      tfds_data_dir: `--tfds_data_dir`, TFDS's data dir (ImageNet's archives go in its
-        `downloads/manual/`, as TFDS documents).
-      part_path, missing_parts: part maps (see `image_folder`; for TFDS, `tfds_source`).
-    """
-    if dataset.startswith("tfds:"):
-        from semmae_jax.data.tfds_source import tfds_source  # lazily: TFDS is slow to import
-
-        return tfds_source(dataset.removeprefix("tfds:"), split, tfds_data_dir, part_path, missing_parts)
-    if dataset != "folder":
-        raise ValueError(f"unknown dataset {dataset!r}: use 'folder' (with --data_path) or 'tfds:NAME'")
-    if data_path is None:
-        raise ValueError("an image-folder dataset needs --data_path")
-    if (Path(data_path) / PACKED_INDEX).is_file():
-        from semmae_jax.data.packed import packed_source  # lazily: packed builds on this module
-
-        return packed_source(data_path, split, part_path)
-    return image_folder(data_path, split, part_path, missing_parts)
