@@ -118,3 +118,12 @@ def test_first_steps_give_the_same_losses_on_every_mesh():
     for name, spec in MESHES.items():
         if spec is not None:
             np.testing.assert_allclose(_losses(spec), reference, rtol=2e-5, err_msg=name)
+
+
+def test_a_tensor_axis_that_does_not_divide_the_heads_is_an_error_naming_the_parameter():
+    mesh = sharding.make_mesh("data:1,fsdp:1,tensor:8")
+    with pytest.raises(ValueError, match=r"the tensor axis of 8 does not divide dimension 2 \('heads', size 4\) "
+                                         r"of parameter blocks_0/attn/qkv/kernel"):
+        sharding.param_spec("blocks_0/attn/qkv/kernel", (32, 3, 4, 8), P("embed", None, "heads", "kv"), mesh)
+    spec = sharding.param_spec("blocks_0/attn/qkv/kernel", (32, 3, 8, 8), P("embed", None, "heads", "kv"), mesh)
+    assert spec == P(None, None, "tensor", None)
