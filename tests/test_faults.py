@@ -274,3 +274,23 @@ def test_a_bad_part_map_is_refused_naming_the_map_and_setting_0_never_reads_maps
     victim.write_bytes(b"not a png")  # with random masking the maps are never read: nothing to skip
     pretrain(tmp_path / "run0", *flags, "--setting", "0")
     assert lines(tmp_path / "run0")[-1]["epoch"] == 0
+
+
+def test_with_batch_1_an_unreadable_image_is_said_to_be_left_blank_not_replaced(demo_root, tmp_path, caplog):
+    import logging
+
+    from semmae_jax.data.pipeline import TrainLoader
+    from semmae_jax.data.sources import image_folder
+    from semmae_jax.data.transforms import TrainTransform
+
+    folder = tmp_path / "data" / "train" / "blob"
+    folder.mkdir(parents=True)
+    for image in sorted((demo_root / "train" / "blob").glob("*.jpg"))[:4]:
+        shutil.copy(image, folder)
+    sorted(folder.glob("*.jpg"))[0].write_bytes(b"not a jpeg")
+    loader = TrainLoader(image_folder(tmp_path / "data", "train"), batch_size=1, num_workers=1,
+                         transform=TrainTransform(img_size=32, patch_size=4), process_index=0, process_count=1)
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader.epoch_batches(0))
+    assert len(batches) == 4 and len(loader.skipped) == 1
+    assert "1 unreadable image(s): 1 left blank" in caplog.text and "replaced by others" not in caplog.text

@@ -229,13 +229,16 @@ class TrainLoader(_Loader):
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} is not in [0, {self.steps_per_epoch}]")
         stream = self.source.train_stream(epoch, self.seed, self.batch_size, self.shard, start_step)
-        already = len(self.skipped)
+        already, blank = len(self.skipped), 0
         for batch, present in self._batches(stream, (self.seed, epoch), range(start_step, self.steps_per_epoch)):
+            blank += 0 if present.any() else len(present)  # no readable image in the batch to copy from
             filled = _fill_gaps(batch, present)
             yield {name: filled[name] for name in ("image", "part_labels", "label")}
         if len(self.skipped) > already:
             count = len(self.skipped) - already
-            log.warning("epoch %d: %d unreadable image(s) replaced by others of their batch", epoch, count)
+            replaced = f"{count - blank} replaced by others of their batch" if count > blank else ""
+            blanked = f"{blank} left blank (mean colour, no label: a batch with no readable image)" if blank else ""
+            log.warning("epoch %d: %d unreadable image(s): %s", epoch, count, "; ".join(filter(None, (replaced, blanked))))
 
 
 class EvalLoader(_Loader):
