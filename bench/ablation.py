@@ -15,8 +15,8 @@ the setting-0 run of seed 0 (plain MAE, the same budget), once, shared by every 
 
 Resumable: each finished run is written at once to `DIR/runs/<cell>_seed<S>/result.json` (and
 `DIR/results.json`); a rerun skips them, and a job cut short resumes from its own checkpoint.
-Compiled programs are cached in `DIR/jax_cache` (JAX's persistent cache), so only a cell's first
-run pays for compiling. Outputs: `results.json`, `table.md` (mean ± std over seeds, Welch's t-test
+Compiled programs are kept in `$JAX_COMPILATION_CACHE_DIR`, else `$SEMMAE_CACHE/jax_cache`
+(JAX's persistent cache; default `~/.cache/semmae_jax`), so only the first run of a program pays for compiling it. Outputs: `results.json`, `table.md` (mean ± std over seeds, Welch's t-test
 against setting 0), `ablation.png` (bars with ± std error bars).
 """
 
@@ -103,8 +103,8 @@ DEFAULT_CELLS = "0,1,2,3:1,3:2,3:3,3:2:learned"
 
 def run_job(args: Sequence[str], out_dir: Path, cache: Path) -> None:
     """`python main.py ARGS` from the repo root, its output in `out_dir.out`; a failure names it."""
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
     console = out_dir.with_suffix(".out")
     console.parent.mkdir(parents=True, exist_ok=True)
     with console.open("w") as stream:
@@ -198,9 +198,8 @@ class Plan:
     classes: int
     budget: Budget
 
-    @property
-    def cache(self) -> Path:
-        return self.out / "jax_cache"
+    cache: Path
+
 
     def run_dir(self, cell: Cell, seed: int) -> Path:
         return self.out / "runs" / f"{cell.slug}_seed{seed}"
@@ -372,7 +371,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         data, classes = demo_data(num_images=args.num_images, classes=args.classes), args.classes
     part_path = Path(args.part_path) if args.part_path else data / "parts"
-    return Plan(Path(args.out).resolve(), data.resolve(), part_path.resolve(), classes, budget)
+    cache = Path(os.environ.get("SEMMAE_CACHE") or "~/.cache/semmae_jax").expanduser() / "jax_cache"
+    return Plan(Path(args.out).resolve(), data.resolve(), part_path.resolve(), classes, budget, cache.resolve())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
