@@ -87,6 +87,7 @@ class Budget:
     linprobe_epochs: int = 4
     finetune_epochs: int = 2
     parts_epochs: int = 10
+    linprobe_blr: float = 1.0  # LARS base lr; the original's 0.1 is for 90 epochs
     steps_per_epoch: int | None = None
 
     def cap(self) -> list[str]:
@@ -149,7 +150,8 @@ def evaluate(job: str, seed: int, budget: Budget, data: Path, classes: int, enco
              cache: Path) -> float:
     """`linprobe` or `finetune` of the pretrained `encoder`; the last epoch's `test_acc1`."""
     epochs = budget.linprobe_epochs if job == "linprobe" else budget.finetune_epochs
-    preset = ["--config", "finetune_demo"] if job == "finetune" else ["--batch_size", str(2 * budget.batch_size)]
+    preset = (["--config", "finetune_demo"] if job == "finetune"
+              else ["--batch_size", str(2 * budget.batch_size), "--blr", str(budget.linprobe_blr)])
     args = [job, *preset, "--model", budget.vit_model, "--input_size", str(budget.input_size),
             "--nb_classes", str(classes), "--finetune", str(encoder / "checkpoints"), "--data_path", str(data),
             "--epochs", str(epochs), "--warmup_epochs", str(max(1, epochs // 5)), "--output_dir", str(out),
@@ -354,7 +356,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=8, help="grown demo data: classes")
     for name, value in dataclasses.asdict(Budget()).items():
         if name not in ("mae_model", "vit_model", "steps_per_epoch"):
-            parser.add_argument(f"--{name}", type=int, default=None, help=f"default {value} (--quick: {getattr(QUICK, name)})")
+            parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value} (--quick: {getattr(QUICK, name)})")
     parser.add_argument("--steps_per_epoch", type=int, default=None, help="cap on every job's epoch (--quick: 2)")
     parser.add_argument("--mae_model", default=None, help="pretraining model (default mae_vit_demo_patch8)")
     parser.add_argument("--vit_model", default=None, help="its classifier (default vit_demo_patch8)")
