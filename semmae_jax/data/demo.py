@@ -17,6 +17,10 @@ the four classes differ in body plan (proportions, leg length, tail) and torso
 texture, so fine-tuning can beat chance. The part map is rendered with the image,
 pixel for pixel.
 
+`demo_data(num_images=N, classes=K)` (or `python -m semmae_jax.data.demo --num_images N
+--classes K`) writes a harder variant in its own folder: up to 8 classes (four more body
+plans) whose torso texture is random, so that only part shapes and proportions tell them apart.
+
 Generation is deterministic (numpy seeded per image, PIL only) and takes a few
 seconds. It runs in a temporary folder that is renamed into place at the end, so an
 interrupted run never leaves a folder that looks finished.
