@@ -45,7 +45,7 @@ def test_quick_ablation_runs_every_cell_once_and_reports(tmp_path):
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[3/3]" in first and "0 skipped" in first
     second = run_harness(out)  # resumed: nothing reruns
-    assert second.count("skipped, already done") == 3 and "3 skipped" in second
+    assert second.count(": skipped, already done") == 3 and "3 runs (3 skipped" in second
     assert json.loads((out / "results.json").read_text()) == results
 
 
