@@ -250,6 +250,7 @@ def run_all(plan: Plan, cells: Sequence[Cell], seeds: int) -> tuple[list[dict], 
         write_json(record, result)
         results.append(result)
         write_json(plan.out / "results.json", results)
+        report(plan, results)
         left = spent / ran * (len(todo) - k - 1 - sum((plan.run_dir(c, s) / "result.json").is_file()
                                                       for c, s in todo[k + 1:]))
         print(f"[{k + 1}/{len(todo)}] {cell.name} seed {seed}: linprobe {result['linprobe_acc1']:.2f} "
@@ -341,6 +342,12 @@ def chart(results: Sequence[dict], path: Path, chance: float) -> None:
     plt.close(figure)
 
 
+def report(plan: Plan, results: Sequence[dict]) -> None:
+    """`table.md` and `ablation.png` of the runs so far (rewritten after each run)."""
+    (plan.out / "table.md").write_text(table(results))
+    chart(results, plan.out / "ablation.png", chance=100.0 / plan.classes)
+
+
 # --------------------------------------------------------------------------------- main
 
 
@@ -393,8 +400,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                         "budget": dataclasses.asdict(plan.budget)})
     start = time.monotonic()
     results, skipped = run_all(plan, cells, seeds)
-    (plan.out / "table.md").write_text(table(results))
-    chart(results, plan.out / "ablation.png", chance=100.0 / plan.classes)
+    report(plan, results)
     print(f"{len(results)} runs ({skipped} skipped, already done) in {time.monotonic() - start:.0f} s; "
           f"{plan.out / 'table.md'}, {plan.out / 'ablation.png'}")
 
