@@ -17,6 +17,10 @@ the four classes differ in body plan (proportions, leg length, tail) and torso
 texture, so fine-tuning can beat chance. The part map is rendered with the image,
 pixel for pixel.
 
+`demo_data(num_images=N, classes=K)` (or `python -m semmae_jax.data.demo --num_images N
+--classes K`) writes a harder variant in its own folder: up to 8 classes (four more body
+plans) whose torso texture is random, so that only part shapes and proportions tell them apart.
+
 Generation is deterministic (numpy seeded per image, PIL only) and takes a few
 seconds. It runs in a temporary folder that is renamed into place at the end, so an
 interrupted run never leaves a folder that looks finished.
@@ -29,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +43,7 @@ from PIL import Image
 from semmae_jax.data.part_maps import write_part_map
 
 VERSION = "demo-v1"
+SHAPES_VERSION = "demo-shapes-v1"  # the harder variant (more images and classes)
 IMAGE_SIZE = 96
 PART_NAMES = ("background", "head", "torso", "front legs", "hind legs", "tail")
 BACKGROUND, HEAD, TORSO, FRONT_LEGS, HIND_LEGS, TAIL = range(len(PART_NAMES))
@@ -88,6 +94,42 @@ BODY_PLANS: dict[str, dict[int, tuple[Ellipse, ...]]] = {
     },
 }
 TORSO_TEXTURE = {"blob": "spots", "hound": "stripes", "lizard": "checks", "stork": "smooth"}
+
+# The harder variant's further classes (`demo_data(num_images=..., classes=...)`): same parts, same
+# colours, other shapes and proportions; some are near neighbours of the first four on purpose
+# (otter ~ lizard / hound, giraffe ~ hound / stork), so a class is told by its proportions alone.
+MORE_BODY_PLANS: dict[str, dict[int, tuple[Ellipse, ...]]] = {
+    "giraffe": {
+        TORSO: (Ellipse(0, 0, 0.9, 0.45),),
+        HEAD: (Ellipse(1.15, -1.9, 0.35, 0.2), Ellipse(0.85, -1.0, 0.14, 0.8, 15)),
+        FRONT_LEGS: (Ellipse(0.6, 1.1, 0.09, 0.75), Ellipse(0.35, 1.15, 0.09, 0.75)),
+        HIND_LEGS: (Ellipse(-0.6, 1.1, 0.09, 0.75), Ellipse(-0.35, 1.15, 0.09, 0.75)),
+        TAIL: (Ellipse(-1.0, 0.1, 0.3, 0.07, 60),),
+    },
+    "beetle": {
+        TORSO: (Ellipse(0, 0, 0.9, 0.7),),
+        HEAD: (Ellipse(0.95, 0, 0.3, 0.35),),
+        FRONT_LEGS: (Ellipse(0.4, 0.75, 0.3, 0.07, 60), Ellipse(0.4, -0.75, 0.3, 0.07, -60)),
+        HIND_LEGS: (Ellipse(-0.4, 0.75, 0.3, 0.07, -60), Ellipse(-0.4, -0.75, 0.3, 0.07, 60)),
+        TAIL: (Ellipse(-0.95, 0, 0.15, 0.1),),
+    },
+    "kangaroo": {
+        TORSO: (Ellipse(0, 0, 0.6, 0.85, 20),),
+        HEAD: (Ellipse(0.45, -1.05, 0.35, 0.25),),
+        FRONT_LEGS: (Ellipse(0.5, 0.0, 0.25, 0.07, 30),),
+        HIND_LEGS: (Ellipse(-0.1, 0.9, 0.55, 0.2, -10),),
+        TAIL: (Ellipse(-1.0, 0.8, 0.8, 0.15, -20),),
+    },
+    "otter": {
+        TORSO: (Ellipse(0, 0, 1.5, 0.4),),
+        HEAD: (Ellipse(1.7, -0.15, 0.35, 0.3),),
+        FRONT_LEGS: (Ellipse(0.9, 0.45, 0.1, 0.2),),
+        HIND_LEGS: (Ellipse(-0.9, 0.45, 0.1, 0.2),),
+        TAIL: (Ellipse(-2.0, 0.1, 0.7, 0.2, -10),),
+    },
+}
+ALL_BODY_PLANS = {**BODY_PLANS, **MORE_BODY_PLANS}
+TEXTURES = ("spots", "stripes", "checks", "smooth")  # the harder variant draws the torso's at random
 
 
 # --------------------------------------------------------------------------- rendering
@@ -151,15 +193,18 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return colours[0] * blend + colours[1] * (1 - blend)
 
 
-def render(class_name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One (uint8 [S, S, 3] image, uint8 [S, S] part map) of a creature of `class_name`."""
-    plan = BODY_PLANS[class_name]
+def render(class_name: str, rng: np.random.Generator,
+           torso_texture: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One (uint8 [S, S, 3] image, uint8 [S, S] part map) of a creature of `class_name`.
+
+    `torso_texture` defaults to the class's own (demo-v1: a cue besides the shape)."""
+    plan = ALL_BODY_PLANS[class_name]
     extent = max(np.hypot(e.x, e.y) + max(e.rx, e.ry) for ellipses in plan.values() for e in ellipses)
     u, v = _creature_frame(rng, extent)
     image, labels = _background(rng), np.full((IMAGE_SIZE, IMAGE_SIZE), BACKGROUND, np.uint8)
     for part in DRAW_ORDER:
         inside = np.any([_inside(u, v, e) for e in plan[part]], axis=0)
-        kind = TORSO_TEXTURE[class_name] if part == TORSO else PART_TEXTURES[part]
+        kind = (torso_texture or TORSO_TEXTURE[class_name]) if part == TORSO else PART_TEXTURES[part]
         shade = 1.0 + 0.2 * _texture(kind, u, v, rng)[..., None]
         image = np.where(inside[..., None], _part_colour(part, rng) * shade, image)
         labels[inside] = part
@@ -170,29 +215,36 @@ def render(class_name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.nd
 # ----------------------------------------------------------------------------- writing
 
 
-def write_demo_dataset(root: str | Path, per_class: dict[str, int] | None = None, seed: int = 0) -> None:
+def write_demo_dataset(root: str | Path, per_class: dict[str, int] | None = None, seed: int = 0,
+                       classes: int | None = None) -> None:
     """Write the dataset under `root` (which must not hold one already).
 
     Args:
       root: destination folder.
       per_class: images per class and split; {'train': 128, 'val': 32} by default.
       seed: every image is drawn from numpy seeded by (seed, split, class, index).
+      classes: None, demo-v1: the four `BODY_PLANS`, each with its own torso texture. A number
+        K (<= 8): the harder variant, the first K of `ALL_BODY_PLANS` with a random torso texture,
+        so that only the shapes and proportions tell the classes apart.
     """
     root = Path(root)
     per_class = per_class or {"train": 128, "val": 32}
+    names = list(BODY_PLANS) if classes is None else list(ALL_BODY_PLANS)[:classes]
     for split_id, (split, count) in enumerate(per_class.items()):
-        for class_id, class_name in enumerate(BODY_PLANS):
+        for class_id, class_name in enumerate(names):
             for k in range(count):
-                image, labels = render(class_name, np.random.default_rng([seed, split_id, class_id, k]))
+                rng = np.random.default_rng([seed, split_id, class_id, k])
+                texture = None if classes is None else TEXTURES[rng.integers(len(TEXTURES))]
+                image, labels = render(class_name, rng, texture)
                 relative = Path(split) / class_name / f"{class_name}_{k:04d}"
                 (root / relative).parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(root / relative.with_suffix(".jpg"), quality=92)
                 write_part_map(root / "parts" / relative.with_suffix(".png"), labels)
     meta = {
-        "version": VERSION,
+        "version": VERSION if classes is None else SHAPES_VERSION,
         "image_size": IMAGE_SIZE,
         "part_names": PART_NAMES,
-        "classes": list(BODY_PLANS),
+        "classes": names,
         "images_per_class": per_class,
         "seed": seed,
     }
@@ -217,20 +269,37 @@ def write_large_jpegs(root: str | Path, num_images: int, size: tuple[int, int] =
     return root
 
 
-def demo_data(cache_dir: str | Path | None = None) -> Path:
+def demo_data(cache_dir: str | Path | None = None, num_images: int | None = None,
+              classes: int | None = None) -> Path:
     """The demo dataset's root, generated on first use: `<cache_dir>/demo-v1`.
 
     `cache_dir` defaults to `$SEMMAE_CACHE`, else `~/.cache/semmae_jax`. Use the root
-    as `--data_path` and `root / 'parts'` as `--part_path`.
+    as `--data_path` and `root / 'parts'` as `--part_path`. With `num_images` (training
+    images in all) or `classes` (up to 8), the harder variant instead (see
+    `write_demo_dataset`): `<cache_dir>/demo-shapes-v1-<K>c-<N>`, N / K training and N / 4K
+    validation images per class (defaults N = 4096, K = 8).
     """
     cache = Path(cache_dir or os.environ.get("SEMMAE_CACHE") or "~/.cache/semmae_jax").expanduser()
-    final = cache / VERSION
+    if num_images is None and classes is None:
+        return _generate_once(cache / VERSION, write_demo_dataset)
+    num_images, classes = num_images or 4096, classes or len(ALL_BODY_PLANS)
+    if not 2 <= classes <= len(ALL_BODY_PLANS):
+        raise ValueError(f"--classes must be between 2 and {len(ALL_BODY_PLANS)}, got {classes}")
+    if num_images % (4 * classes):
+        raise ValueError(f"--num_images must be a multiple of 4 x --classes ({4 * classes}), got {num_images}")
+    per_class = {"train": num_images // classes, "val": num_images // (4 * classes)}
+    return _generate_once(cache / f"{SHAPES_VERSION}-{classes}c-{num_images}",
+                          lambda root: write_demo_dataset(root, per_class, classes=classes))
+
+
+def _generate_once(final: Path, write: Callable[[Path], None]) -> Path:
+    """`final`, written by `write` into a temporary sibling folder renamed into place at the end."""
     if final.is_dir():
         return final
-    cache.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{VERSION}-incomplete-", dir=cache))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-incomplete-", dir=final.parent))
     try:
-        write_demo_dataset(scratch)
+        write(scratch)
         scratch.rename(final)  # atomic: the folder appears complete or not at all
     except OSError:
         if not final.is_dir():  # not a concurrent run finishing first
@@ -248,3 +317,22 @@ def data_or_demo(data_path: str | None, part_path: str | None = None,
         return data_path, part_path
     root = demo_data()
     return str(root), part_path or str(root / "parts")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m semmae_jax.data.demo [--num_images N --classes K] [--out CACHE]`: print the root."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m semmae_jax.data.demo", description=main.__doc__)
+    parser.add_argument("--num_images", type=int, help="training images in all (the harder variant)")
+    parser.add_argument("--classes", type=int, help="classes, up to 8 (the harder variant)")
+    parser.add_argument("--out", help="cache folder (default: $SEMMAE_CACHE or ~/.cache/semmae_jax)")
+    args = parser.parse_args(argv)
+    try:
+        print(demo_data(args.out, args.num_images, args.classes))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()
