@@ -102,11 +102,12 @@ def test_a_damaged_latest_step_falls_back_to_the_previous_one(damage, two_epochs
     elif damage == "missing item":
         shutil.rmtree(latest / "opt_state")
     else:
-        with open(files[-1], "r+b") as f:  # flip 8 bytes in the middle of an array file
-            f.seek(files[-1].stat().st_size // 2)
-            chunk = f.read(8)
-            f.seek(-8, 1)
-            f.write(bytes(b ^ 0xFF for b in chunk))
+        for file in files:  # flip 8 bytes in the middle of every array file (some may hold unused bytes)
+            with open(file, "r+b") as f:
+                f.seek(file.stat().st_size // 2)
+                chunk = f.read(8)
+                f.seek(-len(chunk), 1)
+                f.write(bytes(b ^ 0xFF for b in chunk))
     capsys.readouterr()
     pretrain(out, "--epochs", "3")
     printed = capsys.readouterr()
