@@ -3,8 +3,9 @@
 A `.pth` carries no model name (MAE's `args.model`, when saved, is only a hint), so the
 architecture is read from the tensors: the family from the keys (decoder -> MAE
 pretraining; `head` / `fc_norm` / `norm` -> classifier, global pool or cls token;
-neither decoder nor head -> an encoder-only file), the widths, depths, patch size,
-channels, mlp ratio and image size from the shapes. Head counts are not in any shape,
+neither decoder nor head -> an encoder-only file; `pooler` -> transformers' ViTModel
+pooler), the widths, depths, patch size, channels, mlp ratio, image size and whether
+q, k, v have biases from the shapes. Head counts are not in any shape,
 so the registered model with the same shapes supplies them; with none, the standard
 rule (head_dim 64 in the encoder, 16 heads at width 512 in the decoder) is applied
 and said so. Everything the registry's entry does not already fix (image size,
@@ -151,13 +152,16 @@ def read_layout(shapes: Mapping[str, Shape]) -> tuple[str, dict[str, Any]]:
     hidden = shapes.get("blocks.0.mlp.fc1.weight", (4 * embed_dim,))[0]
     found = dict(patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=_count_blocks(shapes, "blocks"),
                  mlp_ratio=hidden / embed_dim, img_size=grid * patch)  # fmt: skip
+    if "blocks.0.attn.qkv.weight" in shapes:
+        found["qkv_bias"] = "blocks.0.attn.qkv.bias" in shapes
     if "decoder_embed.weight" in shapes:
         found.update(
             decoder_embed_dim=shapes["decoder_embed.weight"][0], decoder_depth=_count_blocks(shapes, "decoder_blocks")
         )
         return "mae", found
     found.update(
-        num_classes=shapes["head.weight"][0] if "head.weight" in shapes else 0, global_pool="fc_norm.weight" in shapes
+        num_classes=shapes["head.weight"][0] if "head.weight" in shapes else 0, global_pool="fc_norm.weight" in shapes,
+        pooler="pooler.weight" in shapes,
     )
     return "vit", found
 
@@ -171,6 +175,8 @@ def describe(family: str, found: Mapping[str, Any]) -> str:
         return f"a {pool} classifier with {found['num_classes']} classes"
     if found["global_pool"]:
         return f"a {pool} encoder without a head (loaded as a feature extractor)"
+    if found.get("pooler"):
+        return "an encoder with transformers ViTModel's pooler (loaded as a feature extractor: the pooled cls token)"
     return "an encoder only (no decoder, no head; loaded as a feature extractor: the normalised cls token)"
 
 

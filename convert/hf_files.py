@@ -11,10 +11,10 @@ Read (`read_hf`):
 
 `config.json` decides what the shapes cannot show: the head counts, `layer_norm_eps`
 (the hub's MAE configs carry 1e-12, not MAE's 1e-6) and `norm_pix_loss` become model
-overrides; `hidden_act` other than exact GELU and `qkv_bias: false` are refused (the JAX
-models implement neither); `mask_ratio` and `id2label` go to the checkpoint's meta;
-`image_size`, `patch_size`, widths, depths and `num_labels` are checked against the
-tensors.
+overrides; `hidden_act` other than exact GELU is refused (the JAX models implement no
+other); `mask_ratio` and `id2label` go to the checkpoint's meta; `image_size`,
+`patch_size`, widths, depths, `qkv_bias` and `num_labels` are checked against the
+tensors (which decide `qkv_bias` and ViTModel's pooler).
 
 Write (`write_hf`): `config.json` + `model.safetensors` in the hub's layout, so that
 `from_pretrained` of any transformers version loads it with no missing, unexpected or
@@ -48,7 +48,7 @@ SUPPORTED_ACT = ("gelu",)
 # config.json field -> the field read from the shapes (`arch.read_layout`) it must equal.
 _CHECKED = {"image_size": "img_size", "patch_size": "patch_size", "num_channels": "in_chans",
             "hidden_size": "embed_dim", "num_hidden_layers": "depth", "decoder_hidden_size": "decoder_embed_dim",
-            "decoder_num_hidden_layers": "decoder_depth", "num_labels": "num_classes"}  # fmt: skip
+            "decoder_num_hidden_layers": "decoder_depth", "num_labels": "num_classes", "qkv_bias": "qkv_bias"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,6 @@ class HFCheckpoint:
     hf_class: str | None  # None: a lone safetensors file in the original / timm layout
     config: dict[str, Any] = field(default_factory=dict)  # config.json ({} for a lone file)
     files: tuple[str, ...] = ()
-    dropped: tuple[str, ...] = ()  # ViTModel's pooler
     renamed: bool = False  # transformers 5's decoder block names
 
     @property
@@ -94,6 +93,8 @@ class HFCheckpoint:
             return f"read {', '.join(self.files)}: original / timm layout (safetensors)"
         facts = [f"eps {self.stated['layer_norm_eps']:g}" + ("" if self.config else " (transformers' default)")]
         facts += [f"{k} {self.config[k]}" for k in ("hidden_act", "qkv_bias", "image_size", "patch_size") if k in self.config]
+        if "pooler.bias" in self.state_dict:
+            facts.append("with its tanh pooler")
         facts += [f"{k} {v}" for k, v in self.meta.items() if k == "mask_ratio"]
         if "norm_pix_loss" in self.stated:
             facts.append(f"norm_pix_loss {self.stated['norm_pix_loss']}")
@@ -101,8 +102,6 @@ class HFCheckpoint:
             facts.append(f"{len(self.state_dict['head.bias'])} labels" + (" (id2label kept)" if "id2label" in self.meta else ""))
         if self.renamed:
             facts.append("transformers 5 decoder names")
-        if self.dropped:
-            facts.append(f"left out {len(self.dropped)} pooler tensors (ViTModel's tanh pooler, not part of the ViT)")
         return f"transformers {self.hf_class}, " + ", ".join(facts) + f" (read {', '.join(self.files)})"
 
 
@@ -129,8 +128,7 @@ def read_hf(path: str | Path, trust_pickle: bool = False) -> HFCheckpoint:
             raise ConversionError(f"{path}: the weights are not in transformers' layout (first keys {list(tensors)[:3]})")
         return HFCheckpoint(OrderedDict(tensors), None, files=files)
     hf_class = _class_of(path, config, tensors)
-    state_dict, dropped = hub_to_pth(tensors, hf_class)
-    hf = HFCheckpoint(state_dict, hf_class, config, files, tuple(dropped),
+    hf = HFCheckpoint(hub_to_pth(tensors, hf_class), hf_class, config, files,
                       renamed=any(".decoder_encoder." in key for key in tensors))  # fmt: skip
     _check_config(path, hf)
     return hf
@@ -151,8 +149,6 @@ def read_config(path: Path) -> dict[str, Any]:
             f"{path}: hidden_act {act!r} is not implemented by the JAX models (they compute exact GELU, "
             f"hidden_act {SUPPORTED_ACT[0]!r})"
         )
-    if not config.get("qkv_bias", True):
-        raise ConversionError(f"{path}: qkv_bias false is not implemented by the JAX models (q, k, v have biases)")
     return config
 
 
@@ -205,7 +201,7 @@ def _class_of(path: Path, config: Mapping[str, Any], tensors: Mapping[str, Any])
         return from_keys
     if named not in ENCODER_PREFIX:
         raise ConversionError(f"{path}: {named} is not supported (supported: {', '.join(ENCODER_PREFIX)})")
-    same_keys = {named, from_keys} <= {"ViTModel", "ViTMAEModel"} or named == from_keys
+    same_keys = named == from_keys or (named, from_keys) == ("ViTModel", "ViTMAEModel")  # a ViTModel without pooler
     if not same_keys:
         raise ConversionError(f"{path}: config.json names {named}, but the weights are a {from_keys}'s")
     return named
@@ -235,8 +231,9 @@ def _square(value: Any) -> Any:
     return value
 
 
-def hf_class_for(arch: Architecture) -> str:
-    """The transformers class that runs `arch`; a global-pool classifier has none."""
+def hf_class_for(arch: Architecture, saved_class: str | None = None) -> str:
+    """The transformers class that runs `arch` (an encoder read from a `ViTModel` stays one);
+    a global-pool classifier has none."""
     config = arch.config
     if arch.family == "mae":
         return "ViTMAEForPreTraining"
@@ -246,14 +243,16 @@ def hf_class_for(arch: Architecture) -> str:
             "transformers' ViTForImageClassification (final layernorm -> cls token -> classifier) cannot "
             "express; write the timm / original layout instead: to-torch (or to-torch --format safetensors)"
         )
-    return "ViTForImageClassification" if config["num_classes"] else "ViTMAEModel"
+    if config["num_classes"]:
+        return "ViTForImageClassification"
+    return "ViTModel" if config["pooler"] or saved_class == "ViTModel" else "ViTMAEModel"
 
 
 def write_hf(
     directory: str | Path, state_dict: Mapping[str, np.ndarray], arch: Architecture, meta: Mapping[str, Any]
 ) -> str:
     """Write `config.json` + `model.safetensors` of `arch`'s transformers class; returns the class."""
-    hf_class = hf_class_for(arch)
+    hf_class = hf_class_for(arch, meta.get("transformers", {}).get("class"))
     tensors = pth_to_hub(state_dict, hf_class)
     dtype = str(next(iter(tensors.values())).dtype)
     config = hf_config(arch, hf_class, meta, dtype)
@@ -273,7 +272,7 @@ def hf_config(arch: Architecture, hf_class: str, meta: Mapping[str, Any], dtype:
     config.update(
         architectures=[hf_class], model_type=MODEL_TYPE[hf_class], dtype=dtype,
         hidden_size=model["embed_dim"], num_hidden_layers=model["depth"], num_attention_heads=model["num_heads"],
-        intermediate_size=round(model["embed_dim"] * model["mlp_ratio"]), hidden_act="gelu", qkv_bias=True,
+        intermediate_size=round(model["embed_dim"] * model["mlp_ratio"]), hidden_act="gelu", qkv_bias=model["qkv_bias"],
         layer_norm_eps=model["layer_norm_eps"], image_size=model["img_size"], patch_size=model["patch_size"],
         num_channels=model["in_chans"],
     )  # fmt: skip

@@ -7,7 +7,7 @@ loads them as they are), for the four classes this project reads and writes:
 |------------------------------|----------------|-----------------------------------------------|
 | `ViTMAEForPreTraining`       | `vit.`         | `decoder.*` (decoder_embed, mask_token, ...)  |
 | `ViTMAEModel`                | none           | nothing                                       |
-| `ViTModel`                   | none           | `pooler.dense.*` (a tanh pooler: left out)    |
+| `ViTModel`                   | none           | `pooler.dense.*` (its tanh pooler: `pooler.*`)|
 | `ViTForImageClassification`  | `vit.`         | `classifier.*` (the head on the cls token)    |
 
 One template table, read both ways, maps the names; the only change of values is the
@@ -31,7 +31,7 @@ from convert.table import ConversionError
 ENCODER_PREFIX = {"ViTMAEForPreTraining": "vit.", "ViTMAEModel": "", "ViTModel": "", "ViTForImageClassification": "vit."}
 MODEL_TYPE = {"ViTMAEForPreTraining": "vit_mae", "ViTMAEModel": "vit_mae", "ViTModel": "vit",
               "ViTForImageClassification": "vit"}  # fmt: skip
-# ViTModel's pooler (dense + tanh on the cls token): no part of the original's models.
+# ViTModel's pooler (dense + tanh on the cls token; the JAX ViT's `pooler=True`).
 POOLER = "pooler.dense."
 # transformers 5's names of the decoder's blocks -> the hub's.
 _RENAMED = (("decoder.decoder_encoder.layer.", "decoder.decoder_layers."),)
@@ -47,6 +47,7 @@ _TEMPLATES: tuple[tuple[str, str], ...] = (
     ("patch_embed.proj.{w}", "{e}embeddings.patch_embeddings.projection.{w}"),
     ("norm.{w}", "{e}layernorm.{w}"),
     ("head.{w}", "classifier.{w}"),
+    ("pooler.{w}", "pooler.dense.{w}"),
     ("mask_token", "decoder.mask_token"),
     ("decoder_pos_embed", "decoder.decoder_pos_embed"),
     ("decoder_embed.{w}", "decoder.decoder_embed.{w}"),
@@ -76,15 +77,12 @@ def class_from_keys(keys: Iterable[str]) -> str:
     return "ViTModel" if any(key.startswith(POOLER) for key in keys) else "ViTMAEModel"
 
 
-def hub_to_pth(tensors: Mapping[str, np.ndarray], hf_class: str) -> tuple[OrderedDict[str, np.ndarray], list[str]]:
-    """(the `.pth`-layout state dict, the keys left out: ViTModel's pooler) of a hub-layout one."""
+def hub_to_pth(tensors: Mapping[str, np.ndarray], hf_class: str) -> OrderedDict[str, np.ndarray]:
+    """The `.pth`-layout state dict of a hub-layout one (query, key, value joined into qkv)."""
     prefix = ENCODER_PREFIX[hf_class]
     tensors = {_hub_name(key): value for key, value in tensors.items()}
-    out, parts, dropped = OrderedDict(), {}, []
+    out, parts = OrderedDict(), {}
     for key, value in tensors.items():
-        if hf_class == "ViTModel" and key.startswith(POOLER):
-            dropped.append(key)
-            continue
         fields, template = _match(key, 1, prefix)
         name = template.format(**fields)
         if "qkv" in fields:
@@ -97,7 +95,7 @@ def hub_to_pth(tensors: Mapping[str, np.ndarray], hf_class: str) -> tuple[Ordere
     incomplete = [name for name, group in parts.items() if len(group) < len(_QKV)]
     if incomplete:
         raise ConversionError(f"query, key and value are not all there for {incomplete[0]}")
-    return out, dropped
+    return out
 
 
 def pth_to_hub(state_dict: Mapping[str, np.ndarray], hf_class: str) -> OrderedDict[str, np.ndarray]:

@@ -12,7 +12,8 @@ sides run exactly the same weights:
 
 - classifiers and encoders: timm's `VisionTransformer` (or the directory's
   `ViTForImageClassification` / `ViTModel` / `ViTMAEModel`); compared: logits (or the
-  cls features after the final norm), max abs and max relative difference, top-1 agreement;
+  cls features after the final norm; ViTModel's `pooler_output` when it has its pooler), max abs
+  and max relative difference, top-1 agreement;
 - MAE pretraining models: transformers' `ViTMAEForPreTraining` with the same `noise`
   and mask ratio (the config's unless `--mask_ratio`); compared: loss (relative),
   reconstruction `pred` (max abs), mask.
@@ -131,13 +132,14 @@ def reference_model(
     A transformers directory runs in its own class, read by transformers from the directory
     itself (unless its position tables were resampled). Anything else runs the weights the
     converter gives back (bit for bit the file's): timm for classifiers and encoders,
-    transformers' ViTMAEForPreTraining for MAE, from a directory written by `to-hf`'s writer.
+    transformers' ViTMAEForPreTraining for MAE (and ViTModel for an encoder with its pooler,
+    which timm lacks), from a directory written by `to-hf`'s writer.
     """
     hf_class = loaded.meta.get("transformers", {}).get("class")
     if Path(checkpoint).is_dir() and is_hf_source(checkpoint) and not resampled:
         return references.hf_pretrained(checkpoint, hf_class), hf_class
     state_dict = flax_to_torch(loaded.params, arch.name, model_overrides=arch.overrides)
-    if arch.family == "mae":
+    if arch.family == "mae" or arch.config["pooler"]:
         hf_class = write_hf(scratch, state_dict, arch, loaded.meta)
         return references.hf_pretrained(scratch, hf_class), hf_class
     return references.load_numpy_state_dict(references.timm_classifier(arch.config), state_dict), None

@@ -1,7 +1,7 @@
 """The converter as the jobs' `semmae_jax.checkpoint.WeightsReader`.
 
 `cli.py` hands one `ConverterReader` to every job that takes checkpoints (`--resume`,
-`--finetune`, `parts train --backbone`); the jobs call its three methods and never
+`--finetune`, `parts train --backbone`, `eval`); the jobs call its methods and never
 import `convert`. Reading is as safe as the converter's: no pickle code runs.
 """
 
@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from convert.backbones import backbone_params
-from convert.core import params_from_checkpoint
+from convert.core import params_from_checkpoint, read_checkpoint
 from convert.optimizer import TorchAdamState, torch_adam_state
+from semmae_jax.checkpoint import StatedModel
+
+# Model fields that change what a model computes from the same params, read from checkpoints.
+NUMERICS_FIELDS = ("layer_norm_eps", "qkv_bias")
 
 
 class ConverterReader:
@@ -30,3 +34,11 @@ class ConverterReader:
     def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder for stage 1: (params, registered model name, overrides)."""
         return backbone_params(path, img_size=img_size)
+
+    def stated(self, path: str) -> StatedModel:
+        """The numerics fields the file states (a hub config's eps 1e-12, q, k, v without biases)
+        and its class names (a transformers classifier's id2label, in id order)."""
+        loaded = read_checkpoint(path)
+        labels = loaded.meta.get("id2label")
+        names = tuple(labels[k] for k in sorted(labels, key=int)) if labels else None
+        return StatedModel({k: loaded.overrides[k] for k in NUMERICS_FIELDS if k in loaded.overrides}, names)

@@ -45,6 +45,7 @@ def timm_classifier(config: Mapping[str, Any]) -> timm_vit.VisionTransformer:
         depth=config["depth"],
         num_heads=config["num_heads"],
         mlp_ratio=config["mlp_ratio"],
+        qkv_bias=config.get("qkv_bias", True),
         norm_layer=functools.partial(torch.nn.LayerNorm, eps=config.get("layer_norm_eps", LN_EPS)),
         act_layer=torch.nn.GELU,
         weight_init="skip",
@@ -68,7 +69,7 @@ def hf_mae(config: Mapping[str, Any], *, encoder_only: bool = False, mask_ratio:
         decoder_intermediate_size=int(decoder_width * ratio),
         hidden_act="gelu",
         layer_norm_eps=config.get("layer_norm_eps", LN_EPS),
-        qkv_bias=True,
+        qkv_bias=config.get("qkv_bias", True),
         mask_ratio=mask_ratio,
         norm_pix_loss=config.get("norm_pix_loss", False),
     )
@@ -87,7 +88,8 @@ def hf_pretrained(directory: str | Path, hf_class: str) -> torch.nn.Module:
 
 def classifier_forward(module: torch.nn.Module, hf_class: str | None) -> Callable[[torch.Tensor], np.ndarray]:
     """NCHW images -> what the JAX classifier returns: logits, or the cls features after the
-    final norm for an encoder (`hf_class` None: a timm model, which returns either itself)."""
+    final norm for an encoder, `pooler_output` for a ViTModel with its pooler (`hf_class`
+    None: a timm model, which returns either itself)."""
     if hf_class is None:
         return lambda x: module(x).numpy()
     if hf_class == "ViTForImageClassification":
@@ -95,6 +97,8 @@ def classifier_forward(module: torch.nn.Module, hf_class: str | None) -> Callabl
     if hf_class == "ViTMAEModel":  # it masks: keep every patch, in order (increasing noise)
         module.config.mask_ratio = 0.0
         return lambda x: module(pixel_values=x, noise=_in_order(x, module.config.patch_size)).last_hidden_state[:, 0].numpy()
+    if getattr(module, "pooler", None) is not None:
+        return lambda x: module(pixel_values=x).pooler_output.numpy()
     return lambda x: module(pixel_values=x).last_hidden_state[:, 0].numpy()
 
 
@@ -131,7 +135,8 @@ def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
             normal_(sub.weight, sub.weight[0].numel() ** -0.5)
         else:
             continue
-        normal_(sub.bias, 0.2)
+        if sub.bias is not None:  # `qkv_bias=False` models have none on q, k, v
+            normal_(sub.bias, 0.2)
         done |= {id(sub.weight), id(sub.bias)}
     for param in module.parameters():
         if id(param) not in done:

@@ -10,7 +10,7 @@ One declarative table drives both directions, so they cannot drift:
 | {..}.i.attn.qkv.weight   [3D, D]                    | {..}_i/attn/qkv/kernel [D,3,H,hd] | transpose, reshape   |
 | {..}.i.attn.qkv.bias     [3D]                       | {..}_i/attn/qkv/bias   [3,H,hd]   | reshape              |
 | {..}.i.attn.proj.weight  [D, D]                     | {..}_i/attn/proj/kernel [H,hd,D]  | transpose, reshape   |
-| any other Linear .weight [out, in]                  | .../kernel [in, out]              | transpose            |
+| any other Linear .weight [out, in] (head, pooler)   | .../kernel [in, out]              | transpose            |
 | LayerNorm .weight / .bias                           | .../scale / .../bias              | none                 |
 
 Every transform is a transpose and/or reshape, so a round trip gives back every tensor
@@ -30,7 +30,8 @@ mlp.fc1, mlp.fc2, each weight before bias:
   `del self.norm`): cls_token, pos_embed, patch_embed.*, blocks.*, head.*, fc_norm.*
 - fine-tuned, cls token: cls_token, pos_embed, patch_embed.*, blocks.*, norm.*, head.*
 - encoder only (released MAE encoders, DINO, iBOT): cls_token, pos_embed, patch_embed.*,
-  blocks.*, norm.*
+  blocks.*, norm.*; transformers' `ViTModel` adds its pooler as `pooler.*` (a Linear; no
+  original or timm model has one)
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ RULES: tuple[Rule, ...] = (
     Rule(_BLOCKS + r"(norm1|norm2)\.bias$", r"\1_\2/\3/bias", _same, _same),
     Rule(r"^(norm|fc_norm|decoder_norm)\.weight$", r"\1/scale", _same, _same),
     Rule(r"^(norm|fc_norm|decoder_norm)\.bias$", r"\1/bias", _same, _same),
-    Rule(r"^(decoder_embed|decoder_pred|head)\.weight$", r"\1/kernel", _linear_t, _linear_t),
-    Rule(r"^(decoder_embed|decoder_pred|head)\.bias$", r"\1/bias", _same, _same),
+    Rule(r"^(decoder_embed|decoder_pred|head|pooler)\.weight$", r"\1/kernel", _linear_t, _linear_t),
+    Rule(r"^(decoder_embed|decoder_pred|head|pooler)\.bias$", r"\1/bias", _same, _same),
 )
 
 # Position of each top-level torch name in the original's `state_dict()` (see the module
@@ -118,7 +119,7 @@ RULES: tuple[Rule, ...] = (
 _TOP_ORDER = {
     "mae": ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "blocks", "norm",
             "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred"),
-    "vit": ("cls_token", "pos_embed", "patch_embed", "blocks", "norm", "head", "fc_norm"),
+    "vit": ("cls_token", "pos_embed", "patch_embed", "blocks", "norm", "head", "fc_norm", "pooler"),
 }  # fmt: skip
 _BLOCK_ORDER = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 _LEAF_ORDER = ("weight", "bias")

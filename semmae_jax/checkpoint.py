@@ -25,7 +25,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +233,16 @@ class WeightsReader(Protocol):
 
     def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder (stage 1): (params, registered model name, overrides)."""
+
+    def stated(self, path: str) -> StatedModel:
+        """What `path` says about the model beyond its params: numerics fields and class names."""
+
+
+class StatedModel(NamedTuple):
+    """What a checkpoint states beyond its params (a transformers config, shapes, a saved meta)."""
+
+    fields: dict[str, Any]  # model fields its numerics need (`layer_norm_eps`, `qkv_bias`), when not the default
+    class_names: tuple[str, ...] | None  # the labels of its classes in id order (transformers' id2label)
 
 
 # ---------------------------------------------------------------- the training-state layout

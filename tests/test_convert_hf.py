@@ -9,6 +9,7 @@ random weights of a real scale (perturbed LayerNorm scales and biases, random ta
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import flax.linen as nn
@@ -71,7 +72,11 @@ def jax_and_transformers(hf_class: str, model, params, reference, config: dict) 
         reference.config.mask_ratio = 0.0  # ViTMAEModel masks: keep every patch, in order
         noise = {"noise": torch.arange(masking_noise(config).shape[1], dtype=torch.float32).expand(len(x), -1)}
         out = reference(nchw(x), **(noise if hf_class == "ViTMAEModel" else {}))
-        return run_jax(model, params, x, method=model.tokens), out.last_hidden_state.numpy()
+        tokens, expected = run_jax(model, params, x, method=model.tokens), out.last_hidden_state.numpy()
+        if hf_class == "ViTModel":  # and its pooler: dense + tanh on the cls token
+            return (np.concatenate([tokens.reshape(len(x), -1), run_jax(model, params, x)], axis=1),
+                    np.concatenate([expected.reshape(len(x), -1), out.pooler_output.numpy()], axis=1))
+        return tokens, expected
 
 
 @pytest.mark.parametrize("eps", [1e-12, 1e-6])
@@ -91,6 +96,20 @@ def test_directory_runs_in_jax_as_in_transformers(tmp_path, caplog, hf_class, ep
     assert np.abs(wrong - expected).max() > 100 * ATOL
 
 
+@pytest.mark.parametrize("hf_class", HF_CLASSES)
+def test_qkv_bias_false_runs_in_jax_as_in_transformers(tmp_path, caplog, hf_class):
+    """`qkv_bias: false` (q, k, v without biases): read from the tensors, checked against the config."""
+    reference = tiny_hf(hf_class, qkv_bias=False)
+    reference.save_pretrained(tmp_path)
+    with caplog.at_level("INFO", logger="convert"):
+        params, name, overrides, _ = convert.read_checkpoint(tmp_path)
+    assert "qkv_bias False" in caplog.text and overrides["qkv_bias"] is False
+    assert "bias" not in params["blocks_0"]["attn"]["qkv"]
+    config = full_config(name, **overrides)
+    got, expected = jax_and_transformers(hf_class, create_model(name, **overrides), params, reference, config)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
 ROUND_TRIPS = {
     "ViTMAEForPreTraining": dict(norm_pix_loss=True, mask_ratio=0.6),
     "ViTMAEModel": {},
@@ -100,15 +119,16 @@ ROUND_TRIPS = {
 
 
 @pytest.mark.parametrize(
-    "hf_class, layout, dtype",
-    [*((c, "hub", torch.float32) for c in HF_CLASSES), ("ViTMAEForPreTraining", "transformers 5", torch.float32),
-     ("ViTMAEForPreTraining", "hub", torch.bfloat16)],
+    "hf_class, layout, dtype, qkv_bias",
+    [*((c, "hub", torch.float32, True) for c in HF_CLASSES), ("ViTMAEForPreTraining", "transformers 5", torch.float32, True),
+     ("ViTMAEForPreTraining", "hub", torch.bfloat16, True), ("ViTMAEForPreTraining", "hub", torch.float32, False),
+     ("ViTModel", "hub", torch.float32, False)],
 )  # fmt: skip
-def test_directory_to_flax_to_directory_is_bit_exact(tmp_path, hf_class, layout, dtype):
-    """Every tensor (the sin-cos tables and mask_token included) and the config fields come back;
-    transformers loads the result cleanly and computes the same outputs. ViTModel's tanh pooler is
-    the one thing left out: the encoder comes back as a ViTMAEModel."""
-    reference = tiny_hf(hf_class, layer_norm_eps=1e-12, **ROUND_TRIPS[hf_class]).to(dtype)
+def test_directory_to_flax_to_directory_is_bit_exact(tmp_path, hf_class, layout, dtype, qkv_bias):
+    """Every tensor (the sin-cos tables, mask_token and ViTModel's pooler included) and the config
+    fields come back, as the same class; transformers loads the result cleanly and computes the
+    same outputs."""
+    reference = tiny_hf(hf_class, layer_norm_eps=1e-12, qkv_bias=qkv_bias, **ROUND_TRIPS[hf_class]).to(dtype)
     reference.save_pretrained(tmp_path / "in")
     if layout == "hub":
         hub_layout(tmp_path / "in")
@@ -116,31 +136,32 @@ def test_directory_to_flax_to_directory_is_bit_exact(tmp_path, hf_class, layout,
     main_cli.main(["convert", "to-hf", str(tmp_path / "flax"), str(tmp_path / "out")])
 
     original = safetensors.numpy.load_file(tmp_path / "in" / "model.safetensors")
-    expected = {k.replace(T5_DECODER, HUB_DECODER): v for k, v in original.items() if not k.startswith("pooler.")}
+    expected = {k.replace(T5_DECODER, HUB_DECODER): v for k, v in original.items()}
     written = safetensors.numpy.load_file(tmp_path / "out" / "model.safetensors")
     assert_same_bits(dict(sorted(written.items())), dict(sorted(expected.items())))
     config_in, config_out = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("in", "out"))
-    fields = ["layer_norm_eps", "hidden_act", "qkv_bias", "norm_pix_loss", "mask_ratio", "image_size", "patch_size",
-              "num_attention_heads", "decoder_num_attention_heads"]  # fmt: skip
+    fields = ["architectures", "model_type", "layer_norm_eps", "hidden_act", "qkv_bias", "norm_pix_loss", "mask_ratio",
+              "image_size", "patch_size", "num_attention_heads", "decoder_num_attention_heads"]  # fmt: skip
     if hf_class != "ViTModel":  # an encoder's labels mean nothing (and ViTMAEModel's config has none)
         fields += ["id2label", "label2id"]
     for field in fields:
         assert config_out.get(field) == config_in.get(field), field
 
-    out_class = "ViTMAEModel" if hf_class == "ViTModel" else hf_class
+    out_class = hf_class
     loaded = references.hf_pretrained(tmp_path / "out", out_class).to(dtype)  # refuses missing/unexpected/mismatched
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
     noise = torch.arange(64, dtype=torch.float32).flip(0).expand(2, -1)
     with torch.no_grad():
         if out_class == "ViTMAEModel":  # it masks: keep every patch, in order
             loaded.config.mask_ratio = reference.config.mask_ratio = 0.0
-            got, want = loaded(x, noise=noise.flip(1)), reference(x, **({} if hf_class == "ViTModel" else {"noise": noise.flip(1)}))
+            got, want = loaded(x, noise=noise.flip(1)), reference(x, noise=noise.flip(1))
         elif out_class == "ViTMAEForPreTraining":
             got, want = loaded(x, noise=noise), reference(x, noise=noise)
         else:
             got, want = loaded(x), reference(x)
-    name = "logits" if hasattr(want, "logits") else "last_hidden_state"
-    torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-5)
+    names = ["logits"] if hasattr(want, "logits") else ["last_hidden_state"] + (["pooler_output"] * (hf_class == "ViTModel"))
+    for name in names:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=1e-5)
 
 
 def test_to_flax_keeps_mask_ratio_and_id2label_in_the_meta(tmp_path):
@@ -213,7 +234,7 @@ def test_pytorch_model_bin_goes_through_the_safe_loader(tmp_path):
     [
         ({"hidden_act": "relu"}, "hidden_act 'relu' is not implemented by the JAX models"),
         ({"hidden_act": "gelu_new"}, "hidden_act 'gelu_new' is not implemented by the JAX models"),
-        ({"qkv_bias": False}, "qkv_bias false is not implemented"),
+        ({"qkv_bias": False}, "config.json says qkv_bias False, the tensors hold True"),
         ({"image_size": 64}, "config.json says image_size 64, the tensors hold 32"),
         ({"model_type": "deit"}, "model_type 'deit' is not a ViT or ViT-MAE"),
         ({"architectures": ["ViTForImageClassification"]}, "names ViTForImageClassification, but the weights are a ViTMAEForPreTraining's"),
@@ -302,3 +323,67 @@ def test_backbone_params_read_a_transformers_mae(tmp_path, source):
     assert set(params) == {"cls_token", "pos_embed", "patch_embed", "blocks_0", "blocks_1", "norm"}
     assert_same_bits(flatten(params), {k: v for k, v in flatten(full.params).items() if k in flatten(params)})
     assert full_config(name, **overrides)["layer_norm_eps"] == 1e-12
+
+
+# --------------------------------------------------------------- hub directories in the jobs
+DEMO_CLASSES = ("blob", "hound", "lizard", "stork")  # the demo data's class folders, in label order
+EVAL = ["--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4", "--cls_token", "--batch_size", "8"]
+
+
+def hub_classifier(directory, labels) -> None:
+    """A `save_pretrained` ViTForImageClassification of the demo's 4 classes: eps 1e-12, q, k, v
+    without biases, confident logits, `labels` as its id2label."""
+    reference = tiny_hf("ViTForImageClassification", layer_norm_eps=1e-12, qkv_bias=False, num_labels=4,
+                        id2label=dict(enumerate(labels)))  # fmt: skip
+    with torch.no_grad():
+        reference.classifier.weight.mul_(20.0)
+    reference.save_pretrained(directory)
+
+
+def test_eval_of_a_hub_classifier_runs_its_config_and_names_its_classes(tmp_path, demo_root, capsys):
+    """`eval --resume HF_DIR` builds the model the config states (eps 1e-12, no q, k, v biases: without
+    them the params would not fit), scores what transformers scores on the same images, and reports
+    per class under the checkpoint's names."""
+    hub_classifier(tmp_path / "hub", DEMO_CLASSES)
+    main_cli.main(["eval", *EVAL, "--resume", str(tmp_path / "hub"), "--data_path", str(demo_root),
+                   "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "model fields stated by" in out and "'layer_norm_eps': 1e-12" in out and "'qkv_bias': False" in out
+    acc1 = float(next(line for line in out.splitlines() if line.startswith("* Acc@1")).split()[2])
+    per_class = json.loads((tmp_path / "eval" / "per_class_accuracy.json").read_text())
+    assert [v["name"] for v in per_class.values()] == list(DEMO_CLASSES)
+    for entry in per_class.values():
+        assert re.search(rf"^  {entry['name']} +{entry['acc1']:.1f}%  \({entry['images']} images\)$", out, re.M)
+
+    parity.main(["--checkpoint", str(tmp_path / "hub"), "--data_path", str(demo_root), "--all_images",
+                 "--batch_size", "8"])  # fmt: skip
+    rows = capsys.readouterr().out
+    assert "reference: transformers ViTForImageClassification" in rows
+    assert acc1 == pytest.approx(float(next(r for r in rows.splitlines() if r.startswith("Acc@1 % PyTorch")).split()[3]),
+                                 abs=1e-3)  # fmt: skip
+
+
+def test_eval_refuses_a_hub_classifier_whose_labels_order_the_classes_otherwise(tmp_path, demo_root):
+    hub_classifier(tmp_path / "hub", DEMO_CLASSES[::-1])
+    with pytest.raises(SystemExit, match=r"hub: its id2label orders the dataset's classes differently \(label 0 is "
+                                         r"'stork' in the checkpoint, 'blob' in the dataset's class folders\)"):
+        main_cli.main(["eval", *EVAL, "--resume", str(tmp_path / "hub"), "--data_path", str(demo_root),
+                       "--output_dir", str(tmp_path / "eval")])  # fmt: skip
+
+
+def test_finetune_from_a_hub_mae_directory_starts_from_its_encoder(tmp_path, demo_root):
+    """`finetune --finetune HF_DIR`: one step at learning rate 0 (the first warm-up step) leaves the
+    encoder exactly as transformers saved it; the head starts from its own init."""
+    tiny_hf("ViTMAEForPreTraining").save_pretrained(tmp_path / "hub")
+    main_cli.main(["finetune", "--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "4",
+                   "--finetune", str(tmp_path / "hub"), "--data_path", str(demo_root), "--batch_size", "8",
+                   "--epochs", "1", "--warmup_epochs", "1", "--steps_per_epoch", "1", "--num_workers", "2",
+                   "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    hub = flatten(convert.read_checkpoint(tmp_path / "hub").params)
+    step = max((tmp_path / "run" / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+    tuned = flatten(checkpoint.load_item(step, "params"))
+    encoder = [p for p in tuned if p.split("/")[0] in ("cls_token", "pos_embed", "patch_embed") or p.startswith("blocks_")]
+    assert len(encoder) == len([p for p in hub if p.split("/")[0] in ("cls_token", "pos_embed", "patch_embed")
+                                or p.startswith("blocks_")])  # fmt: skip
+    assert_same_bits({p: tuned[p] for p in encoder}, {p: hub[p] for p in encoder})
+    assert "head/kernel" in tuned and "head/kernel" not in hub

@@ -153,6 +153,7 @@ class Attention(nn.Module):
     num_heads: int
     dtype: Dtype = jnp.float32
     implementation: str = "xla"
+    qkv_bias: bool = True  # timm's and transformers' `qkv_bias`: False drops the q, k, v biases
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,6 +163,7 @@ class Attention(nn.Module):
         qkv = nn.Einsum(
             (dim, 3, self.num_heads, head_dim),
             "bnd,dthk->bnthk",
+            use_bias=self.qkv_bias,
             dtype=self.dtype,
             kernel_init=logical(xavier_over(in_axis=0, out_axis=(1, 2, 3)), "embed", None, "heads", "kv"),
             bias_init=logical(zeros, None, "heads", "kv"),
@@ -227,13 +229,14 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     norm_eps: float = LN_EPS
     attention: str = "xla"
+    qkv_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         dim = x.shape[-1]
         drop = DropPath(self.drop_path)
         norm1, norm2 = (layer_norm(name, self.dtype, self.norm_eps) for name in ("norm1", "norm2"))
-        attn = Attention(self.num_heads, self.dtype, self.attention, name="attn")
+        attn = Attention(self.num_heads, self.dtype, self.attention, self.qkv_bias, name="attn")
         x = x + drop(attn(norm1(x)), deterministic)
         mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")
         x = x + drop(mlp(norm2(x)), deterministic)
@@ -249,17 +252,19 @@ def make_blocks(
     remat: bool,
     norm_eps: float = LN_EPS,
     attention: str = "xla",
+    qkv_bias: bool = True,
     drop_path_rates: Sequence[float] | None = None,
 ) -> list[Block]:
     """`depth` blocks for a `setup()` list attribute (Flax names them `{attr}_{i}`).
 
     With `remat`, activations inside each block are recomputed in the backward pass
     (`nn.remat`), trading compute for memory on the big models. `attention` is the
-    `Attention` implementation ('xla' or 'cudnn').
+    `Attention` implementation ('xla' or 'cudnn'); `qkv_bias=False` builds the q, k, v
+    projections without biases (transformers' `qkv_bias: false`).
     """
     block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
     rates = drop_path_rates if drop_path_rates is not None else [0.0] * depth
-    return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps, attention) for i in range(depth)]
+    return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps, attention, qkv_bias) for i in range(depth)]
 
 
 def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool = True) -> jax.Array:

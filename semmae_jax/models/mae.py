@@ -111,6 +111,7 @@ class MaskedAutoencoderViT(nn.Module):
     remat: bool = False
     layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
     attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
+    qkv_bias: bool = True  # False: q, k, v without biases (a transformers config's `qkv_bias: false`)
 
     @property
     def grid_size(self) -> int:
@@ -124,7 +125,7 @@ class MaskedAutoencoderViT(nn.Module):
         tokens = logical(nn.initializers.normal(0.02), None, None, "embed")
         table = logical(sincos_init(self.grid_size), None, None, "embed")
         blocks = dict(mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, norm_eps=self.layer_norm_eps,
-                      attention=self.attention)
+                      attention=self.attention, qkv_bias=self.qkv_bias)
         # Encoder.
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
         self.cls_token = self.param("cls_token", tokens, (1, 1, self.embed_dim))

@@ -4,7 +4,9 @@
 `global_pool=True` (MAE's fine-tuning default): mean of the patch tokens -> `fc_norm` ->
 head, and the final `norm` does not exist. `global_pool=False`: final `norm` -> cls
 token -> head. With `num_classes=0` the model returns the pooled features (linear
-probing, frozen backbones). The position table is the checkpoint's (sin-cos at
+probing, frozen backbones); `pooler=True` adds transformers' `ViTModel` pooler to such an
+encoder (dense + tanh on the cls token: its `pooler_output`), so that a hub `ViTModel`
+runs and converts back whole. The position table is the checkpoint's (sin-cos at
 init) and, unlike in pretraining, it is trained.
 """
 
@@ -51,6 +53,8 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
     attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
+    qkv_bias: bool = True  # False: q, k, v without biases (a transformers config's `qkv_bias: false`)
+    pooler: bool = False  # transformers ViTModel's dense + tanh on the cls token (encoders only)
 
     @property
     def grid_size(self) -> int:
@@ -73,6 +77,7 @@ class VisionTransformer(nn.Module):
             remat=self.remat,
             norm_eps=self.layer_norm_eps,
             attention=self.attention,
+            qkv_bias=self.qkv_bias,
             drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth),
         )
         if self.global_pool:
@@ -82,6 +87,11 @@ class VisionTransformer(nn.Module):
         if self.num_classes:
             head_init = nn.initializers.normal(HEAD_INIT_STD)
             self.head = dense(self.num_classes, ("embed", "classes"), None, self.dtype, kernel_init=head_init)
+        if self.pooler:
+            if self.num_classes or self.global_pool:
+                raise ValueError("pooler=True is transformers ViTModel's: a cls-token encoder (num_classes=0, "
+                                 "global_pool=False)")
+            self.pooler_dense = dense(self.embed_dim, ("embed", None), "pooler", self.dtype)
 
     def tokens(self, images: jax.Array, train: bool = False) -> jax.Array:
         """All tokens [N, 1 + L, D] after the blocks (and after `norm` when cls-pooled)."""
@@ -99,7 +109,9 @@ class VisionTransformer(nn.Module):
     def features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """The pooled representation the head sees: [N, D]."""
         x = self.tokens(images, train)
-        return self.fc_norm(x[:, 1:].mean(axis=1)) if self.global_pool else x[:, 0]
+        if self.global_pool:
+            return self.fc_norm(x[:, 1:].mean(axis=1))
+        return jnp.tanh(self.pooler_dense(x[:, 0])) if self.pooler else x[:, 0]
 
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Logits [N, num_classes] in float32 (pooled features when `num_classes == 0`)."""

@@ -25,7 +25,7 @@ from semmae_jax.models.vit import VisionTransformer
 
 # What a backbone keeps of its model's config: the encoder fields VisionTransformer shares
 # with MaskedAutoencoderViT (not the head, the pooling or the decoder).
-_ENCODER_FIELDS = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name", "num_classes", "global_pool"}
+_ENCODER_FIELDS = {f.name for f in dataclasses.fields(VisionTransformer)} - {"parent", "name", "num_classes", "global_pool", "pooler"}
 
 
 class BackboneFeatures(NamedTuple):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from semmae_jax.data.global_arrays import prefetch_to_device
 from semmae_jax.distributed import is_primary
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> logits [B, C]
+NAMED_CLASSES_SHOWN = 20  # per-class lines printed by `eval`; beyond, only the weakest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +46,18 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         return {"test_acc1": self.acc1, "test_acc5": self.acc5, "test_loss": self.loss}
 
-    def write_per_class(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps({str(k): v for k, v in sorted(self.per_class.items())}, indent=1))
+    def write_per_class(self, path: str | Path, class_names: Sequence[str] | None = None) -> None:
+        """{class id: {'images', 'acc1'} (and 'name', from the checkpoint's labels)} as JSON."""
+        named = {k: {**v, "name": class_names[k]} if class_names else v for k, v in sorted(self.per_class.items())}
+        Path(path).write_text(json.dumps({str(k): v for k, v in named.items()}, indent=1))
+
+    def per_class_lines(self, class_names: Sequence[str], shown: int = NAMED_CLASSES_SHOWN) -> str:
+        """Top-1 per class under the checkpoint's class names: every class, or the `shown` weakest."""
+        ranked = sorted(self.per_class.items(), key=lambda item: item[1]["acc1"])
+        listed = ranked if len(ranked) <= shown else ranked[:shown]
+        title = "Acc@1 per class" if listed is ranked else f"Acc@1 of the {shown} weakest of {len(ranked)} classes"
+        rows = [f"  {class_names[c]:<24} {v['acc1']:6.1f}%  ({v['images']} images)" for c, v in sorted(listed)]
+        return "\n".join([f"{title} (the checkpoint's id2label):", *rows])
 
 
 def batch_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int) -> dict[str, jax.Array]:
@@ -104,6 +115,16 @@ def check_classes(found: int, nb_classes: int) -> None:
     """A dataset with more classes than the head has would train on labels the head cannot output."""
     if found > nb_classes:
         raise ValueError(f"the dataset has {found} classes but --nb_classes is {nb_classes}")
+
+
+def check_class_order(folders: Sequence[str] | None, class_names: Sequence[str] | None, source: str) -> None:
+    """Refuse a checkpoint that names the dataset's classes in another order: its logit i is
+    not the folder with label i, so every figure would be wrong without a visible error."""
+    if not folders or not class_names or list(folders) == list(class_names) or sorted(folders) != sorted(class_names):
+        return
+    first = next(i for i, (a, b) in enumerate(zip(folders, class_names, strict=True)) if a != b)
+    raise ValueError(f"{source}: its id2label orders the dataset's classes differently (label {first} is "
+                     f"{class_names[first]!r} in the checkpoint, {folders[first]!r} in the dataset's class folders)")
 
 
 @dataclasses.dataclass

@@ -98,17 +98,20 @@ def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     main(["--eval", *argv], reader)
 
 
-def build_classifier(config: FinetuneConfig) -> nn.Module:
+def build_classifier(config: FinetuneConfig, **stated: Any) -> nn.Module:
+    """The classifier of the flags (and the numerics fields a checkpoint states, for `eval`)."""
     return create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
                         global_pool=config.global_pool, drop_path_rate=config.drop_path, dtype=config.dtype,
-                        remat=config.remat, attention=config.attention)
+                        remat=config.remat, attention=config.attention, **stated)
 
 
 def validation(config: FinetuneConfig, data: Any, model: nn.Module, mesh: jax.sharding.Mesh,
-               params_sharding: Any) -> evaluate.Validation:
-    """The validation split, scored by the classifier's logits."""
+               params_sharding: Any, class_names: Sequence[str] | None = None) -> evaluate.Validation:
+    """The validation split, scored by the classifier's logits (refused when `class_names`, the
+    checkpoint's, order the dataset's class folders differently)."""
     val = data.open_source(config.data_paths()[0], "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
     evaluate.check_classes(val.num_classes, config.nb_classes)
+    evaluate.check_class_order(getattr(val, "classes", None), class_names, config.resume)
     return evaluate.Validation.build(
         data, val, data.EvalTransform(model.img_size), config.eval_batch_size or config.batch_size,
         config.num_workers, lambda variables, images: model.apply(variables, images, train=False),
@@ -215,19 +218,23 @@ def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) ->
     from semmae_jax import data
 
     mesh = sharding.make_mesh(config.mesh)
-    model = build_classifier(config)
+    stated = reader.stated(config.resume)
+    model = build_classifier(config, **stated.fields)
     example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
     with contextlib.closing(RunLog(config.output_dir, config.log_dir)) as log, jax.set_mesh(mesh):
+        if stated.fields:
+            log.print(f"model fields stated by {config.resume}: {stated.fields}")
         plan = plan_state(model, lambda params: optax.identity(), example, mesh, config.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params,
                                                    reader.params(config.resume, None, model.img_size))
         if missing or unused:
             raise ValueError(f"{config.resume} does not fit {config.model} (--nb_classes {config.nb_classes}, "
                              f"global_pool {config.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
-        result = validation(config, data, model, mesh, plan.shardings.params)({"params": params})
-        log.print(result.original_lines())
+        names = stated.class_names if stated.class_names and len(stated.class_names) == config.nb_classes else None
+        result = validation(config, data, model, mesh, plan.shardings.params, names)({"params": params})
+        log.print(result.original_lines() + (f"\n{result.per_class_lines(names)}" if names else ""))
         if log.enabled:
-            result.write_per_class(log.output_dir / "per_class_accuracy.json")
+            result.write_per_class(log.output_dir / "per_class_accuracy.json", names)
     return result
 
 
