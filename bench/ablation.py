@@ -15,6 +15,8 @@ the setting-0 run of seed 0 (plain MAE, the same budget), once, shared by every 
 
 Resumable: each finished run is written at once to `DIR/runs/<cell>_seed<S>/result.json` (and
 `DIR/results.json`); a rerun skips them, and a job cut short resumes from its own checkpoint.
+A rerun may add cells and seeds, but not change what every run shares (data, classes, budget:
+`DIR/plan.json`), which would mix incomparable runs in one table: it is refused, naming the field.
 Compiled programs are kept in `$JAX_COMPILATION_CACHE_DIR`, else `$SEMMAE_CACHE/jax_cache`
 (JAX's persistent cache; default `~/.cache/semmae_jax`), so only the first run of a program pays for compiling it. Outputs: `results.json`, `table.md` (mean ± std over seeds, Welch's t-test
 against setting 0), `ablation.png` (bars with ± std error bars).
@@ -83,11 +85,11 @@ class Budget:
     vit_model: str = "vit_demo_patch8"
     input_size: int = 64
     batch_size: int = 64
-    pretrain_epochs: int = 4
-    linprobe_epochs: int = 4
+    pretrain_epochs: int = 12
+    linprobe_epochs: int = 20
     finetune_epochs: int = 2
     parts_epochs: int = 10
-    linprobe_blr: float = 1.0  # LARS base lr; the original's 0.1 is for 90 epochs
+    linprobe_blr: float = 50.0  # LARS base lr: the original's 0.1 is for 90 epochs; 1.0 left the probe near chance here
     steps_per_epoch: int | None = None
 
     def cap(self) -> list[str]:
@@ -359,8 +361,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3; --quick 1)")
     parser.add_argument("--data_path", help="image folder with train/ and val/ (default: the grown demo data)")
     parser.add_argument("--part_path", help="its part maps (default: DATA/parts)")
-    parser.add_argument("--num_images", type=int, default=4096, help="grown demo data: training images")
-    parser.add_argument("--classes", type=int, default=8, help="grown demo data: classes")
+    parser.add_argument("--num_images", type=int, default=1024, help="grown demo data: training images")
+    parser.add_argument("--classes", type=int, default=4, help="grown demo data: classes (up to 8)")
     for name, value in dataclasses.asdict(Budget()).items():
         if name not in ("mae_model", "vit_model", "steps_per_epoch"):
             parser.add_argument(f"--{name}", type=type(value), default=None, help=f"default {value} (--quick: {getattr(QUICK, name)})")
@@ -386,6 +388,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(Path(args.out).resolve(), data.resolve(), part_path.resolve(), classes, budget, cache.resolve())
 
 
+def check_same_plan(path: Path, shared: dict) -> None:
+    """Refuse to resume `path`'s ablation with other data, classes or budget (cells and seeds may grow)."""
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    flat_saved = {**{k: v for k, v in saved.items() if k != "budget"}, **saved.get("budget", {})}
+    flat_new = {**{k: v for k, v in shared.items() if k != "budget"}, **shared["budget"]}
+    changed = [f"{k} {flat_saved.get(k)!r} -> {v!r}" for k, v in flat_new.items() if flat_saved.get(k) != v]
+    if changed:
+        raise ValueError(f"{path.parent} holds an ablation of another plan ({'; '.join(changed)}): its runs "
+                         "would not be comparable; use a new --out, or the same flags")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     try:
@@ -395,9 +410,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"ablation.py: error: {error}")
     seeds = args.seeds or (1 if args.quick else 3)
     plan.out.mkdir(parents=True, exist_ok=True)
-    write_json(plan.out / "plan.json", {"data": str(plan.data), "part_path": str(plan.part_path),
-                                        "classes": plan.classes, "seeds": seeds, "cells": [c.name for c in cells],
-                                        "budget": dataclasses.asdict(plan.budget)})
+    shared = {"data": str(plan.data), "part_path": str(plan.part_path), "classes": plan.classes,
+              "budget": dataclasses.asdict(plan.budget)}
+    try:
+        check_same_plan(plan.out / "plan.json", shared)
+    except ValueError as error:
+        sys.exit(f"ablation.py: error: {error}")
+    write_json(plan.out / "plan.json", {**shared, "seeds": seeds, "cells": [c.name for c in cells]})
     start = time.monotonic()
     results, skipped = run_all(plan, cells, seeds)
     report(plan, results)

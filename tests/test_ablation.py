@@ -99,3 +99,20 @@ def test_grown_classes_differ_by_shape_not_by_texture():
     centroids = np.array([np.mean([f for c, f in train if c == k], axis=0) for k in range(8)])
     accuracy = np.mean([np.linalg.norm(centroids - f, axis=1).argmin() == c for c, f in test])
     assert 0.5 < accuracy < 1.0  # learnable, but not trivially so
+
+
+def test_resuming_with_another_budget_is_refused_naming_the_field(tmp_path):
+    """A rerun into the same --out with other shared flags would mix incomparable runs in one table."""
+    data, out = tmp_path / "data", tmp_path / "ablation"
+    for name in ("a", "b"):
+        (data / "train" / name).mkdir(parents=True)
+    flags = ["--quick", "--out", str(out), "--data_path", str(data), "--cells", "0"]
+    plan = ablation.make_plan(ablation.parse(flags))
+    shared = {"data": str(plan.data), "part_path": str(plan.part_path), "classes": 2,
+              "budget": ablation.dataclasses.asdict(plan.budget)}
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({**shared, "seeds": 1, "cells": ["s0"]}))
+    ablation.check_same_plan(out / "plan.json", shared)  # the same plan (more cells or seeds): resumed
+    with pytest.raises(SystemExit, match=r"holds an ablation of another plan \(pretrain_epochs 1 -> 3\).*new --out"):
+        ablation.main([*flags, "--pretrain_epochs", "3"])
+    assert json.loads((out / "plan.json").read_text())["budget"]["pretrain_epochs"] == 1  # left as it was
