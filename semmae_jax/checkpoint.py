@@ -421,14 +421,26 @@ def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: Wei
         return restored
     if reader is None or target is None:
         raise ValueError(f"--resume {resume_from}: not a run checkpoint directory")
-    params = jax.device_put(reader.params(resume_from, target.model_name, target.img_size),
-                            jax.tree.map(lambda x: x.sharding, state.params))
+    params = reader.params(resume_from, target.model_name, target.img_size)
+    _check_fits(params, state.params, resume_from)
+    params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params))
     state = state.replace(params=params)
     adam = reader.adam_state(resume_from, target.model_name) if target.betas and not other.is_dir() else None
     if adam is None:
         log.print(f"starting from the params of {resume_from} (fresh optimizer state, step 0)")
         return state
     return continue_adam_run(state, adam, resume_from, target, log)
+
+
+def _check_fits(params: Any, model_params: Any, source: str) -> None:
+    """Refuse, naming the parameters, weights whose tree is not the model's (a checkpoint of the
+    same model name with other fields, e.g. transformers' `qkv_bias: false`)."""
+    have, want = set(flat_by_path(params)), set(flat_by_path(model_params))
+    if have != want:
+        missing, unexpected = sorted(want - have), sorted(have - want)
+        raise ValueError(f"--resume {source}: its params do not fit the model of the flags (missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{' ...' if len(unexpected) > 4 else ''})")
 
 
 def _latest_readable(state: Any, run: RunCheckpoints, log: RunLog, identity: RunIdentity | None) -> Any | None:

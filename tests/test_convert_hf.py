@@ -387,3 +387,13 @@ def test_finetune_from_a_hub_mae_directory_starts_from_its_encoder(tmp_path, dem
                                 or p.startswith("blocks_")])  # fmt: skip
     assert_same_bits({p: tuned[p] for p in encoder}, {p: hub[p] for p in encoder})
     assert "head/kernel" in tuned and "head/kernel" not in hub
+
+
+def test_resume_from_a_hub_mae_of_other_fields_is_one_line_naming_the_params(tmp_path, demo_root):
+    """A `qkv_bias: false` directory does not fit the flags' model (q, k, v with biases): one line."""
+    tiny_hf("ViTMAEForPreTraining", qkv_bias=False).save_pretrained(tmp_path / "hub")
+    with pytest.raises(SystemExit, match=r"--resume \S+hub: its params do not fit the model of the flags \(missing "
+                                         r"\['blocks_0/attn/qkv/bias', 'blocks_1/attn/qkv/bias', 'decoder_blocks_0"):
+        main_cli.main(["pretrain", "--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "8",
+                       "--epochs", "1", "--data_path", str(demo_root), "--resume", str(tmp_path / "hub"),
+                       "--output_dir", str(tmp_path / "run")])  # fmt: skip
