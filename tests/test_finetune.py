@@ -158,3 +158,20 @@ def test_linear_probe_trains_only_the_head(demo_root, tmp_path, capsys):
     assert [line["epoch"] for line in lines] == [0, 1] and "test_acc1" in lines[-1]
     head, _ = checkpoint.load_params(tmp_path / "probe" / "checkpoints")
     assert set(head) == {"head"}  # BatchNorm has no affine params; the encoder is not trained
+
+
+def test_per_class_lines_name_every_class_or_only_the_weakest():
+    from semmae_jax.train.evaluate import EvalResult
+
+    per_class = {c: {"images": 10, "acc1": float((c * 37) % 100)} for c in range(25)}
+    result = EvalResult(acc1=0.0, acc5=0.0, loss=0.0, count=250, per_class=per_class)
+    names = [f"class_{c}" for c in range(25)]
+    weakest = result.per_class_lines(names, shown=20).splitlines()
+    assert weakest[0] == "Acc@1 of the 20 weakest of 25 classes (the checkpoint's id2label):"
+    shown = {line.split()[0] for line in weakest[1:]}
+    left_out = sorted(per_class, key=lambda c: per_class[c]["acc1"])[20:]
+    assert len(shown) == 20 and not shown & {names[c] for c in left_out}
+    assert max(per_class[int(n[6:])]["acc1"] for n in shown) <= min(per_class[c]["acc1"] for c in left_out)
+    every = result.per_class_lines(names, shown=25).splitlines()
+    assert every[0].startswith("Acc@1 per class") and len(every) == 26
+    assert "  class_3                    11.0%  (10 images)" in every
