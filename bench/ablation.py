@@ -19,7 +19,7 @@ A rerun may add cells and seeds, but not change what every run shares (data, cla
 `DIR/plan.json`), which would mix incomparable runs in one table: it is refused, naming the field.
 Compiled programs are kept in `$JAX_COMPILATION_CACHE_DIR`, else `$SEMMAE_CACHE/jax_cache`
 (JAX's persistent cache; default `~/.cache/semmae_jax`), so only the first run of a program pays for compiling it. Outputs: `results.json`, `table.md` (mean ± std over seeds, Welch's t-test
-against setting 0), `ablation.png` (bars with ± std error bars).
+against setting 0, adjusted for the number of comparisons), `ablation.png` (bars with ± std error bars).
 """
 
 from __future__ import annotations
@@ -293,9 +293,14 @@ def summary(results: Sequence[dict]) -> dict[Cell, dict[str, list[float]]]:
 
 
 def table(results: Sequence[dict]) -> str:
-    """Markdown: mean ± std per cell and metric, the difference to setting 0 and its Welch p."""
+    """Markdown: mean ± std per cell and metric, the difference to setting 0, its Welch p and, for
+    the accuracies, that p adjusted for the number of comparisons in the table (Benjamini-Hochberg)."""
     cells = summary(results)
     baseline = cells.get(Cell(0, None, "none"))
+    tests = {(cell, metric): welch_p(values[metric], baseline[metric])
+             for cell, values in cells.items() for metric in METRICS[:2]
+             if baseline is not None and cell.setting != 0}  # fmt: skip
+    adjusted = adjusted_p({key: p for key, p in tests.items() if p is not None})
     lines = ["| cell | setting | gamma | parts | seeds | linear probe top-1 (%) | fine-tune top-1 (%) | final pretraining loss |",
              "|---|---|---|---|---|---|---|---|"]
     for cell, values in cells.items():
@@ -306,17 +311,31 @@ def table(results: Sequence[dict]) -> str:
             if baseline is not None and cell.setting != 0:
                 diff = mean - statistics.fmean(baseline[metric])
                 p = welch_p(values[metric], baseline[metric])
-                mark = "n/a" if p is None else (f"p={p:.2f}" + (" **beyond the spread**" if p < SIGNIFICANCE else ""))
+                mark = "n/a" if p is None else f"p={p:.2f}"
+                if (cell, metric) in adjusted:
+                    q = adjusted[cell, metric]
+                    mark += f", adj. {q:.2f}" + (" **beyond the spread**" if q < SIGNIFICANCE else "")
                 text += f" ({diff:+.2f}, {mark})" if metric != "final_loss" else f" ({diff:+.4f}, {mark})"
             shown.append(text)
         gamma = "" if cell.gamma is None else f"{cell.gamma:g}"
         lines.append(f"| {cell.name} | {cell.setting} | {gamma} | {cell.parts} | {len(values[METRICS[0]])} | "
                      + " | ".join(shown) + " |")
-    lines += ["", f"Mean ± standard deviation over seeds. In brackets: the difference to setting 0 (random masking) "
-                  f"and the two-sided p of Welch's t-test against it; **beyond the spread** when p < {SIGNIFICANCE} "
+    lines += ["", f"Mean ± standard deviation over seeds. In brackets: the difference to setting 0 (random masking), "
+                  f"the two-sided p of Welch's t-test against it and, for the accuracies, that p adjusted for the "
+                  f"{len(adjusted)} accuracy comparisons of this table (Benjamini-Hochberg: with many cells some raw "
+                  f"p fall under {SIGNIFICANCE} by chance); **beyond the spread** when the adjusted p < {SIGNIFICANCE} "
                   "(n/a: fewer than 2 seeds). The pretraining loss is not comparable across settings (each masks "
                   "differently, so each reconstructs a different task); it is shown as a check that every run trained."]
     return "\n".join(lines) + "\n"
+
+
+def adjusted_p(raw: dict) -> dict:
+    """The p-values of `raw` adjusted for their number (scipy's Benjamini-Hochberg)."""
+    from scipy import stats
+
+    if not raw:
+        return {}
+    return dict(zip(raw, (float(q) for q in stats.false_discovery_control(list(raw.values()))), strict=True))
 
 
 def chart(results: Sequence[dict], path: Path, chance: float) -> None:

@@ -57,8 +57,19 @@ def rows(values: dict) -> list[dict]:
 def test_table_marks_only_differences_beyond_the_spread():
     clear = ablation.table(rows({(0, None, "none"): [40.0, 41.0, 39.0], (1, None, "true"): [60.0, 61.0, 59.5]}))
     noisy = ablation.table(rows({(0, None, "none"): [40.0, 50.0, 30.0], (1, None, "true"): [45.0, 30.0, 52.0]}))
-    assert "| s1 true | 1 |  | true | 3 | 60.17 ± 0.76 (+20.17, p=0.00 **beyond the spread**)" in clear
+    assert "| s1 true | 1 |  | true | 3 | 60.17 ± 0.76 (+20.17, p=0.00, adj. 0.00 **beyond the spread**)" in clear
     assert "beyond the spread**" not in noisy.split("\n\n")[0] and "(+2.33, p=0.8" in noisy
+
+
+def test_a_raw_p_under_the_threshold_among_many_cells_is_not_called_beyond_the_spread():
+    """Six cells like the baseline and one that differs a little: its raw p is under 0.05, but with
+    12 accuracy comparisons in the table that is what chance gives (Benjamini-Hochberg)."""
+    values = {(0, None, "none"): [40.0, 42.0, 38.0], (1, None, "true"): [45.0, 44.0, 46.5]}
+    values |= {(3, float(g), "true"): [40.5, 41.5, 38.5] for g in range(1, 6)}
+    table = ablation.table(rows(values))
+    line = next(row for row in table.splitlines() if row.startswith("| s1 true"))
+    raw = float(line.split("p=")[1].split(",")[0])
+    assert raw < 0.05 and "beyond the spread" not in table.split("\n\n")[0] and "12 accuracy comparisons" in table
 
 
 def test_cells_parse_and_bad_ones_are_named():
