@@ -79,14 +79,6 @@ class PackedSource(IndexedSource):
     names: np.ndarray  # str [N]: file name under the split's folder
     _fds: dict[int, int] = dataclasses.field(default_factory=dict, repr=False)
 
-    @property
-    def num_examples(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
     def _columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {
             "shard": self.shards[ids],

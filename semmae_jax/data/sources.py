@@ -169,11 +169,21 @@ class IndexedSource:
     """A source whose examples have ids 0..N-1 and can be read in any order (image folders, packed data).
 
     Training order: the ids are shuffled per epoch by numpy seeded with (seed, epoch);
-    evaluation: each process reads its `eval_share` in id order. Subclasses say what a
-    reference holds (`_columns`) and what an example is called (`_name`).
+    evaluation: each process reads its `eval_share` in id order. Subclasses hold the class
+    names and one label per example, and say what a reference holds (`_columns`) and what an
+    example is called (`_name`).
     """
 
-    num_examples: int
+    classes: tuple[str, ...]  # class names in label order
+    labels: np.ndarray  # int64 [N]: the label of each example
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def _columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -214,14 +224,6 @@ class FolderSource(IndexedSource):
     labels: np.ndarray  # int64 [N]
     part_paths: np.ndarray  # str [N], '' for an image without a part map
     missing_parts: tuple[str, ...] = ()  # images without a part map (under 'unlabelled')
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.paths)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def _columns(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return {"path": self.paths[ids], "part": self.part_paths[ids], "label": self.labels[ids]}
