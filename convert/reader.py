@@ -35,10 +35,12 @@ class ConverterReader:
         """A frozen ViT encoder for stage 1: (params, registered model name, overrides)."""
         return backbone_params(path, img_size=img_size)
 
-    def stated(self, path: str) -> StatedModel:
-        """The numerics fields the file states (a hub config's eps 1e-12, q, k, v without biases)
+    def weights(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
+        """The params as saved (position tables resized to `img_size`) and, from the same read,
+        the numerics fields the file states (a hub config's eps 1e-12, q, k, v without biases)
         and its class names (a transformers classifier's id2label, in id order)."""
-        loaded = read_checkpoint(path)
+        loaded = read_checkpoint(path, img_size=img_size)
         labels = loaded.meta.get("id2label")
         names = tuple(labels[k] for k in sorted(labels, key=int)) if labels else None
-        return StatedModel({k: loaded.overrides[k] for k in NUMERICS_FIELDS if k in loaded.overrides}, names)
+        fields = {k: loaded.overrides[k] for k in NUMERICS_FIELDS if k in loaded.overrides}
+        return loaded.params, StatedModel(fields, names)

@@ -234,8 +234,8 @@ class WeightsReader(Protocol):
     def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder (stage 1): (params, registered model name, overrides)."""
 
-    def stated(self, path: str) -> StatedModel:
-        """What `path` says about the model beyond its params: numerics fields and class names."""
+    def weights(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
+        """Params of `path` as saved (tables resized) and what it says beyond them, in one read."""
 
 
 class StatedModel(NamedTuple):

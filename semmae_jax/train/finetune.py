@@ -218,15 +218,14 @@ def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) ->
     from semmae_jax import data
 
     mesh = sharding.make_mesh(config.mesh)
-    stated = reader.stated(config.resume)
+    source, stated = reader.weights(config.resume, config.input_size)
     model = build_classifier(config, **stated.fields)
     example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
     with contextlib.closing(RunLog(config.output_dir, config.log_dir)) as log, jax.set_mesh(mesh):
         if stated.fields:
             log.print(f"model fields stated by {config.resume}: {stated.fields}")
         plan = plan_state(model, lambda params: optax.identity(), example, mesh, config.seed)
-        params, missing, unused = merge_pretrained(plan.abstract.params,
-                                                   reader.params(config.resume, None, model.img_size))
+        params, missing, unused = merge_pretrained(plan.abstract.params, source)
         if missing or unused:
             raise ValueError(f"{config.resume} does not fit {config.model} (--nb_classes {config.nb_classes}, "
                              f"global_pool {config.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
