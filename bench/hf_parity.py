@@ -20,8 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import transformers  # noqa: E402
-
 from convert import cli, parity, references  # noqa: E402  (before TensorFlow: see convert.references)
 
 # name -> (class, config fields beyond the hub's defaults, extra parity flags, round trip through to-flax + to-hf)
@@ -39,17 +37,10 @@ SHOWN = {"max abs diff": ("max |pred diff|", "max |feature diff|", "max |logit d
          "loss rel diff": ("|loss diff| / |loss|",), "top-1 agreement": ("top-1 agreement",)}  # fmt: skip
 
 
-def hub_directory(hf_class: str, fields: dict, directory: Path) -> None:
-    """A random-weight `save_pretrained` directory of `hf_class` with the hub's B/16 config."""
-    config_class = transformers.ViTMAEConfig if hf_class.startswith("ViTMAE") else transformers.ViTConfig
-    model = getattr(transformers, hf_class)(config_class(**fields)).eval()
-    references.randomize_(model, seed=0).save_pretrained(directory)
-
-
 def measure(name: str, batch_size: int, scratch: Path) -> dict[str, str]:
     hf_class, fields, flags, round_trip = ROWS[name]
     directory = scratch / "hub"
-    hub_directory(hf_class, fields, directory)
+    references.random_hf(hf_class, **fields).save_pretrained(directory)  # the hub's B/16 config
     if round_trip:
         cli.main(["to-flax", str(directory), str(scratch / "flax")])
         cli.main(["to-hf", str(scratch / "flax"), str(scratch / "back")])

@@ -113,6 +113,13 @@ def load_numpy_state_dict(module: torch.nn.Module, state_dict: Mapping[str, np.n
     return module
 
 
+def random_hf(hf_class: str, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """transformers' `hf_class` (`ViTMAEForPreTraining`, `ViTModel`, ...) with the hub's default
+    config but for `config`, and random weights of a real scale (`randomize_`)."""
+    config_class = transformers.ViTMAEConfig if hf_class.startswith("ViTMAE") else transformers.ViTConfig
+    return randomize_(getattr(transformers, hf_class)(config_class(**config)).eval(), seed)
+
+
 @torch.no_grad()
 def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random weights with non-trivial norms everywhere, for parity checks.

@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
-import transformers
 
 from convert import references
 from convert.hf_files import read_hf
@@ -61,11 +60,8 @@ def assert_same_bits(a: dict, b: dict) -> None:
 def tiny_hf(hf_class: str, *, seed: int = 0, **config) -> torch.nn.Module:
     """A transformers `hf_class` of the test models' shapes with random weights of a real scale
     (`references.randomize_`: perturbed LayerNorm scales and biases, random tables and tokens)."""
-    if hf_class.startswith("ViTMAE"):
-        hf_config = transformers.ViTMAEConfig(**TINY_ENCODER, **TINY_DECODER, **config)
-    else:
-        hf_config = transformers.ViTConfig(**TINY_ENCODER, **{"num_labels": 10, **config})
-    return references.randomize_(getattr(transformers, hf_class)(hf_config).eval(), seed)
+    shapes = {**TINY_ENCODER, **(TINY_DECODER if hf_class.startswith("ViTMAE") else {"num_labels": 10})}
+    return references.random_hf(hf_class, seed, **{**shapes, **config})
 
 
 def pth_layout(module: torch.nn.Module, directory) -> OrderedDict[str, np.ndarray]:
