@@ -297,10 +297,10 @@ def table(results: Sequence[dict]) -> str:
     the accuracies, that p adjusted for the number of comparisons in the table (Benjamini-Hochberg)."""
     cells = summary(results)
     baseline = cells.get(Cell(0, None, "none"))
-    tests = {(cell, metric): welch_p(values[metric], baseline[metric])
-             for cell, values in cells.items() for metric in METRICS[:2]
-             if baseline is not None and cell.setting != 0}  # fmt: skip
-    adjusted = adjusted_p({key: p for key, p in tests.items() if p is not None})
+    raw = {(cell, metric): welch_p(values[metric], baseline[metric])
+           for cell, values in cells.items() for metric in METRICS
+           if baseline is not None and cell.setting != 0}  # fmt: skip
+    adjusted = adjusted_p({key: p for key, p in raw.items() if p is not None and key[1] != "final_loss"})
     lines = ["| cell | setting | gamma | parts | seeds | linear probe top-1 (%) | fine-tune top-1 (%) | final pretraining loss |",
              "|---|---|---|---|---|---|---|---|"]
     for cell, values in cells.items():
@@ -310,7 +310,7 @@ def table(results: Sequence[dict]) -> str:
             text = f"{mean:.2f} ± {std:.2f}" if metric != "final_loss" else f"{mean:.4f} ± {std:.4f}"
             if baseline is not None and cell.setting != 0:
                 diff = mean - statistics.fmean(baseline[metric])
-                p = welch_p(values[metric], baseline[metric])
+                p = raw[cell, metric]
                 mark = "n/a" if p is None else f"p={p:.2f}"
                 if (cell, metric) in adjusted:
                     q = adjusted[cell, metric]
