@@ -1,6 +1,6 @@
 """`python main.py launch -n N [--devices_per_process K] -- COMMAND [flags]`.
 
-Starts N local processes of `main.py COMMAND`, joined by JAX's own multi-process runtime
+Starts N local processes of `python -m semmae_jax COMMAND` (what `main.py` runs), joined by JAX's own multi-process runtime
 (`jax.distributed`, coordinator on 127.0.0.1, gloo collectives on CPU), each with K fake
 CPU devices unless `--devices_per_process 0`. It is how this project tests multi-host
 code on one machine; on a cluster the scheduler starts the processes instead (see the
@@ -21,8 +21,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-MAIN = Path(__file__).resolve().parent.parent / "main.py"
-
 
 def free_port() -> int:
     """A TCP port nobody listens on now (the OS picks it)."""
@@ -32,13 +30,15 @@ def free_port() -> int:
 
 
 def process_command(command: Sequence[str], index: int, count: int, port: int) -> list[str]:
-    return [sys.executable, str(MAIN), *command, "--coordinator_address", f"127.0.0.1:{port}",
+    return [sys.executable, "-m", "semmae_jax", *command, "--coordinator_address", f"127.0.0.1:{port}",
             "--num_processes", str(count), "--process_id", str(index)]
 
 
 def start(command: Sequence[str], count: int, devices_per_process: int, port: int) -> list[subprocess.Popen]:
     """Start `count` copies of `command` joined by jax.distributed on localhost:`port`."""
     env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent.parent)  # where `semmae_jax` is imported from: a checkout or site-packages
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
     if devices_per_process:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}"
         env["JAX_PLATFORMS"] = "cpu"
