@@ -10,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from convert.adam_continuation import continue_adam_run
 from convert.backbones import backbone_params
 from convert.core import params_from_checkpoint, read_checkpoint
-from convert.optimizer import TorchAdamState, torch_adam_state
-from semmae_jax.checkpoint import StatedModel
+from convert.optimizer import torch_adam_state
+from semmae_jax.checkpoint import ResumeTarget, StatedModel
+from semmae_jax.metrics_log import RunLog
 
 # Model fields that change what a model computes from the same params, read from checkpoints.
 NUMERICS_FIELDS = ("layer_norm_eps", "qkv_bias")
@@ -27,9 +29,11 @@ class ConverterReader:
         params, _, _ = params_from_checkpoint(path, model_name, img_size=img_size)
         return params
 
-    def adam_state(self, path: str, model_name: str) -> TorchAdamState | None:
-        """The AdamW state of an original pretraining or fine-tuning `.pth` (None for anything else)."""
-        return None if Path(path).is_dir() else torch_adam_state(path, model_name)
+    def continue_optimizer(self, state: Any, path: str, target: ResumeTarget, log: RunLog) -> Any | None:
+        """`state` continued from the AdamW state of an original pretraining or fine-tuning `.pth`
+        (None for a file without one, and for directories)."""
+        adam = None if Path(path).is_dir() else torch_adam_state(path, target.model_name)
+        return None if adam is None else continue_adam_run(state, adam, path, target, log)
 
     def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder for stage 1: (params, registered model name, overrides)."""

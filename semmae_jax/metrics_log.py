@@ -1,33 +1,35 @@
 """Run logs: TensorBoard scalars and images (also as PNGs), and the original's JSON-lines `log.txt`.
 
 Only the primary process writes; on the others every method is a no-op, so callers
-need no `if process_index == 0` of their own.
+need no `if process_index == 0` of their own. The directories may be any `etils.epath`
+location (`gs://bucket/run`): the log and pictures are written through epath, TensorBoard
+through TensorFlow's file systems.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from semmae_jax.distributed import is_primary
+from semmae_jax.storage import PathLike, output_path
 from semmae_jax.visualize import save_png
 
 
 class RunLog:
     """`log.txt` in `output_dir` (one JSON object per epoch) and TensorBoard in `log_dir`."""
 
-    def __init__(self, output_dir: str | Path, log_dir: str | Path | None = None) -> None:
+    def __init__(self, output_dir: PathLike, log_dir: PathLike | None = None) -> None:
         self.enabled = is_primary()
-        self.output_dir = Path(output_dir)
+        self.output_dir = output_path(output_dir)
         self._writer = None
         if self.enabled:
             from flax.metrics.tensorboard import SummaryWriter  # imports TensorFlow: only where logging happens
 
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(log_dir or output_dir))
+            self._writer = SummaryWriter(str(output_path(log_dir, "--log_dir") if log_dir else self.output_dir))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None:
@@ -44,7 +46,7 @@ class RunLog:
 
     def epoch_line(self, values: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.output_dir / "log.txt", "a") as f:
+            with (self.output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(values) + "\n")
 
     def print(self, *args: Any) -> None:

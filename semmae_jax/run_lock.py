@@ -7,6 +7,10 @@ exclusive create (which works on the shared file systems clusters use, unlike `f
 and removes it at exit. A second run is refused naming the holder; a lock whose holder is
 dead on this host (a killed job) is taken over with a warning. A holder on another host
 cannot be checked from here: the message says how to clear it.
+
+On object storage (`gs://...`, any non-local `etils.epath` location) there is no exclusive
+create: the lock is written after checking that none exists, which refuses a second run
+started later but not one started in the same instant.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+from etils import epath
+
+from semmae_jax.storage import PathLike, is_local, output_path
 
 LOCK_NAME = "RUN.lock"
 
@@ -32,14 +39,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> dict:
+def _holder(path: epath.Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # half-written or unreadable: treated as stale below only if its writer is gone
 
 
-def _try_create(path: Path, me: dict) -> bool:
+def _try_create(path: epath.Path, me: dict) -> bool:
+    if not is_local(path):
+        if path.exists():
+            return False
+        path.write_text(json.dumps(me))
+        return True
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -50,12 +62,12 @@ def _try_create(path: Path, me: dict) -> bool:
 
 
 @contextlib.contextmanager
-def run_lock(directory: str | Path, enabled: bool = True, warn=print) -> Iterator[None]:
+def run_lock(directory: PathLike, enabled: bool = True, warn=print) -> Iterator[None]:
     """Hold the lock of `directory` for the duration of the block (a no-op where `enabled` is False)."""
     if not enabled:
         yield
         return
-    directory = Path(directory)
+    directory = output_path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from semmae_jax.models.mae import patchify, unpatchify
@@ -101,6 +102,9 @@ def parts_panel(images: np.ndarray, label_sets: list[np.ndarray], min_size: int 
     return np.concatenate(rows, axis=0)
 
 
-def save_png(path: str | Path, image: np.ndarray) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+def save_png(path: str | Path | epath.Path, image: np.ndarray) -> None:
+    """Write a uint8 HWC picture, locally or to any epath location (a run's `gs://` output dir)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        Image.fromarray(image).save(f, format="PNG")

@@ -169,7 +169,7 @@ def test_a_full_disk_is_one_line_and_writes_no_epoch_line(tmp_path, monkeypatch)
     out = tmp_path / "run"
     pretrain(out, "--epochs", "1")
     real = shutil.disk_usage
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1024))
     with pytest.raises(SystemExit) as stop:
         pretrain(out, "--epochs", "2")
     assert re.fullmatch(r"main\.py pretrain: error: cannot write checkpoint step 4 in \S+: 0 MiB free, about \d+ MiB "

@@ -110,16 +110,27 @@ def test_finetune_from_a_pretraining_checkpoint_takes_exactly_the_encoder():
 
 
 @pytest.mark.slow
-def test_a_short_finetune_learns_the_demo_classes(demo_root, tmp_path, capsys):
+def test_a_short_finetune_learns_the_demo_classes_and_keeps_its_best_across_a_resume(demo_root, tmp_path, capsys):
     out = tmp_path / "ft"
     cli_main(["finetune", *TINY, "--epochs", "4", "--batch_size", "4", "--warmup_epochs", "1", "--blr", "2e-2",
               "--aa", "none", "--reprob", "0", "--smoothing", "0", "--drop_path", "0", "--log_every", "8",
               "--data_path", str(demo_root), "--output_dir", str(out)])
     lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert lines[-1]["test_acc1"] > 45.0  # 4 balanced classes: chance is 25%
+    best = max(lines, key=lambda line: line["test_acc1"])
     _, meta = checkpoint.load_params(out / "best")
-    assert meta["test_acc1"] == max(line["test_acc1"] for line in lines)
-    assert "Max accuracy" in capsys.readouterr().out
+    assert (meta["epoch"], meta["test_acc1"]) == (best["epoch"], best["test_acc1"])
+    assert f"Max accuracy: {best['test_acc1']:.2f}%" in capsys.readouterr().out
+    # Resumed with an lr that wrecks the later epochs: the best of the whole run stays, and so does its maximum.
+    cli_main(["finetune", *TINY, "--epochs", "6", "--batch_size", "4", "--warmup_epochs", "1", "--blr", "10",
+              "--aa", "none", "--reprob", "0", "--smoothing", "0", "--drop_path", "0", "--log_every", "8",
+              "--data_path", str(demo_root), "--output_dir", str(out)])
+    later = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()][len(lines):]
+    assert [line["epoch"] for line in later] == [4, 5] and all(line["test_acc1"] < best["test_acc1"] for line in later)
+    _, meta = checkpoint.load_params(out / "best")
+    assert (meta["epoch"], meta["test_acc1"]) == (best["epoch"], best["test_acc1"])
+    printed = capsys.readouterr().out
+    assert printed.count(f"Max accuracy: {best['test_acc1']:.2f}%") == 2, printed
 
 
 @pytest.mark.slow

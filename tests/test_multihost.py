@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,10 +45,18 @@ def train_losses(output_dir: Path) -> list[float]:
     return [json.loads(line)["train_loss"] for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
-def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(tmp_path):
-    two, one = tmp_path / "two", tmp_path / "one"
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process pretraining of 2 epochs (4 steps, a checkpoint after each epoch)."""
+    two = tmp_path_factory.mktemp("two") / "run"
     result = launch("pretrain", *TINY, "--epochs", "2", "--output_dir", str(two))
     assert result.returncode == 0, result.stderr[-3000:]
+    return two
+
+
+def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(two_process_run, tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    shutil.copytree(two_process_run, two)
     cli_main(["pretrain", *TINY, "--epochs", "2", "--output_dir", str(one)])  # 1 process x 8 devices
     np.testing.assert_allclose(train_losses(two), train_losses(one), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_of(two, 4),
@@ -59,6 +68,42 @@ def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(
     assert "resuming this run from its checkpoint at step 4" in result.stdout
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_of(two, 6),
                  params_of(one, 6))
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint_that_the_same_command_resumes(two_process_run,
+                                                                                          tmp_path):
+    """The notice reaches process 1 only, before the run's end: JAX's coordination service spreads
+    it, both processes save the same step as one checkpoint and exit 0; the same command then
+    ends with the parameters of the uninterrupted 2-process run."""
+    out = tmp_path / "run"
+    command = ["pretrain", *TINY, "--epochs", "2", "--output_dir", str(out)]
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "main.py", "launch", "-n", "2", "--devices_per_process", "4", "--timeout", "300", "--",
+            *command]
+    launcher = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids, printed = {}, []
+        while not any(line.startswith("pretrain mae_vit_test_patch4: global batch") for line in printed):
+            printed.append(launcher.stdout.readline())
+            assert printed[-1] or launcher.poll() is None, "the run ended before it started training"
+            if match := re.match(r"launch: process (\d) pid (\d+)", printed[-1]):
+                pids[int(match[1])] = int(match[2])
+        time.sleep(2)  # both processes have joined jax.distributed (its SIGTERM handler is in place); no step yet
+        os.kill(pids[1], signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert launcher.returncode == 0, stderr[-3000:]
+    saved = checkpoint.RunCheckpoints(out / "checkpoints").all_steps()
+    assert len(saved) == 1 and saved[0] < 4, saved  # one checkpoint, of the step every process stopped at
+    assert f"preemption notice: saved a checkpoint at step {saved[0]}" in stdout
+    result = launch(*command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming this run from its checkpoint at step {saved[0]}" in result.stdout
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_of(out, 4),
+                 params_of(two_process_run, 4))
 
 
 def acc_line(text: str) -> str:

@@ -78,14 +78,15 @@ def test_a_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
-    out = tmp_path / "run"
-    pretrain("--epochs", "1", "--mesh", "data:8", "--output_dir", str(out))
-    saved = final_params(out)
-    pretrain("--epochs", "2", "--mesh", "data:2,fsdp:2,tensor:2", "--output_dir", str(out))
-    steps = checkpoint.RunCheckpoints(out / "checkpoints").all_steps()
-    assert steps == [2, 4]
-    restored, _ = checkpoint.load_params(out / "checkpoints" / "2")
-    jax.tree.map(np.testing.assert_array_equal, restored, saved)
+    """Epoch 0 on a data-parallel mesh, epoch 1 restored onto a data x fsdp x tensor mesh: the
+    continued run ends where an uninterrupted one does (up to the meshes' reduction order)."""
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    pretrain("--epochs", "2", "--mesh", "data:8", "--output_dir", str(straight))
+    pretrain("--epochs", "1", "--mesh", "data:8", "--output_dir", str(moved))
+    pretrain("--epochs", "2", "--mesh", "data:2,fsdp:2,tensor:2", "--output_dir", str(moved))
+    assert checkpoint.RunCheckpoints(moved / "checkpoints").all_steps() == [2, 4]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), final_params(moved),
+                 final_params(straight))
 
 
 @pytest.mark.slow

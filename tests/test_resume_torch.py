@@ -20,10 +20,10 @@ import pytest
 import torch
 
 import convert
+from convert.adam_continuation import with_adam_moments
 from convert.core import POSITION_TABLES
 from convert.optimizer import torch_adam_state
 from convert.safe_load import numpy_to_tensor, tensor_to_numpy
-from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
@@ -124,7 +124,7 @@ def test_the_next_update_from_the_imported_state_equals_torchs(tmp_path, name):
 
     params, _, _ = convert.torch_to_flax(run.state_dict(), name)
     tx = our_adamw(name, params)
-    opt_state = checkpoint.with_adam_moments(tx.init(params), imported.mu, imported.nu, imported.steps, updates=3)
+    opt_state = with_adam_moments(tx.init(params), imported.mu, imported.nu, imported.steps, updates=3)
     run.step(seed=3)  # torch's 4th update ...
     grads = convert.torch_to_flax(run.grads(), name)[0]
     updates, _ = tx.update(grads, opt_state, params)  # ... and ours, from the same gradient
@@ -173,4 +173,4 @@ def test_moments_of_another_shape_are_refused_naming_the_parameter():
     tx = optim.adamw(params, lambda count: LR, weight_decay=0.0, betas=(0.9, 0.999))
     resized = {"pos_embed": np.ones((1, 17, 4)), "head": {"kernel": np.ones((4, 3))}}  # another image size
     with pytest.raises(ValueError, match=r"AdamW moment of \['pos_embed'\] has shape \(1, 17, 4\)"):
-        checkpoint.with_adam_moments(tx.init(params), resized, resized, adam_count=3, updates=3)
+        with_adam_moments(tx.init(params), resized, resized, adam_count=3, updates=3)

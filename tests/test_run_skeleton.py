@@ -55,9 +55,9 @@ def _job_flags(job: str, root: Path) -> list[str]:
 def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(job, demo_root, tmp_path):
     out, flags = tmp_path / "run", _job_flags(job, tmp_path)
     cli_main([*flags, *SHARED, "--data_path", str(demo_root), "--output_dir", str(out)])
-    step_dir = checkpoint.resolve_step_dir(out / "checkpoints")
-    assert step_dir.name == str(STEPS * EPOCHS)  # micro-batches seen
-    counts = {path: int(value) for path, value in flat_by_path(checkpoint.load_item(step_dir, "opt_state")).items()
+    assert checkpoint.RunCheckpoints(out / "checkpoints").latest_step() == STEPS * EPOCHS  # micro-batches seen
+    opt_state = checkpoint.load_item(out / "checkpoints", "opt_state")
+    counts = {path: int(value) for path, value in flat_by_path(opt_state).items()
               if path.endswith(("/count", "gradient_step"))}
     updates = STEPS * EPOCHS // ACCUM
     assert any(p.endswith("gradient_step") for p in counts) and set(counts.values()) == {updates}, counts

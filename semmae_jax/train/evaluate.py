@@ -18,11 +18,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from semmae_jax import sharding
+from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.data.global_arrays import prefetch_to_device
 from semmae_jax.distributed import is_primary
+from semmae_jax.metrics_log import RunLog
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> logits [B, C]
 NAMED_CLASSES_SHOWN = 20  # per-class lines printed by `eval`; beyond, only the weakest
@@ -49,7 +52,7 @@ class EvalResult:
     def write_per_class(self, path: str | Path, class_names: Sequence[str] | None = None) -> None:
         """{class id: {'images', 'acc1'} (and 'name', from the checkpoint's labels)} as JSON."""
         named = {k: {**v, "name": class_names[k]} if class_names else v for k, v in sorted(self.per_class.items())}
-        Path(path).write_text(json.dumps({str(k): v for k, v in named.items()}, indent=1))
+        epath.Path(path).write_text(json.dumps({str(k): v for k, v in named.items()}, indent=1))
 
     def per_class_lines(self, class_names: Sequence[str], shown: int = NAMED_CLASSES_SHOWN) -> str:
         """Top-1 per class under the checkpoint's class names: every class, or the `shown` weakest."""
@@ -131,7 +134,7 @@ def check_class_order(folders: Sequence[str] | None, class_names: Sequence[str] 
 class Validation:
     """The validation split of a classification job, ready to score any variables on the mesh.
 
-    Keeps every result, so a job reports the best so far as the original's "Max accuracy".
+    Keeps every result of this process's part of the run (`results`).
     """
 
     loader: Any  # data.EvalLoader
@@ -157,10 +160,34 @@ class Validation:
         self.results.append(dataclasses.replace(result, skipped=len(self.loader.skipped) - before))
         return self.results[-1]
 
-    @property
-    def best_acc1(self) -> float:
-        return max(r.acc1 for r in self.results)
 
-    def report(self, result: EvalResult) -> str:
-        """The original's lines for one evaluation during training."""
-        return result.original_lines() + f"\nMax accuracy: {self.best_acc1:.2f}%"
+
+class BestKeeper:
+    """The params of the run's best top-1 in their own checkpoint root (`<output_dir>/best`).
+
+    Orbax keeps the step by the top-1 saved with it (`best_metric`), so a resumed run
+    knows the best of the epochs before it: a worse epoch after a resume never replaces
+    it, and the "Max accuracy" printed is the whole run's, however often it was resumed.
+    """
+
+    METRIC = "test_acc1"
+
+    def __init__(self, directory: Any, model_name: str, log: RunLog) -> None:
+        self.checkpoints = RunCheckpoints(directory, max_to_keep=1, best_metric=self.METRIC)
+        self.model_name, self.log = model_name, log
+        best = self.checkpoints.best_step()
+        self.acc1 = self.checkpoints.metrics(best)[self.METRIC] if best is not None else float("-inf")
+
+    def offer(self, result: EvalResult, params: Any, step: int, epoch: int) -> str:
+        """Keep `params` if `result` beats the run's best; the original's lines with the run's maximum."""
+        if result.acc1 > self.acc1 and step not in self.checkpoints.all_steps():
+            self.acc1 = result.acc1
+            meta = {"model": self.model_name, "epoch": epoch, **result.metrics()}
+            self.checkpoints.save(step, {"params": params}, {"meta": meta}, metrics=result.metrics())
+            if self.log.enabled:
+                result.write_per_class(self.log.output_dir / "per_class_accuracy.json")
+        return result.original_lines() + f"\nMax accuracy: {self.acc1:.2f}%"
+
+    def close(self) -> None:
+        self.checkpoints.wait()
+        self.checkpoints.close()

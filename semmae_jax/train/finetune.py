@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +21,7 @@ import optax
 
 from semmae_jax import config as config_lib
 from semmae_jax import sharding
-from semmae_jax.checkpoint import RunCheckpoints, WeightsReader
+from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
@@ -195,19 +194,18 @@ class FinetuneJob(Job):
 
     def epoch_end_hook(self, run: Run) -> Callable:
         self.validation = validation(self.config, run.data, run.model, run.mesh, run.shardings.params)
-        self.best = BestKeeper(Path(self.config.output_dir) / "best", self.config.model, run.log)
+        self.best = evaluate.BestKeeper(run.log.output_dir / "best", self.config.model, run.log)
 
         def hook(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
             result = self.validation({"params": state.params})
-            self.best.offer(result, state, epoch)
-            run.log.print(self.validation.report(result))
+            run.log.print(self.best.offer(result, state.params, int(state.step), epoch))
             return result.metrics()
 
         return hook
 
     def result(self, state: TrainState, run: Run) -> evaluate.EvalResult | None:
         self.best.close()
-        return self.best.result
+        return self.validation.results[-1] if self.validation.results else None
 
 
 def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) -> evaluate.EvalResult:
@@ -245,25 +243,3 @@ def _mismatch(missing: list[str], unused: list[str], model_params: Any) -> str:
              f"missing {sorted(set(missing) - set(other))}" if set(missing) - set(other) else "",
              f"unexpected {sorted(set(unused) - set(other))}" if set(unused) - set(other) else ""]
     return "; ".join(p for p in parts if p)
-
-
-class BestKeeper:
-    """Keeps the params of the best top-1 so far in their own checkpoint directory."""
-
-    def __init__(self, directory: Path, model_name: str, log: RunLog) -> None:
-        self.checkpoints = RunCheckpoints(directory, max_to_keep=1)
-        self.model_name, self.log = model_name, log
-        self.acc1, self.result = -1.0, None
-
-    def offer(self, result: evaluate.EvalResult, state: TrainState, epoch: int) -> None:
-        self.result = result
-        if result.acc1 > self.acc1:
-            self.acc1 = result.acc1
-            meta = {"model": self.model_name, "epoch": epoch, **result.metrics()}
-            self.checkpoints.save(int(state.step), {"params": state.params}, {"meta": meta})
-            if self.log.enabled:
-                result.write_per_class(self.log.output_dir / "per_class_accuracy.json")
-
-    def close(self) -> None:
-        self.checkpoints.wait()
-        self.checkpoints.close()

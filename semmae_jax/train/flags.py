@@ -8,11 +8,13 @@ see `semmae_jax.config`). Names are the original scripts' flag names.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+
+from etils import epath
 
 from semmae_jax import distributed, sharding
 from semmae_jax.config import field
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from semmae_jax.storage import output_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,5 +115,6 @@ class RunFlags(DistributedFlags):
             raise ValueError("--save_every_steps and --max_nonfinite_steps must be 0 or more")
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.output_dir) / "checkpoints"
+    def checkpoint_dir(self) -> epath.Path:
+        """Where the run's checkpoints go: local, or any epath location (`gs://bucket/run/checkpoints`)."""
+        return output_path(self.output_dir) / "checkpoints"

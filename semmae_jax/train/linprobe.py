@@ -141,10 +141,11 @@ class LinprobeJob(Job):
 
     def epoch_end_hook(self, run: Run) -> Callable:
         self.validation = self._validation(run)
+        self.best = evaluate.BestKeeper(run.log.output_dir / "best", self.config.model, run.log)
 
         def hook(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
             result = self.validation(_variables(state))
-            run.log.print(self.validation.report(result))
+            run.log.print(self.best.offer(result, state.params, int(state.step), epoch))
             return result.metrics()
 
         return hook
@@ -153,6 +154,7 @@ class LinprobeJob(Job):
         return self.config.eval
 
     def result(self, state: TrainState, run: Run) -> evaluate.EvalResult | None:
+        self.best.close()
         if self.config.eval:
             result = self.validation(_variables(state))
             run.log.print(result.original_lines())

@@ -8,13 +8,13 @@ that must behave the same in every job during the epochs lives here once:
   restarted from its last checkpoint ends with the same parameters;
 * no host round trip per step: metrics are fetched every `log_every` steps;
 * a non-finite loss stops the run before anything is saved, so the last checkpoint
-  stays good; SIGTERM (preemption) saves a checkpoint at the current step and stops.
+  stays good; a preemption notice (SIGTERM to any process) makes every process save the
+  same step and stop (`preemption.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +28,7 @@ from semmae_jax.checkpoint import RunCheckpoints, save_state
 from semmae_jax.data.global_arrays import prefetch_to_device
 from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
+from semmae_jax.train.preemption import Preemption
 from semmae_jax.train.state import TrainState
 
 COUNTS = ("nonfinite", "nonfinite_loss")  # per-step flags of refused steps: counted, never averaged
@@ -66,20 +67,6 @@ class Schedule:
 
 
 # ---------------------------------------------------------------- the loop
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and stops."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass
@@ -152,8 +139,8 @@ class Trainer:
     skipped_before: float = 0.0  # refused steps of the epochs before this one
 
     def run(self, state: TrainState) -> TrainState:
-        """From `state.step` to the end of the schedule (or a SIGTERM); the final state."""
-        preemption = _Preemption()
+        """From `state.step` to the end of the schedule (or a preemption notice); the final state."""
+        preemption = Preemption(self.checkpoints, int(state.step))
         try:
             stopped = False
             while not stopped and int(state.step) < self.schedule.total_steps:
@@ -161,7 +148,7 @@ class Trainer:
             return state
         finally:
             self.checkpoints.wait()
-            preemption.restore()
+            preemption.close()
 
     def _resumed_stats(self, step: int) -> EpochStats:
         """The epoch's sums so far, from the checkpoint the run resumed at (empty at an epoch start)."""
@@ -170,7 +157,7 @@ class Trainer:
         saved = self.checkpoints.json_item(step, "epoch_stats")
         return EpochStats.from_json(saved) if saved else EpochStats()
 
-    def _epoch(self, state: TrainState, preemption: _Preemption) -> tuple[TrainState, bool]:
+    def _epoch(self, state: TrainState, preemption: Preemption) -> tuple[TrainState, bool]:
         schedule = self.schedule
         epoch, start = divmod(int(state.step), schedule.steps_per_epoch)
         stats, first_batch = self._resumed_stats(int(state.step)), None
@@ -185,14 +172,17 @@ class Trainer:
             stats.add(metrics, step)
             bar.update(1)
             done = step + 1
-            saving = preemption.requested or schedule.saves_after(done)
+            preempted = preemption.reached(done)
+            saving = preempted or schedule.saves_after(done)
             if saving or done % schedule.log_every == 0 or done % schedule.steps_per_epoch == 0:
                 window = self._report(done, metrics, stats, window, bar, f"epoch {epoch} step {done}")
             if saving:
                 self._save(state, stats)
-            if preemption.requested:
+            if preempted:
                 bar.close()
-                self.log.print(f"SIGTERM: saved a checkpoint at step {done} in {self.checkpoints.directory}; stopping")
+                self.checkpoints.wait()
+                self.log.print(f"preemption notice: saved a checkpoint at step {done} in {self.checkpoints.directory} "
+                               "(every process at this step); stopping")
                 return state, True
         bar.close()
         self._end_epoch(epoch, state, stats, first_batch)

@@ -101,21 +101,20 @@ class PartsRun:
 
 def load_run(path: str) -> PartsRun:
     """The latest checkpoint of a `parts train` run (its output dir or its `checkpoints/`)."""
-    from semmae_jax.checkpoint import load_params
-
     root = Path(path)
     directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     if not directory.is_dir():
         raise FileNotFoundError(f"--checkpoint {path}: no such run directory")
-    checkpoints = RunCheckpoints(directory, async_save=False)
+    checkpoints = RunCheckpoints(directory, async_save=False, create=False)
     step = checkpoints.latest_step()
     if step is None:
         raise FileNotFoundError(f"--checkpoint {path}: no checkpoint in {directory}")
-    config = checkpoints.restore(step, {}, ("config",))[1]["config"]
-    checkpoints.close()
+    config = checkpoints.json_item(step, "config") or {}
     if config.get("job") != "parts":
+        checkpoints.close()
         raise ValueError(f"--checkpoint {path}: a {config.get('job')!r} run, not a parts run")
-    params, _ = load_params(directory / str(step))
+    params = checkpoints.host_arrays(step, "params")
+    checkpoints.close()
     return PartsRun(build_part_model(config, config["backbone_model"], config["backbone_overrides"]), params, config)
 
 

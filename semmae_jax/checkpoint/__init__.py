@@ -1,0 +1,30 @@
+"""Orbax checkpoints: one layout and one resume order for every job, by concern.
+
+* `manager`: a checkpoint root through orbax's public `CheckpointManager` (items, best by
+  a metric, the preemption sync point), any `etils.epath` location;
+* `integrity`: per-array checksums and the one-line `CheckpointDamaged`;
+* `train_state`: the items of a `TrainState` checkpoint, saved and restored onto any mesh;
+* `resume`: the resume order and the run's identity;
+* `foreign`: the protocol through which the jobs read other frameworks' files.
+
+A converted release holds `params` and `meta`; a training run's steps hold the training
+state too. `load_params` reads the params of either, from the root or from one step.
+"""
+
+from semmae_jax.checkpoint.foreign import ResumeTarget, StatedModel, WeightsReader
+from semmae_jax.checkpoint.manager import RunCheckpoints, load_item, load_params, save_params
+from semmae_jax.checkpoint.resume import RunIdentity, resume
+from semmae_jax.checkpoint.train_state import save_state
+
+__all__ = [
+    "ResumeTarget",
+    "RunCheckpoints",
+    "RunIdentity",
+    "StatedModel",
+    "WeightsReader",
+    "load_item",
+    "load_params",
+    "resume",
+    "save_params",
+    "save_state",
+]
