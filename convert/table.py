@@ -151,15 +151,6 @@ def torch_key(path: str) -> str:
     return key
 
 
-def is_known(torch_key: str) -> bool:
-    """Whether a torch key has a rule (and so a place in a Flax model)."""
-    try:
-        flax_path(torch_key)
-    except KeyError:
-        return False
-    return True
-
-
 def heads_for(key: str, num_heads: int, decoder_num_heads: int) -> int:
     """The head count that splits `key`'s attention weights: the decoder has its own."""
     return decoder_num_heads if key.startswith("decoder_blocks.") else num_heads

@@ -10,6 +10,9 @@ from typing import Any
 
 import jax
 
+# The class / mask tokens and the position tables: no weight decay (optim), replicated (sharding).
+TOKENS_AND_TABLES = r"(^|/)(cls_token|mask_token|pos_embed|decoder_pos_embed)$"
+
 
 def path_str(key_path: tuple) -> str:
     """A jax key path -> 'a/b/c'."""

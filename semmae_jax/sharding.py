@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from semmae_jax.paths import flat_by_path, map_with_path
+from semmae_jax.paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -50,7 +50,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 Placement = Literal["replicated", "tensor", "tensor+fsdp"]
 # First match wins; every parameter path ('blocks_3/attn/qkv/kernel') must match a rule.
 PARAM_RULES: tuple[tuple[str, Placement], ...] = (
-    (r"(^|/)(cls_token|mask_token|pos_embed|decoder_pos_embed)$", "replicated"),
+    (TOKENS_AND_TABLES, "replicated"),
     (r"/(scale|bias)$", "tensor"),  # 1-D: gathering them every layer would cost more than they weigh
     (r"/kernel$", "tensor+fsdp"),
 )

@@ -11,10 +11,9 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from semmae_jax.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
 from semmae_jax.models.mae import patchify, unpatchify
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # Distinct colours for part ids 0..; "no part" is drawn black.
 PALETTE = np.array(
     [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -25,7 +24,7 @@ PALETTE = np.array(
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """ImageNet-normalised NHWC float -> uint8 pixels."""
-    return np.clip((images * IMAGENET_STD + IMAGENET_MEAN) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip((images * IMAGENET_STD_F32 + IMAGENET_MEAN_F32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def part_colours(labels: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:

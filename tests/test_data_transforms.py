@@ -3,6 +3,7 @@ part map staying aligned with the image under the real augmentation."""
 
 import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from semmae_jax.data import part_maps
-from semmae_jax.data.demo import write_large_jpegs
+from semmae_jax.data.demo import BODY_PLANS, render
 from semmae_jax.data.part_maps import NO_PART, write_part_map
 from semmae_jax.data.pipeline import TrainLoader
 from semmae_jax.data.sources import image_folder
@@ -33,6 +34,21 @@ MEAN, STD = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
 # Part id -> a flat colour far from the others; NO_PART is white.
 PALETTE = {0: (0, 0, 0), 1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 4: (255, 255, 0), NO_PART: (255, 255, 255)}
 
+
+
+def write_large_jpegs(root: str | Path, num_images: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """`root/train/<class>/*.jpg`: demo creatures enlarged to ImageNet-like JPEGs (width, height),
+    with fine grain so that they compress like photographs (~100 kB at 500 x 375)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for k in range(num_images):
+        class_name = list(BODY_PLANS)[k % len(BODY_PLANS)]
+        image = Image.fromarray(render(class_name, rng)[0]).resize(size, Image.Resampling.BICUBIC)
+        grain = rng.normal(0, 6, (size[1], size[0], 3))
+        pixels = np.clip(np.asarray(image, np.float64) + grain, 0, 255).astype(np.uint8)
+        (root / "train" / class_name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "train" / class_name / f"{class_name}_{k:05d}.jpg", quality=90)
+    return root
 
 def raw(data: bytes, part: bytes = b"", pil: bool = False) -> dict:
     return {"image": tf.constant(data), "part": tf.constant(part), "pil": tf.constant(pil)}

@@ -37,7 +37,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from semmae_jax.data.tf_runtime import tf
-from semmae_jax.data.transforms import IMAGENET_MEAN, Augment
+from semmae_jax.data.transforms import Augment
+from semmae_jax.imagenet import IMAGENET_MEAN
 
 Resample = Literal["bilinear", "bicubic", "random"]
 LevelFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (magnitude float64, negate bool) -> op argument

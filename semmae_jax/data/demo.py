@@ -251,24 +251,6 @@ def write_demo_dataset(root: str | Path, per_class: dict[str, int] | None = None
     (root / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def write_large_jpegs(root: str | Path, num_images: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
-    """`root/train/<class>/*.jpg`: demo creatures enlarged to ImageNet-like JPEGs (width, height).
-
-    For benchmarks and transform tests that need realistic decode costs: the enlarged
-    image gets fine grain so that it compresses like a photograph (~100 kB at 500 x 375).
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for k in range(num_images):
-        class_name = list(BODY_PLANS)[k % len(BODY_PLANS)]
-        image = Image.fromarray(render(class_name, rng)[0]).resize(size, Image.Resampling.BICUBIC)
-        grain = rng.normal(0, 6, (size[1], size[0], 3))
-        pixels = np.clip(np.asarray(image, np.float64) + grain, 0, 255).astype(np.uint8)
-        (root / "train" / class_name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(root / "train" / class_name / f"{class_name}_{k:05d}.jpg", quality=90)
-    return root
-
-
 def demo_data(cache_dir: str | Path | None = None, num_images: int | None = None,
               classes: int | None = None) -> Path:
     """The demo dataset's root, generated on first use: `<cache_dir>/demo-v1`.

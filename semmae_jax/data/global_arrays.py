@@ -22,14 +22,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from semmae_jax.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
 from semmae_jax.sharding import BATCH_AXES
-from semmae_jax.visualize import IMAGENET_MEAN, IMAGENET_STD
 
 
 @jax.jit
 def normalize_on_device(images: jax.Array) -> jax.Array:
     """uint8 [..., 3] -> float32 (x / 255 - mean) / std, computed where `images` lives (sharding kept)."""
-    return images.astype(jnp.float32) * (1 / (255 * IMAGENET_STD)) - IMAGENET_MEAN / IMAGENET_STD
+    return images.astype(jnp.float32) * (1 / (255 * IMAGENET_STD_F32)) - IMAGENET_MEAN_F32 / IMAGENET_STD_F32
 
 
 def global_batch(

@@ -39,9 +39,7 @@ from PIL import Image
 
 from semmae_jax.data.part_maps import NO_PART, UNLABELLED
 from semmae_jax.data.tf_runtime import tf
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from semmae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # An augmentation stage: (image, stateless seed [2]) -> image of the same shape.

@@ -30,9 +30,9 @@ from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.train.preemption import Preemption
 from semmae_jax.train.state import TrainState
+from semmae_jax.train.steps import Step
 
 COUNTS = ("nonfinite", "nonfinite_loss")  # per-step flags of refused steps: counted, never averaged
-Step = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
 class NonFiniteLoss(RuntimeError):

@@ -26,9 +26,9 @@ import jax
 import optax
 
 from semmae_jax.models import layer_id
-from semmae_jax.paths import flat_by_path, map_with_path
+from semmae_jax.paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
 
-NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", r"(^|/)(cls_token|mask_token|pos_embed|decoder_pos_embed)$")
+NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", TOKENS_AND_TABLES)
 
 
 def matches(path: str, patterns: Sequence[str]) -> bool:
