@@ -8,7 +8,9 @@ import shutil
 
 import jax.numpy as jnp
 import pytest
+from etils.epath import gpath
 from etils.epath import testing as epath_testing
+from orbax.checkpoint._src.path import gcs_utils
 
 from semmae_jax import checkpoint, run_lock
 from semmae_jax.cli import main as cli_main
@@ -43,6 +45,8 @@ def bucket(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", lambda path, *a, **k: local_only(path) if "gs:" in os.fspath(path)
                         else real_open(path, *a, **k))
     monkeypatch.chdir(tmp_path)  # a stray local "gs:" folder would appear here
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)  # else epath picks TensorFlow's gs:// over the double
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)  # orbax asks the bucket
     names = ("exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove", "rmtree", "stat", "walk")
     with epath_testing.mock_epath(**dict.fromkeys(names, on_local), rename=renamed, replace=renamed, copy=renamed):
         yield backing
