@@ -1,4 +1,4 @@
-"""The README's parity table for transformers directories, re-measured from scratch.
+"""docs/converting.md's parity table for transformers directories, re-measured from scratch.
 
     python bench/hf_parity.py [--batch_size 8] [--rows NAME,...]
 
