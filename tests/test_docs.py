@@ -4,8 +4,8 @@ README.md and every docs/*.md page are read as GitHub renders them:
 * every relative link or image (`[t](path#anchor)`, `<img src=...>`) names a file that exists,
   and its `#anchor` a heading of that page (GitHub's slugs: lower case, punctuation dropped,
   spaces to hyphens, repeats numbered -1, -2, ...);
-* every `python main.py ...`, `python -m convert ...` and `python bench/NAME.py ...` in a code
-  block or a code span is handed to that command's own entry (`semmae_jax.cli.main`, which
+* every `python main.py ...` (also as `python -m semmae_jax ...` or the installed `semmae ...`),
+  `python -m convert ...` and `python bench/NAME.py ...` in a code block or a code span is handed to that command's own entry (`semmae_jax.cli.main`, which
   dispatches through `cli.COMMANDS`; `convert.cli.main`; the bench script's `main(argv)`),
   whose argparse parser reads it and is then stopped: nothing runs. A command added to
   `cli.COMMANDS` is covered without touching this file. The contract this relies on: a
@@ -111,7 +111,8 @@ def shell_lines(text: str) -> Iterator[str]:
 
 
 def quoted_commands(text: str) -> list[tuple[str, list[str]]]:
-    """Every (program, argv) of `python main.py`, `python -m convert` and `python bench/X.py`."""
+    """Every (program, argv) of `python main.py` (`python -m semmae_jax`, `semmae`), `python -m convert`
+    and `python bench/X.py`."""
     found = []
     for line in shell_lines(text):
         found += _commands_in(line)
@@ -129,13 +130,15 @@ def _commands_in(line: str) -> list[tuple[str, list[str]]]:
     for i, token in enumerate(tokens):
         if " " in token:  # a quoted command line, e.g. ssh's --command "cd x && python main.py ..."
             found += _commands_in(token)
-        if token not in ("python", "python3"):
+        if token not in ("python", "python3", "semmae"):
             continue
         rest = tokens[i + 1 :]
         end = next((j for j, t in enumerate(rest) if t in SHELL_BREAK), len(rest))
         words = [t.strip("[]") for t in rest[:end] if t.strip("[]")]  # [--flag X]: an optional part, given
-        if words[:1] == ["main.py"]:
-            found.append(("main.py", words[1:]))
+        if token == "semmae":  # the installed `python main.py` (the bare name in prose is no command)
+            found += [("main.py", words)] if words else []
+        elif words[:1] == ["main.py"] or words[:2] == ["-m", "semmae_jax"]:
+            found.append(("main.py", words[1 if words[0] == "main.py" else 2 :]))
         elif words[:2] == ["-m", "convert"]:
             found.append(("convert", words[2:]))
         elif words and re.fullmatch(r"bench/\w+\.py", words[0]):
@@ -236,13 +239,16 @@ def test_checks_catch_a_broken_link_and_a_renamed_flag(tmp_path: Path) -> None:
     page.write_text("# A `page`\n[ok](other.md#fine-tuning-evaluation) [self](#a-page) [gone](missing.md) "
                     "[bad anchor](other.md#nowhere) `[not a link](x.md)`\n\n```bash\n"
                     "python main.py pretrain --epochs 2 \\\n    --no_such_flag 3   # renamed\n"
-                    "python -m convert to-flax a.pth out && python bench/memory.py --bogus\n```\n")
+                    "python -m convert to-flax a.pth out && python bench/memory.py --bogus\n"
+                    "semmae eval --nb_classes 4; python -m semmae_jax launch -- pretrain\n```\nthe `semmae` command\n")
     assert [p.split(": ", 2)[1] for p in broken_links(page)] == ["missing.md", "other.md#nowhere"]
     commands = quoted_commands(page.read_text())
     assert commands == [("main.py", ["pretrain", "--epochs", "2", "--no_such_flag", "3"]),
-                        ("convert", ["to-flax", "a.pth", "out"]), ("bench/memory.py", ["--bogus"])]
+                        ("convert", ["to-flax", "a.pth", "out"]), ("bench/memory.py", ["--bogus"]),
+                        ("main.py", ["eval", "--nb_classes", "4"]), ("main.py", ["launch", "--", "pretrain"])]
     assert "--no_such_flag" in parse_problem(*commands[0])
     assert parse_problem(*commands[1]) is None
     assert "--bogus" in parse_problem(*commands[2])
+    assert parse_problem(*commands[3]) is parse_problem(*commands[4]) is None
     assert "no such preset" in parse_problem("main.py", ["pretrain", "--config", "gone"])
     assert "--nope" in parse_problem("main.py", ["launch", "-n", "2", "--", "pretrain", "--nope"])
