@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
+import importlib
 import io
 import re
 import shlex
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from unittest import mock
@@ -177,11 +176,7 @@ def entry(program: str) -> Callable[[Sequence[str]], None]:
         from convert import cli as convert_cli
 
         return convert_cli.main
-    spec = importlib.util.spec_from_file_location(f"bench_{Path(program).stem}", ROOT / program)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is read
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(f"bench.{Path(program).stem}").main
 
 
 def parse_problem(program: str, argv: list[str]) -> str | None:
