@@ -1,6 +1,6 @@
 """Does semantic masking help? SemMAE's masking ablation, run as a user would run the jobs.
 
-    python bench/ablation.py --out DIR                 # the measured table (README, "Masking ablation")
+    python bench/ablation.py --out DIR                 # the measured table (docs/ablation.md)
     python bench/ablation.py --quick --out DIR         # end to end in minutes (1 seed, 3 cells, tiny budget)
 
 Per cell (a masking strategy: `--setting` 0 random, 1 intra-part, 2 inter-part, 3 adaptive with

@@ -80,12 +80,12 @@ def run_worker(direction: str, source: Path, target: Path) -> dict[str, float]:
     return {"total incl. start-up (s)": time.perf_counter() - start, **figures}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mae_vit_large_patch16")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--worker", nargs=3, metavar=("DIRECTION", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(*args.worker)
         return

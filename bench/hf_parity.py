@@ -1,4 +1,4 @@
-"""The README's parity table for transformers directories, re-measured from scratch.
+"""docs/converting.md's parity table for transformers directories, re-measured from scratch.
 
     python bench/hf_parity.py [--batch_size 8] [--rows NAME,...]
 
@@ -57,11 +57,11 @@ def measure(name: str, batch_size: int, scratch: Path) -> dict[str, str]:
     return cells
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--rows", default=None, help=f"comma-separated row names (default all: {', '.join(ROWS)})")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = args.rows.split(",") if args.rows else list(ROWS)
     unknown = [n for n in names if n not in ROWS]
     if unknown:

@@ -357,14 +357,14 @@ def profile(root: Path) -> None:
         print(f"  {'total (rows not in parentheses)':46s} {sum(v for k, v in costs.items() if k[0] != '('):6.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_images", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="CPU ms per image and operation, both pipelines")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_photo_jpegs(Path(tmp) / "photos", args.num_images)
         if args.profile:

@@ -88,13 +88,13 @@ def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
     return time_steps(run, steps)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mae_vit_base_patch16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     size = create_model(args.model).img_size
     images = np.random.default_rng(0).standard_normal((args.batch, size, size, 3), np.float32)
     jax_s = jax_step_time(args.model, images, args.steps, args.dtype)

@@ -4,7 +4,7 @@
     python main.py finetune --config finetune_demo   # its encoder, into ./output_finetune_demo
 
 MAE's fine-tuning recipe (layer decay, RandAugment, random erasing, label smoothing, drop
-path) at the demo's scale; no mixup (4 classes, 512 images). See the README for the
+path) at the demo's scale; no mixup (4 classes, 512 images). See docs/converting.md for the
 accuracy it reaches and its parity with PyTorch.
 """
 

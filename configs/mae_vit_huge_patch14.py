@@ -4,7 +4,7 @@
 
 Same hyper-parameters as `mae_vit_base_patch16` (effective batch 4096); on accelerators
 consider `--dtype bfloat16 --remat` and an FSDP mesh (`--mesh data:-1,fsdp:8`, see the
-README's memory table). MAE's fine-tuned top-1 on ImageNet-1k: 86.9.
+docs/benchmarks.md's memory table). MAE's fine-tuned top-1 on ImageNet-1k: 86.9.
 """
 
 import dataclasses

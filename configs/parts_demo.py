@@ -4,8 +4,8 @@
     python main.py parts train --config parts_demo --backbone output_mae_demo/checkpoints
 
 About 4 minutes on 2 CPU cores; `parts eval --checkpoint output_parts_demo` then reports the
-learned parts ahead of k-means and raw attention in mIoU and ARI (README, "Stage 1": 0.355 /
-0.744 against 0.067 / -0.004 and 0.084 / 0.001). Five parts plus a background part: the demo's
+learned parts ahead of k-means and raw attention in mIoU and ARI (docs/stage1.md: 0.351 /
+0.742 against 0.064 / -0.006 and 0.085 / 0.000). Five parts plus a background part: the demo's
 true parts are a background and five body parts.
 """
 

@@ -4,7 +4,7 @@ Starts N local processes of `python -m semmae_jax COMMAND` (what `main.py` runs)
 (`jax.distributed`, coordinator on 127.0.0.1, gloo collectives on CPU), each with K fake
 CPU devices unless `--devices_per_process 0`. It is how this project tests multi-host
 code on one machine; on a cluster the scheduler starts the processes instead (see the
-README's launch recipes). The launcher supervises: if one process fails, the others are
+docs/multi-host.md's launch recipes). The launcher supervises: if one process fails, the others are
 stopped (SIGTERM, then SIGKILL after a grace period) and the launcher exits with that
 process's code; `--timeout` bounds the whole run.
 """

@@ -1,5 +1,5 @@
 """Long runs meet faults: divergence, damaged checkpoints, a second writer, a full disk, bad flags,
-an epoch cut by a preemption. Each case behaves as the README's "Failures and recovery" says."""
+an epoch cut by a preemption. Each case behaves as docs/failures.md says."""
 
 from __future__ import annotations
 

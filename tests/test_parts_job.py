@@ -110,7 +110,7 @@ def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, tm
                              "one part (reference)"]
     assert all(0.0 <= r["miou"] <= 1.0 and len(r["iou"]) == 6 for r in results.values())
     learned, *baselines, _ = results.values()
-    for baseline in baselines:  # the README's claim, already after 12 steps on a random backbone
+    for baseline in baselines:  # docs/stage1.md's claim, already after 12 steps on a random backbone
         assert learned["miou"] > baseline["miou"] and learned["ari"] > baseline["ari"], (learned, baseline)
     assert json.loads((tmp_path / "e.json").read_text())["images"] == 128
     picture = parts_tools.show(parts_tools.ViewConfig(checkpoint=str(run_dir), out=str(tmp_path / "s.png"),

@@ -71,8 +71,8 @@ def random_grads(named: list[tuple[str, torch.nn.Parameter]], seed: int) -> None
 class OriginalRun:
     """The torch side: a model's parameters under the original's AdamW and groups, stepped `steps` times.
 
-    Weight decay 0: this project exempts the tokens the original's pretraining decayed (README,
-    Differences), which would show up as a difference unrelated to the import.
+    Weight decay 0: this project exempts the tokens the original's pretraining decayed (docs/differences.md),
+    which would show up as a difference unrelated to the import.
     """
 
     def __init__(self, name: str = MODEL, steps: int = 3) -> None:

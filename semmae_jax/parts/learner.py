@@ -1,7 +1,7 @@
 """The stage-1 part learner of SemMAE (Li et al., NeurIPS 2022), in Flax.
 
 The authors never released it; the paper gives its outline, and each step here says
-which of it is the paper's and which is our choice (measured in the README):
+which of it is the paper's and which is our choice (measured in docs/stage1.md):
 
 1. A frozen self-supervised ViT gives a class token and patch tokens (`backbone.py`).
 2. "An attention module turns the class token into N part tokens": `PartTokens`, an MLP

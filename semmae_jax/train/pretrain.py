@@ -38,7 +38,7 @@ class PretrainConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_pretrain.py`'s; `configs/*.py` presets change them."""
 
     # Model.
-    model: str = field("mae_vit_large_patch16", "registered model name (see README, Models)")
+    model: str = field("mae_vit_large_patch16", "registered model name (see docs/architecture.md, Models)")
     input_size: int = field(224, "image size")
     mask_ratio: float = field(0.75, "fraction of patches removed")
     norm_pix_loss: bool = field(False, "per-patch normalised pixels as the target")
