@@ -49,8 +49,21 @@ class Trajectory:
 class Start:
     """What both sides start from: the job's trainable params and, for the probe, the frozen encoder."""
 
-    params: Any
+    params: Any  # None until the first JAX run has initialised them (the job's own initialisation)
     encoder: Any = None
+
+
+@dataclass
+class Setup:
+    """One comparison: the job (its config), where JAX runs, the start, the batches and the schedule."""
+
+    job: Job
+    mesh: jax.sharding.Mesh
+    global_batch: int
+    start: Start
+    batches: list[Batch]  # micro-batches; pretraining's gain their "noise" from the first JAX run
+    steps_per_epoch: int
+    lr: float  # the peak lr (the original's `args.lr`)
 
 
 def steps_per_epoch(config: Any, updates: int) -> int:
@@ -80,6 +93,8 @@ def make_batches(job: Job, count: int, global_batch: int, seed: int) -> list[Bat
 def initial(job: Job, mesh: jax.sharding.Mesh, global_batch: int, source: Any = None) -> tuple[Start, list[str]]:
     """The job's own initialisation (seed `--seed`), with `source` params (a checkpoint) taken
     where path and shape fit; returns (start, notes on what the checkpoint did not give)."""
+    if job.name != "linprobe" and source is None:
+        return Start(None), []  # the first JAX run initialises, and keeps what it started from
     run_ = recipe(job, job.build_model(), global_batch, 1, mesh)
     with jax.set_mesh(mesh):
         state, _, _ = create_state(run_.model, run_.make_tx, job.example_inputs(run_), mesh, job.config.seed)
@@ -102,33 +117,36 @@ def _merged(target: Any, source: Any) -> tuple[Any, list[str]]:
     return jax.device_get(params), notes
 
 
-def run_jax(job: Job, start: Start, batches: list[Batch], spe: int, mesh: jax.sharding.Mesh,
-            global_batch: int) -> tuple[Trajectory, list[np.ndarray]]:
-    """The job's recipe and jitted step for `len(batches)` micro-batches; also returns, for
-    pretraining, the masking noise each step drew (the step's own draw, repeated outside it)."""
-    c = job.config
-    run_ = recipe(job, job.build_model(), global_batch, spe, mesh)
-    micro_losses, noises = [], []
+def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None = None) -> Trajectory:
+    """The job's recipe and jitted step over the setup's micro-batches (`job`, `mesh`: another
+    config or device set than the setup's). Pretraining batches without "noise" gain the masking
+    noise each step drew (the step's own draw, repeated outside it) for the PyTorch side."""
+    job, mesh = job or setup.job, mesh or setup.mesh
+    c, start = job.config, setup.start
+    run_ = recipe(job, job.build_model(), setup.global_batch, setup.steps_per_epoch, mesh)
+    micro_losses = []
     with jax.set_mesh(mesh):
         state, shardings, tx = create_state(run_.model, run_.make_tx, job.example_inputs(run_), mesh, c.seed,
                                             init_params=start.params)
+        if start.params is None:
+            start.params = jax.device_get(state.params)
         if start.encoder is not None:
             state = state.replace(frozen=jax.device_put(start.encoder, sharding.replicated(mesh)))
             shardings = jax.tree.map(lambda x: x.sharding, state)
         step = jit_step(job.step(run_, tx), shardings, sharding.batch_sharding(mesh), mesh)
-        for batch in batches:
-            if job.name == "pretrain":
+        for batch in setup.batches:
+            if job.name == "pretrain" and "noise" not in batch:
                 alpha = alpha_at(state.step, c.setting, run_.schedule.total_steps, c.gamma)
-                noises.append(np.array(masking.masking_noise(
+                batch["noise"] = np.array(masking.masking_noise(
                     state.step_key(NOISE_STREAM), jnp.asarray(batch["part_labels"]), setting=c.setting,
-                    mask_ratio=c.mask_ratio, alpha=alpha, num_parts=c.num_parts)))
-            state, metrics = step(state, batch)
+                    mask_ratio=c.mask_ratio, alpha=alpha, num_parts=c.num_parts))
+            state, metrics = step(state, {k: v for k, v in batch.items() if k != "noise"})
             micro_losses.append(float(metrics["loss"]))
         params = jax.device_get(state.params)
     accum = c.accum_iter
     losses = [float(np.mean(micro_losses[i:i + accum])) for i in range(0, len(micro_losses), accum)]
     lrs = [float(run_.lr_schedule(update)) for update in range(len(losses))]
-    return Trajectory(losses, lrs, jax_layout(job, params)), noises
+    return Trajectory(losses, lrs, jax_layout(job, params))
 
 
 def jax_layout(job: Job, params: Any) -> dict[str, np.ndarray]:
@@ -138,10 +156,12 @@ def jax_layout(job: Job, params: Any) -> dict[str, np.ndarray]:
     return dict(flax_to_torch(params, job.config.model))
 
 
-def run_torch(job: Job, start: Start, batches: list[Batch], spe: int, lr: float) -> Trajectory:
-    """The PyTorch reference of the job's recipe from `start`, over `batches` (with their noise)."""
+def run_torch(setup: Setup) -> Trajectory:
+    """The PyTorch reference of the job's recipe from the setup's start over its batches (pretraining:
+    with the noise the JAX run drew)."""
+    job, start = setup.job, setup.start
     c = job.config
-    args = dataclasses.replace(c, lr=lr)
+    args = dataclasses.replace(c, lr=setup.lr)
     weights = start.encoder if start.encoder is not None else start.params
     arch = infer_architecture({k: v.shape for k, v in flax_to_torch(weights, c.model).items()}, c.model)
     with tempfile.TemporaryDirectory() as scratch:
@@ -153,7 +173,7 @@ def run_torch(job: Job, start: Start, batches: list[Batch], spe: int, lr: float)
             torch_recipe = torch_recipes.finetune(model, args)
         else:
             torch_recipe = torch_recipes.linprobe(model, _torch_head(start.params["head"]), args)
-        losses, lrs = zip(*torch_recipes.train(torch_recipe, batches, spe), strict=True)
+        losses, lrs = zip(*torch_recipes.train(torch_recipe, setup.batches, setup.steps_per_epoch), strict=True)
         if hf_class is None:
             params = {k: tensor_to_numpy(v.detach()) for k, v in torch_recipe.model.named_parameters()}
         else:  # transformers' own names -> its hub layout -> the original's keys
