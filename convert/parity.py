@@ -2,6 +2,7 @@
 
     python main.py parity --checkpoint X.pth|HF_DIR [--model NAME] [--data_path DIR]
                           [--batch_size N] [--img_size N] [--norm_pix_loss]
+    python main.py parity --train pretrain|finetune|linprobe ...   (training: `convert.train_parity`)
 
 The user's check that a converted release behaves as it did in PyTorch. The checkpoint
 (a `.pth`, an orbax directory, a transformers directory or `.safetensors`) is converted
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -92,6 +94,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(arg == "--train" or arg.startswith("--train=") for arg in argv):
+        from convert import train_parity  # training-trajectory parity: its own flags
+
+        return train_parity.main(argv)
     args = parser().parse_args(argv)
     rows = exit_on_error(compare, args)
     print(format_rows(rows))
@@ -138,9 +145,17 @@ def reference_model(
     hf_class = loaded.meta.get("transformers", {}).get("class")
     if Path(checkpoint).is_dir() and is_hf_source(checkpoint) and not resampled:
         return references.hf_pretrained(checkpoint, hf_class), hf_class
-    state_dict = flax_to_torch(loaded.params, arch.name, model_overrides=arch.overrides)
+    return reference_from_params(loaded.params, arch, scratch, loaded.meta)
+
+
+def reference_from_params(
+    params: Any, arch: Architecture, scratch: str, meta: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, str | None]:
+    """The PyTorch reference holding `params` (Flax) of `arch`, bit for bit: timm for classifiers and
+    encoders, transformers (through a `to-hf` directory in `scratch`) for MAE and pooler encoders."""
+    state_dict = flax_to_torch(params, arch.name, model_overrides=arch.overrides)
     if arch.family == "mae" or arch.config["pooler"]:
-        hf_class = write_hf(scratch, state_dict, arch, loaded.meta)
+        hf_class = write_hf(scratch, state_dict, arch, meta or {})
         return references.hf_pretrained(scratch, hf_class), hf_class
     return references.load_numpy_state_dict(references.timm_classifier(arch.config), state_dict), None
 

@@ -6,7 +6,8 @@ Per-parameter behaviour is decided by regex tables over parameter paths
 * `NO_WEIGHT_DECAY`: 1-d parameters (norms, biases), tokens and position tables.
   (MAE's pretraining used timm-0.3.2's `add_weight_decay` with an empty skip list,
   which decays `cls_token` and `mask_token`; we apply its fine-tuning rule, which
-  exempts them, in both: two vectors, no measurable difference.)
+  exempts them, in both; `ORIGINAL_PRETRAIN_NO_WEIGHT_DECAY` is the original's rule,
+  `pretrain --decay_tokens`.)
 * frozen parameters (MAE's sin-cos tables) get no update and no optimizer state.
 * layer-wise lr decay (fine-tuning) is an lr-multiplier table: `layer_id` gives 0 to
   cls_token / pos_embed / patch_embed, i+1 to block i, depth+1 to the rest, and the
@@ -29,15 +30,16 @@ from semmae_jax.models import layer_id
 from semmae_jax.paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
 
 NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", TOKENS_AND_TABLES)
+ORIGINAL_PRETRAIN_NO_WEIGHT_DECAY = (r"/bias$", r"/scale$")  # the position tables are frozen there
 
 
 def matches(path: str, patterns: Sequence[str]) -> bool:
     return any(re.search(p, path) for p in patterns)
 
 
-def weight_decay_mask(params: Any) -> Any:
-    """True where weight decay applies."""
-    return map_with_path(lambda path, x: x.ndim > 1 and not matches(path, NO_WEIGHT_DECAY), params)
+def weight_decay_mask(params: Any, no_decay: Sequence[str] = NO_WEIGHT_DECAY) -> Any:
+    """True where weight decay applies: parameters of more than one dimension not matched by `no_decay`."""
+    return map_with_path(lambda path, x: x.ndim > 1 and not matches(path, no_decay), params)
 
 
 def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
@@ -70,16 +72,17 @@ def adamw(
     frozen: Sequence[str] = (),
     lr_scales: Any = None,
     clip_grad: float | None = None,
+    no_decay: Sequence[str] = NO_WEIGHT_DECAY,
 ) -> optax.GradientTransformation:
     """Torch-style AdamW (decoupled decay, eps 1e-8) with the tables above.
 
     `frozen` names top-level parameters that are never updated; `clip_grad` clips the
-    (averaged) gradient's global norm first.
+    (averaged) gradient's global norm first; `no_decay` the paths exempt from decay.
     """
     parts = [optax.clip_by_global_norm(clip_grad)] if clip_grad else []
     parts += [
         optax.scale_by_adam(b1=betas[0], b2=betas[1], eps=1e-8),
-        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params)),
+        optax.add_decayed_weights(weight_decay, mask=weight_decay_mask(params, no_decay)),
         optax.scale_by_learning_rate(schedule),
     ]
     if lr_scales is not None:
@@ -104,9 +107,10 @@ def run_updates(epochs: int, warmup_epochs: int, steps_per_epoch: int, accum_ite
     return epochs * steps_per_epoch // accum_iter, warmup_epochs * steps_per_epoch // accum_iter
 
 
-def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[str] = ()) -> list[str]:
+def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[str] = (),
+                          no_decay: Sequence[str] = NO_WEIGHT_DECAY) -> list[str]:
     """One line per parameter: decay on/off, lr multiplier, frozen; logged once at start."""
-    decay = flat_by_path(weight_decay_mask(params))
+    decay = flat_by_path(weight_decay_mask(params, no_decay))
     scales = flat_by_path(lr_scales) if lr_scales is not None else {}
     lines = []
     for path, leaf in flat_by_path(params).items():

@@ -42,6 +42,8 @@ class PretrainConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
     input_size: int = field(224, "image size")
     mask_ratio: float = field(0.75, "fraction of patches removed")
     norm_pix_loss: bool = field(False, "per-patch normalised pixels as the target")
+    decay_tokens: bool = field(False, "weight decay on cls_token and mask_token too, as the original's pretraining "
+                                      "(default: exempt, as its fine-tuning)")
     dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
     remat: bool = field(False, "recompute each block's activations in the backward pass")
     # SemMAE masking.
@@ -100,12 +102,16 @@ class PretrainJob(Job):
         return source, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size,
                                            num_parts=c.num_parts)
 
+    def _no_decay(self) -> tuple[str, ...]:
+        return optim.ORIGINAL_PRETRAIN_NO_WEIGHT_DECAY if self.config.decay_tokens else optim.NO_WEIGHT_DECAY
+
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
         return optim.adamw(params, lr_schedule, weight_decay=self.config.weight_decay, betas=self.betas,
-                           frozen=frozen_param_names(self.build_model()))
+                           frozen=frozen_param_names(self.build_model()), no_decay=self._no_decay())
 
     def param_groups(self, params: Any) -> list[str]:
-        return optim.describe_param_groups(params, frozen=frozen_param_names(self.build_model()))
+        return optim.describe_param_groups(params, frozen=frozen_param_names(self.build_model()),
+                                           no_decay=self._no_decay())
 
     def describe(self, run: Run) -> str:
         setting = self.config.setting

@@ -19,6 +19,7 @@ import abc
 import contextlib
 import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -43,13 +44,14 @@ class Run:
 
     data: Any  # the `semmae_jax.data` module (imported once the runtime has started)
     mesh: jax.sharding.Mesh
-    log: RunLog
+    log: RunLog | None  # None outside `run` (`parity --train` builds the recipe without a run directory)
     model: nn.Module
     global_batch: int
     schedule: Schedule
     lr: float
     effective_batch: int
     lr_schedule: optax.Schedule
+    make_tx: Callable[[Any], optax.GradientTransformation]  # params -> the job's optimizer with accumulation
     shardings: TrainState | None = None  # once the state exists
 
     def lr_at(self, step: int, accum_iter: int) -> float:
@@ -145,7 +147,7 @@ def run(job: Job) -> Any:
         source, transform = job.train_data(data, model)
         loader = data.TrainLoader(source, batch_size=global_batch // jax.process_count(), seed=config.seed,
                                   transform=transform, num_workers=config.num_workers)
-        run_ = _plan(config, data, mesh, log, model, global_batch, loader.steps_per_epoch)  # run length and lr
+        run_ = recipe(job, model, global_batch, loader.steps_per_epoch, mesh, data, log)  # run length and lr
         log.print(f"{job.name} {getattr(config, 'model', '')}: global batch {global_batch} over "
                   f"{jax.device_count()} devices x accum_iter {config.accum_iter} = effective batch "
                   f"{run_.effective_batch}; lr {run_.lr:.3e}; mesh {dict(mesh.shape)}; "
@@ -154,8 +156,7 @@ def run(job: Job) -> Any:
             log.print(described)
         with jax.set_mesh(mesh):
             state, run_.shardings, tx = create_state(  # sharded state
-                model, lambda p: optim.accumulate(job.optimizer(p, run_.lr_schedule), config.accum_iter),
-                job.example_inputs(run_), mesh, config.seed)
+                model, run_.make_tx, job.example_inputs(run_), mesh, config.seed)
             _log_placement(log, job, state, run_.shardings)
             state = job.start(state, run_)
             run_.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
@@ -176,16 +177,25 @@ def run(job: Job) -> Any:
             return job.result(state, run_)
 
 
-def _plan(config: Any, data: Any, mesh: jax.sharding.Mesh, log: RunLog, model: nn.Module, global_batch: int,
-          loader_steps: int) -> Run:
-    """The run's length in micro-batches and its lr schedule in optimizer updates."""
+def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mesh: jax.sharding.Mesh,
+           data: Any = None, log: RunLog | None = None) -> Run:
+    """The job's training recipe as `run` trains it: the run's length in micro-batches, its lr
+    schedule in optimizer updates and the optimizer with `--accum_iter` (`Run.make_tx`).
+
+    Built in this one place so that `parity --train` compares exactly what a run trains with.
+    """
+    config = job.config
     steps_per_epoch = min(loader_steps, config.steps_per_epoch or loader_steps)
     schedule = Schedule(epochs=config.epochs, steps_per_epoch=steps_per_epoch, save_every=config.save_every,
                         save_every_steps=config.save_every_steps, log_every=config.log_every)
     lr, effective = config.learning_rate(global_batch)
     total, warmup = optim.run_updates(config.epochs, config.warmup_epochs, steps_per_epoch, config.accum_iter)
     lr_schedule = optim.warmup_cosine(lr, config.min_lr, warmup, total)
-    return Run(data, mesh, log, model, global_batch, schedule, lr, effective, lr_schedule)
+
+    def make_tx(params: Any) -> optax.GradientTransformation:
+        return optim.accumulate(job.optimizer(params, lr_schedule), config.accum_iter)
+
+    return Run(data, mesh, log, model, global_batch, schedule, lr, effective, lr_schedule, make_tx)
 
 
 def _log_placement(log: RunLog, job: Job, state: TrainState, shardings: TrainState) -> None:
