@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,15 +79,17 @@ def test_a_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
-    """Epoch 0 on a data-parallel mesh, epoch 1 restored onto a data x fsdp x tensor mesh: the
-    continued run ends where an uninterrupted one does (up to the meshes' reduction order)."""
-    straight, moved = tmp_path / "straight", tmp_path / "moved"
-    pretrain("--epochs", "2", "--mesh", "data:8", "--output_dir", str(straight))
-    pretrain("--epochs", "1", "--mesh", "data:8", "--output_dir", str(moved))
+    """Epoch 0 on a data-parallel mesh, then epoch 1 continued from its checkpoint on that mesh and,
+    from a copy, on a data x fsdp x tensor mesh: both continuations end with the same parameters
+    (up to the meshes' reduction order)."""
+    same, moved = tmp_path / "same", tmp_path / "moved"
+    pretrain("--epochs", "1", "--mesh", "data:8", "--output_dir", str(same))
+    shutil.copytree(same, moved)
+    pretrain("--epochs", "2", "--mesh", "data:8", "--output_dir", str(same))
     pretrain("--epochs", "2", "--mesh", "data:2,fsdp:2,tensor:2", "--output_dir", str(moved))
     assert checkpoint.RunCheckpoints(moved / "checkpoints").all_steps() == [2, 4]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), final_params(moved),
-                 final_params(straight))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), final_params(moved),
+                 final_params(same))
 
 
 @pytest.mark.slow
