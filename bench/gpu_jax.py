@@ -1,8 +1,8 @@
 """The JAX measurements of `bench/gpu.py`, run inside its child processes.
 
 Each function measures one row on JAX's first device and returns a dict of plain numbers.
-The steps are the jobs' own (`semmae_jax.train.steps.make_pretrain_step`,
-`semmae_jax.train.finetune.make_finetune_step`, `create_state`, `optim.adamw`) on synthetic
+The steps are the jobs' own, built from their flags by the jobs' recipe (`bench/common.py`:
+`main.py pretrain` and `main.py finetune` with MAE's ViT-B fine-tuning recipe), on synthetic
 inputs drawn on the device, so no input pipeline (and no TensorFlow) is involved.
 """
 
@@ -15,17 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from bench.common import finetune_job, job_step, one_device_mesh, pretrain_job, stepper, time_calls
 from semmae_jax import sharding
-from semmae_jax.models import create_model, frozen_param_names
-from semmae_jax.train import optim
-from semmae_jax.train.finetune import FinetuneConfig, make_finetune_step
-from semmae_jax.train.state import create_state
-from semmae_jax.train.steps import jit_step, make_pretrain_step
+from semmae_jax.train.run import Job
 
-MASK_RATIO, NUM_PARTS, ALPHA_STEPS = 0.75, 8, 2  # setting 3: alpha rises to 1 over the 2 warm-up steps
-PRETRAIN_BETAS, FINETUNE_BETAS, LAYER_DECAY = (0.9, 0.95), (0.9, 0.999), 0.65
 # MAE's ViT-B fine-tuning recipe: what the step computes (erasing, mixup/cutmix, drop path) is the recipe's.
-FINETUNE_RECIPE = FinetuneConfig(mixup=0.8, cutmix=1.0, reprob=0.25, smoothing=0.1, drop_path=0.1)
+FINETUNE_FLAGS = ("--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--smoothing", "0.1", "--drop_path", "0.1",
+                  "--layer_decay", "0.65", "--nb_classes", "1000")
 FIT_MARGIN = 0.92  # use at most this share of the device's memory limit for XLA's estimate
 
 
@@ -39,10 +35,6 @@ class OutOfMemory(Exception):
 
 def is_oom(error: Exception) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
-
-
-def one_device_mesh() -> jax.sharding.Mesh:
-    return sharding.make_mesh("data:1", devices=jax.devices()[:1])
 
 
 def device_memory() -> dict[str, int] | None:
@@ -59,18 +51,6 @@ def compiled_bytes(compiled: Any) -> int | None:
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
-def timed_steps(run: Callable[[Any], Any], state: Any, warmup: int, steps: int) -> tuple[Any, float]:
-    """(state, seconds per step): `warmup` untimed steps, then `steps` dispatched back to back and
-    timed to the end of the last one (block_until_ready), as a training loop runs them."""
-    for _ in range(warmup):
-        state = jax.block_until_ready(run(state))
-    start = time.perf_counter()
-    for _ in range(steps):
-        state = run(state)
-    jax.block_until_ready(state)
-    return state, (time.perf_counter() - start) / steps
-
-
 def ceilings(matmul_size: int, copy_bytes: int, repeats: int) -> dict[str, float]:
     """The device's own ceilings: a square bf16 matmul (TFLOP/s) and a device copy (GB/s, read + write)."""
     keys = jax.random.split(jax.random.key(0), 2)
@@ -78,39 +58,13 @@ def ceilings(matmul_size: int, copy_bytes: int, repeats: int) -> dict[str, float
     x = jnp.zeros((copy_bytes // 4,), jnp.float32)
     matmul = jax.jit(jnp.matmul).lower(a, b).compile()
     copy = jax.jit(jnp.copy).lower(x).compile()
-    _, matmul_s = timed_steps(lambda _: matmul(a, b), None, 2, repeats)
-    _, copy_s = timed_steps(lambda _: copy(x), None, 2, repeats)
+    matmul_s = time_calls(lambda: matmul(a, b), repeats).step_s
+    copy_s = time_calls(lambda: copy(x), repeats).step_s
     return {"matmul_size": matmul_size, "matmul_tflops": 2 * matmul_size**3 / matmul_s / 1e12,
             "copy_bytes": copy_bytes, "copy_gbs": 2 * copy_bytes / copy_s / 1e9}
 
 
-def jobs_step(kind: str, model: Any, tx: Any, shardings: Any, mesh: Any, setting: int) -> tuple[Callable, tuple]:
-    """The jobs' jitted step `step(state, batch) -> (state, metrics)` and the arguments it takes after
-    (state, batch): none (alpha comes from the step count on the device; its value does not change
-    the masking's cost)."""
-    if kind == "pretrain":
-        step = make_pretrain_step(model, tx, mask_ratio=MASK_RATIO, setting=setting, num_parts=NUM_PARTS,
-                                  total_steps=ALPHA_STEPS)
-    else:
-        step = make_finetune_step(model, tx, FINETUNE_RECIPE)
-    return jit_step(step, shardings, sharding.batch_sharding(mesh), mesh), ()
-
-
-def optimizer(kind: str, model: Any) -> Callable[[Any], Any]:
-    """The jobs' AdamW: MAE's pretraining betas and frozen tables, or fine-tuning's layer decay."""
-    schedule = optim.warmup_cosine(1e-4, 1e-6, 10, 10**6)
-
-    def make_tx(params: Any) -> Any:
-        if kind == "pretrain":
-            return optim.adamw(params, schedule, weight_decay=0.05, betas=PRETRAIN_BETAS,
-                               frozen=frozen_param_names(model))
-        scales = optim.layer_decay_scales(params, model.depth, LAYER_DECAY)
-        return optim.adamw(params, schedule, weight_decay=0.05, betas=FINETUNE_BETAS, lr_scales=scales)
-
-    return make_tx
-
-
-def synthetic_batch(kind: str, model: Any, batch: int, mesh: Any) -> dict[str, jax.Array]:
+def synthetic_batch(kind: str, job: Job, model: Any, batch: int, mesh: Any) -> dict[str, jax.Array]:
     """Normalised-looking images and random part labels (or class labels), drawn on the device."""
     size, patches = model.img_size, (model.img_size // model.patch_size) ** 2
 
@@ -118,8 +72,9 @@ def synthetic_batch(kind: str, model: Any, batch: int, mesh: Any) -> dict[str, j
         k1, k2 = jax.random.split(key)
         images = jax.random.normal(k1, (batch, size, size, 3), jnp.float32)
         if kind == "pretrain":
-            return {"image": images, "part_labels": jax.random.randint(k2, (batch, patches), -1, NUM_PARTS - 1)}
-        return {"image": images, "label": jax.random.randint(k2, (batch,), 0, FINETUNE_RECIPE.nb_classes)}
+            labels = jax.random.randint(k2, (batch, patches), -1, job.config.num_parts - 1)
+            return {"image": images, "part_labels": labels}
+        return {"image": images, "label": jax.random.randint(k2, (batch,), 0, job.config.nb_classes)}
 
     return jax.jit(draw, out_shardings=sharding.batch_sharding(mesh))(jax.random.key(1))
 
@@ -156,27 +111,26 @@ def fit_batch(compile_at: Callable[[int], Any], max_batch: int, limit: int | Non
 def train_step(kind: str, model_name: str, *, attention: str, setting: int, remat: bool, max_batch: int,
                warmup: int, steps: int) -> dict[str, Any]:
     """One pretraining or fine-tuning row: bf16 compute, fp32 params, the largest batch that fits."""
-    recipe = {} if kind == "pretrain" else {"num_classes": FINETUNE_RECIPE.nb_classes,
-                                            "drop_path_rate": FINETUNE_RECIPE.drop_path}
-    model = create_model(model_name, dtype="bfloat16", attention=attention, remat=remat, **recipe)
+    flags = ["--dtype", "bfloat16", "--attention", attention, "--remat" if remat else "--no-remat"]
+    job = (pretrain_job(model_name, *flags, "--setting", str(setting)) if kind == "pretrain"
+           else finetune_job(model_name, *flags, *FINETUNE_FLAGS))
     mesh = one_device_mesh()
     stats = device_memory()
     limit = int(stats["bytes_limit"] * FIT_MARGIN) if stats and "bytes_limit" in stats else None
+    state, step, run_ = job_step(job, mesh, 1)
+    model = run_.model
     with jax.set_mesh(mesh):
-        example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
-        state, shardings, tx = create_state(model, optimizer(kind, model), example, mesh, seed=0)
-        step, extra = jobs_step(kind, model, tx, shardings, mesh, setting)
         batches: dict[int, Any] = {}
 
         def compile_at(batch: int) -> Any:
             batches.clear()  # only the batch being tried stays on the device
-            batches[batch] = synthetic_batch(kind, model, batch, mesh)
-            return step.lower(state, batches[batch], *extra).compile()
+            batches[batch] = synthetic_batch(kind, job, model, batch, mesh)
+            return step.lower(state, batches[batch]).compile()
 
         batch, compiled, compile_s, tries = fit_batch(compile_at, max_batch, limit)
         data = batches[batch]
         try:
-            state, seconds = timed_steps(lambda s: compiled(s, data, *extra)[0], state, warmup, steps)
+            seconds = time_calls(stepper(compiled, state, data), steps, warmup=warmup).step_s
         except jax.errors.JaxRuntimeError as error:
             if is_oom(error):
                 raise OutOfMemory(batch) from error

@@ -22,35 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.common import job_step, pretrain_job, stepper, time_calls
 from semmae_jax import masking, sharding
-from semmae_jax.models import create_model, frozen_param_names
-from semmae_jax.train import optim
-from semmae_jax.train.state import create_state
-from semmae_jax.train.steps import jit_step, make_pretrain_step
+from semmae_jax.models import create_model
 
 
 def build(model_name: str, setting: int, batch: dict[str, np.ndarray], dtype: str):
-    """(run one step, block) for a fresh state of `model_name` with masking `setting`."""
-    model = create_model(model_name, dtype=dtype)
+    """One step of `main.py pretrain --setting SETTING` (the job's recipe) on `batch`, compiled."""
     mesh = sharding.make_mesh("data:-1")
-
-    def make_tx(params):
-        return optim.adamw(params, optim.warmup_cosine(1e-4, 0.0, 0, 10**6), weight_decay=0.05, betas=(0.9, 0.95),
-                           frozen=frozen_param_names(model))
-
-    example = (jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32),)
-    with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(model, make_tx, example, mesh, seed=0)
-        step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=setting, num_parts=8, total_steps=2), shardings,
-                        sharding.batch_sharding(mesh), mesh)
-        device_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    holder = {"state": state}
-
-    def run() -> None:
-        holder["state"], metrics = step(holder["state"], device_batch)
-        metrics["loss"].block_until_ready()
-
-    run()  # compile
+    state, step, _ = job_step(pretrain_job(model_name, "--dtype", dtype, "--setting", str(setting)), mesh,
+                              batch["image"].shape[0])
+    run = stepper(step, state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    jax.block_until_ready(run())  # compile
     return run
 
 
@@ -63,13 +46,6 @@ def noise_time(setting: int, labels: np.ndarray, repeats: int = 50) -> float:
     for i in range(repeats):
         fn(jax.random.key(i), labels).block_until_ready()
     return (time.perf_counter() - start) / repeats
-
-
-def timed(run, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    return (time.perf_counter() - start) / steps
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name, run in runs.items():
-            times[name].append(timed(run, args.steps))
+            times[name].append(time_calls(run, args.steps, warmup=0).step_s)
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"model {args.model}, batch {args.batch}, {jax.devices()[0].platform} x {jax.device_count()}, "
           f"{args.rounds} rounds x {args.steps} steps, dtype {args.dtype}")

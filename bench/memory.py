@@ -25,37 +25,28 @@ STRATEGIES = {"data-parallel": ("data:-1", False), "FSDP": ("fsdp:-1", False)}
 
 
 def measure(model_name: str, mesh_spec: str, batch: int, dtype: str, remat: bool) -> dict:
-    """Compile one step for the abstract state and batch; XLA's per-device memory figures."""
+    """Compile `main.py pretrain`'s step (the job's recipe, setting 3) for the abstract state and batch;
+    XLA's per-device memory figures."""
     import jax
     import jax.numpy as jnp
 
+    from bench.common import abstract_job_step, flags_of, pretrain_job
     from semmae_jax import sharding
-    from semmae_jax.models import create_model, frozen_param_names
-    from semmae_jax.train import optim
-    from semmae_jax.train.state import plan_state
-    from semmae_jax.train.steps import jit_step, make_pretrain_step
 
-    model = create_model(model_name, dtype=dtype, remat=remat)
     mesh = sharding.make_mesh(mesh_spec)
-
-    def make_tx(params):
-        return optim.adamw(params, optim.warmup_cosine(1e-4, 0.0, 10, 100), weight_decay=0.05, betas=(0.9, 0.95),
-                           frozen=frozen_param_names(model))
-
-    images = jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32)
+    job = pretrain_job(model_name, *flags_of({"dtype": dtype, "remat": remat, "mesh": mesh_spec, "setting": 3}))
+    abstract, step, run_ = abstract_job_step(job, mesh, batch)
+    model, batch_sharding = run_.model, sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
-        plan = plan_state(model, make_tx, (images,), mesh, seed=0)
-        batch_sharding = sharding.batch_sharding(mesh)
         abstract_batch = {
-            "image": jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=batch_sharding),
+            "image": jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32,
+                                          sharding=batch_sharding),
             "part_labels": jax.ShapeDtypeStruct((batch, model.num_patches), jnp.int32, sharding=batch_sharding),
         }
-        step = jit_step(make_pretrain_step(model, plan.tx, mask_ratio=0.75, setting=3, num_parts=8), plan.shardings,
-                        batch_sharding, mesh)
-        compiled = step.lower(plan.abstract, abstract_batch).compile()
+        compiled = step.lower(abstract, abstract_batch).compile()
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-    params = sum(x.size for x in jax.tree.leaves(plan.abstract.params))
+    params = sum(x.size for x in jax.tree.leaves(abstract.params))
     return {"model": model_name, "mesh": dict(mesh.shape), "devices": mesh.size, "params": params,
             "state_gib": mem.argument_size_in_bytes / 2**30, "temp_gib": mem.temp_size_in_bytes / 2**30,
             "total_gib": total / 2**30}

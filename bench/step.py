@@ -2,8 +2,8 @@
 
     python bench/step.py --model mae_vit_base_patch16 --batch 8 [--steps 5] [--dtype float32]
 
-JAX runs the project's own jitted step (`semmae_jax.train.steps`, random masking, the
-MAE optimizer); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape
+JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random
+masking, its AdamW; `bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape
 with `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and
 noise. Both use all the machine's cores. Prints images/s for each and the ratio.
 """
@@ -13,65 +13,34 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bench.common import job_step, pretrain_job, stepper, time_calls
 from convert.arch import full_config
 from convert.references import hf_mae
 from semmae_jax import sharding
-from semmae_jax.models import create_model, frozen_param_names
-from semmae_jax.train import optim
-from semmae_jax.train.state import create_state
-from semmae_jax.train.steps import jit_step, make_pretrain_step
+from semmae_jax.models import create_model
 
-BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)
-
-
-def time_steps(run_step, steps: int) -> float:
-    """Seconds per step, after two untimed warm-up steps (compilation, allocation)."""
-    for _ in range(2):
-        run_step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        run_step()
-    return (time.perf_counter() - start) / steps
+BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)  # main_pretrain.py's, as `pretrain`'s defaults
 
 
 def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str) -> float:
-    model = create_model(name, dtype=dtype)
+    """Seconds per step of `main.py pretrain`'s own step (random masking) on one batch."""
     mesh = sharding.make_mesh("data:-1")
-    lr = BLR * images.shape[0] / 256
-
-    def make_tx(params):
-        return optim.adamw(params, optim.warmup_cosine(lr, 0.0, 0, 10**6), weight_decay=WEIGHT_DECAY, betas=BETAS,
-                           frozen=frozen_param_names(model))
-
-    example = (jax.ShapeDtypeStruct(images.shape, jnp.float32),)
-    with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(model, make_tx, example, mesh, seed=0)
-        batch_sharding = sharding.batch_sharding(mesh)
-        step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=0, num_parts=8), shardings,
-                        batch_sharding, mesh)
-        num_patches = model.num_patches
-        batch = jax.device_put({"image": images, "part_labels": -np.ones((images.shape[0], num_patches), np.int32)},
-                               batch_sharding)
-        holder = {"state": state}
-
-        def run() -> None:
-            holder["state"], metrics = step(holder["state"], batch)
-            metrics["loss"].block_until_ready()
-
-        return time_steps(run, steps)
+    state, step, run_ = job_step(pretrain_job(name, "--dtype", dtype, "--setting", "0"), mesh, images.shape[0])
+    labels = -np.ones((images.shape[0], run_.model.num_patches), np.int32)
+    batch = jax.device_put({"image": images, "part_labels": labels}, sharding.batch_sharding(mesh))
+    return time_calls(stepper(step, state, batch), steps).step_s
 
 
 def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
+    """Seconds per step of transformers' MAE with torch's AdamW, MAE's betas and weight decay."""
     torch.set_num_threads(os.cpu_count())
     model = hf_mae(full_config(name)).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=BLR * images.shape[0] / 256,
@@ -85,7 +54,7 @@ def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
         model(pixel_values=pixels, noise=noise).loss.backward()
         opt.step()
 
-    return time_steps(run, steps)
+    return time_calls(run, steps, wait=lambda _: None).step_s
 
 
 def main(argv: list[str] | None = None) -> None:

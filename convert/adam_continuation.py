@@ -22,8 +22,8 @@ from semmae_jax.metrics_log import RunLog
 
 def continue_adam_run(state: Any, adam: TorchAdamState, path: str, target: ResumeTarget, log: RunLog) -> Any:
     """`state` with `adam`'s moments, at the start of the epoch after the file's, as the original's `--resume`."""
-    step = (adam.epoch + 1) * target.steps_per_epoch
-    updates = step // target.accum_iter
+    step = (adam.epoch + 1) * target.length.steps_per_epoch
+    updates = target.length.updates(step)
     opt_state = with_adam_moments(state.opt_state, adam.mu, adam.nu, adam.steps, updates)
     log.print(f"resuming from {path}: params and AdamW state ({adam.steps} updates), continuing at epoch "
               f"{adam.epoch + 1} (step {step})")

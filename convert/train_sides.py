@@ -136,7 +136,7 @@ def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None
         step = jit_step(job.step(run_, tx), shardings, sharding.batch_sharding(mesh), mesh)
         for batch in setup.batches:
             if job.name == "pretrain" and "noise" not in batch:
-                alpha = alpha_at(state.step, c.setting, run_.schedule.total_steps, c.gamma)
+                alpha = alpha_at(state.step, c.setting, run_.length.total_steps, c.gamma)
                 batch["noise"] = np.array(masking.masking_noise(
                     state.step_key(NOISE_STREAM), jnp.asarray(batch["part_labels"]), setting=c.setting,
                     mask_ratio=c.mask_ratio, alpha=alpha, num_parts=c.num_parts))
@@ -145,7 +145,7 @@ def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None
         params = jax.device_get(state.params)
     accum = c.accum_iter
     losses = [float(np.mean(micro_losses[i:i + accum])) for i in range(0, len(micro_losses), accum)]
-    lrs = [float(run_.lr_schedule(update)) for update in range(len(losses))]
+    lrs = [float(run_.length.lr_schedule()(update)) for update in range(len(losses))]
     return Trajectory(losses, lrs, jax_layout(job, params))
 
 

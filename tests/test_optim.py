@@ -13,6 +13,7 @@ import torch
 
 from semmae_jax.paths import flat_by_path
 from semmae_jax.train import optim
+from semmae_jax.training_length import TrainingLength, warmup_cosine
 
 
 def _params():
@@ -41,10 +42,21 @@ def _mae_lr(epoch: float, lr: float, min_lr: float, warmup: int, epochs: int) ->
 
 def test_schedule_equals_maes_per_iteration_schedule():
     steps_per_epoch, warmup, epochs, lr, min_lr = 7, 2, 10, 1e-3, 1e-5
-    schedule = optim.warmup_cosine(lr, min_lr, warmup * steps_per_epoch, epochs * steps_per_epoch)
+    schedule = warmup_cosine(lr, min_lr, warmup * steps_per_epoch, epochs * steps_per_epoch)
     for step in range(epochs * steps_per_epoch):
         expected = _mae_lr(step / steps_per_epoch, lr, min_lr, warmup, epochs)
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10)
+
+
+def test_training_length_with_accumulation_gives_maes_lr_at_every_update():
+    """MAE sets the lr every `accum_iter` micro-batches from the fractional epoch; the run's length
+    counts the same updates (one every 3 micro-batches) and gives the same lr at each."""
+    length = TrainingLength(epochs=4, steps_per_epoch=6, accum_iter=3, warmup_epochs=1, peak_lr=1e-3, min_lr=1e-5)
+    assert (length.total_steps, length.total_updates, length.warmup_updates) == (24, 8, 2)
+    for step in range(0, length.total_steps, 3):
+        expected = _mae_lr(step / 6, 1e-3, 1e-5, 1, 4)
+        assert length.lr_at(step) == pytest.approx(expected, rel=1e-5, abs=1e-10)
+        assert length.lr_at(step + 2) == length.lr_at(step)  # the micro-batches of one update share its lr
 
 
 def _mae_layer_scales(names: list[str], depth: int, decay: float) -> dict[str, float]:
@@ -76,7 +88,7 @@ def test_adamw_matches_torch_adamw_with_maes_param_groups():
     """Same grads, same steps: optax chain == torch.optim.AdamW with decay / no-decay groups."""
     params = _params()
     lr, wd, betas, steps = 1e-2, 0.05, (0.9, 0.95), 4
-    schedule = optim.warmup_cosine(lr, 0.0, 0, 10**6)
+    schedule = warmup_cosine(lr, 0.0, 0, 10**6)
     tx = optim.adamw(params, schedule, weight_decay=wd, betas=betas, frozen=("pos_embed",))
     state = tx.init(params)
     flat = flat_by_path(params)
@@ -102,7 +114,7 @@ def test_adamw_matches_torch_adamw_with_maes_param_groups():
 
 def test_accum_iter_averages_micro_batch_gradients():
     params = {"w": jnp.ones((3, 2))}
-    schedule = optim.warmup_cosine(0.1, 0.0, 0, 100)
+    schedule = warmup_cosine(0.1, 0.0, 0, 100)
     plain = optim.adamw(params, schedule, weight_decay=0.0, betas=(0.9, 0.95))
     accum = optim.accumulate(optim.adamw(params, schedule, weight_decay=0.0, betas=(0.9, 0.95)), 2)
     g1, g2 = {"w": jnp.full((3, 2), 1.0)}, {"w": jnp.full((3, 2), 3.0)}

@@ -88,7 +88,7 @@ def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
     pretrain("--epochs", "2", "--mesh", "data:8", "--output_dir", str(same))
     pretrain("--epochs", "2", "--mesh", "data:2,fsdp:2,tensor:2", "--output_dir", str(moved))
     assert checkpoint.RunCheckpoints(moved / "checkpoints").all_steps() == [2, 4]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), final_params(moved),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), final_params(moved),
                  final_params(same))
 
 

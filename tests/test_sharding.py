@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from semmae_jax import sharding
-from semmae_jax.models import create_model, frozen_param_names
-from semmae_jax.train import optim
-from semmae_jax.train.state import create_state
-from semmae_jax.train.steps import jit_step, make_pretrain_step
+from semmae_jax.train.pretrain import PretrainJob, parse
+from semmae_jax.train.run import fresh_state, jitted_step, recipe
 
 MESHES = {"one device": None, "data 8": "data:8", "data 4 x fsdp 2": "data:4,fsdp:2", "2 x 2 x 2": "data:2,fsdp:2,tensor:2"}
 
@@ -57,21 +54,18 @@ def test_every_parameter_needs_a_rule():
 
 
 def _state(model_name: str, mesh_spec: str | None, batch: int = 8):
-    model = create_model(model_name)
+    """`main.py pretrain`'s fresh state, optimizer and jitted step (setting 3, lr 1e-3 from the first
+    update), built by its recipe, on `mesh_spec` (None: one device)."""
+    job = PretrainJob(parse(["--model", model_name, "--lr", "1e-3", "--warmup_epochs", "0", "--setting", "3"]))
     mesh = sharding.make_mesh(mesh_spec or "data:1", devices=None if mesh_spec else jax.devices()[:1])
-
-    def make_tx(params):
-        return optim.adamw(params, optim.warmup_cosine(1e-3, 0.0, 1, 10), weight_decay=0.05, betas=(0.9, 0.95),
-                           frozen=frozen_param_names(model))
-
-    example = (jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32),)
+    run_ = recipe(job, job.build_model(), batch, 10, mesh)
     with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(model, make_tx, example, mesh, seed=0)
-    return model, mesh, state, shardings, tx
+        state, tx = fresh_state(job, run_)
+    return run_, state, jitted_step(job, run_, tx, run_.shardings)
 
 
 def test_parameters_and_adam_moments_are_placed_as_the_rules_say():
-    state = _state("mae_vit_test_patch4", "data:2,fsdp:2,tensor:2")[2]
+    state = _state("mae_vit_test_patch4", "data:2,fsdp:2,tensor:2")[1]
     block = state.params["blocks_0"]
     expected = {
         # [embed 32, 3, heads 4, head_dim 8]: heads over tensor, then the largest free dim over fsdp.
@@ -97,12 +91,11 @@ def test_parameters_and_adam_moments_are_placed_as_the_rules_say():
 
 
 def _losses(mesh_spec: str | None, steps: int = 3) -> list[float]:
-    model, mesh, state, shardings, tx = _state("mae_vit_test_patch4", mesh_spec)
+    run_, state, step = _state("mae_vit_test_patch4", mesh_spec)
+    mesh = run_.mesh
     rng = np.random.default_rng(0)
     images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(-1, 4, (8, 64)).astype(np.int32)
-    step = jit_step(make_pretrain_step(model, tx, mask_ratio=0.75, setting=3, num_parts=8, total_steps=6), shardings,
-                    sharding.batch_sharding(mesh), mesh)
     losses = []
     with jax.set_mesh(mesh):
         batch = jax.device_put({"image": images, "part_labels": labels}, sharding.batch_sharding(mesh))

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from convert import train_parity, train_sides  # before anything imports TensorFlow (triton, see conftest)
+from semmae_jax import training_length
 from semmae_jax.paths import map_with_path
 from semmae_jax.train import optim
 
@@ -72,11 +73,12 @@ def other_adam_eps(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def lr_one_update_early(monkeypatch: pytest.MonkeyPatch) -> None:
-    schedule = optim.warmup_cosine
+    schedule = training_length.warmup_cosine
+
     def early(*args: float) -> optax.Schedule:
         return lambda step: schedule(*args)(step + 1)
 
-    monkeypatch.setattr(optim, "warmup_cosine", early)
+    monkeypatch.setattr(training_length, "warmup_cosine", early)
 
 
 def loss_divided_twice(monkeypatch: pytest.MonkeyPatch) -> None:

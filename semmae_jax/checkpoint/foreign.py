@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any, NamedTuple, Protocol
 
 from semmae_jax.metrics_log import RunLog
+from semmae_jax.training_length import TrainingLength
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +21,7 @@ class ResumeTarget:
 
     model_name: str
     img_size: int
-    steps_per_epoch: int
-    accum_iter: int = 1
+    length: TrainingLength
     betas: tuple[float, float] | None = None
 
 

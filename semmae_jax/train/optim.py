@@ -13,8 +13,9 @@ Per-parameter behaviour is decided by regex tables over parameter paths
   cls_token / pos_embed / patch_embed, i+1 to block i, depth+1 to the rest, and the
   multiplier is decay ** (depth + 1 - layer_id), as MAE's `param_groups_lrd`.
 
-The learning rate follows MAE's `adjust_learning_rate`: linear warm-up from 0, then a
-half-cycle cosine down to `min_lr`, evaluated at every optimizer update (not per epoch).
+The learning rate (`semmae_jax/training_length.py`) follows MAE's `adjust_learning_rate`:
+linear warm-up from 0, then a half-cycle cosine down to `min_lr`, evaluated at every
+optimizer update (not per epoch).
 """
 
 from __future__ import annotations
@@ -45,17 +46,6 @@ def weight_decay_mask(params: Any, no_decay: Sequence[str] = NO_WEIGHT_DECAY) ->
 def layer_decay_scales(params: Any, depth: int, decay: float) -> Any:
     """The lr multiplier of every parameter under layer-wise decay."""
     return map_with_path(lambda path, x: decay ** (depth + 1 - layer_id(path, depth)), params)
-
-
-def warmup_cosine(base_lr: float, min_lr: float, warmup_updates: int, total_updates: int) -> optax.Schedule:
-    """MAE's schedule over optimizer updates: 0 -> base_lr linearly, then cosine to min_lr."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=base_lr,
-        warmup_steps=max(warmup_updates, 0),
-        decay_steps=max(total_updates, warmup_updates + 1),
-        end_value=min_lr,
-    )
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:
@@ -96,15 +86,9 @@ def adamw(
 
 def accumulate(tx: optax.GradientTransformation, accum_iter: int) -> optax.GradientTransformation:
     """MAE's `--accum_iter` for any optimizer: average the gradients of `accum_iter`
-    micro-batches, then make one update (the schedule counts updates, not micro-batches)."""
-    if accum_iter < 1:
-        raise ValueError(f"--accum_iter must be at least 1, got {accum_iter}")
+    micro-batches, then make one update (the schedule counts updates, not micro-batches;
+    `--accum_iter` is validated with the flags)."""
     return optax.MultiSteps(tx, every_k_schedule=accum_iter) if accum_iter > 1 else tx
-
-
-def run_updates(epochs: int, warmup_epochs: int, steps_per_epoch: int, accum_iter: int) -> tuple[int, int]:
-    """(optimizer updates of the run, of the warm-up): epochs of micro-batches turned into updates, once."""
-    return epochs * steps_per_epoch // accum_iter, warmup_epochs * steps_per_epoch // accum_iter
 
 
 def describe_param_groups(params: Any, lr_scales: Any = None, frozen: Sequence[str] = (),

@@ -120,7 +120,7 @@ class PretrainJob(Job):
     def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
         c = self.config
         return make_pretrain_step(run.model, tx, mask_ratio=c.mask_ratio, setting=c.setting, num_parts=c.num_parts,
-                                  total_steps=run.schedule.total_steps, gamma=c.gamma)
+                                  total_steps=run.length.total_steps, gamma=c.gamma)
 
     def epoch_end_hook(self, run: Run) -> Callable:
         return _picture_hook(run, self.config)
@@ -141,7 +141,7 @@ def _picture_hook(run: Run, config: PretrainConfig) -> Callable:
     def hook(epoch: int, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, float]:
         if not (epoch + 1 == config.epochs or (epoch + 1) % config.vis_every == 0):
             return {}
-        progress = run.schedule.progress((epoch + 1) * run.schedule.steps_per_epoch)
+        progress = run.length.progress((epoch + 1) * run.length.steps_per_epoch)
         alpha = jnp.asarray(masking.masking_alpha(config.setting, progress, config.gamma), jnp.float32)
         outputs = [np.asarray(jax.device_get(x))  # replicated: every process holds them
                    for x in reconstruct(state.params, batch, jax.random.key(config.seed), alpha)]

@@ -10,7 +10,8 @@ rest, each phase once and in this order:
 Closing (checkpoint manager, TensorBoard writer) happens on every way out, errors
 included (`contextlib.ExitStack`). `--accum_iter` means the same in every job: the
 optimizer update comes every `accum_iter` micro-batches (`optim.accumulate`), the lr
-follows the effective batch, and the schedule counts updates (`optim.run_updates`).
+follows the effective batch, and the lr schedule counts updates (`TrainingLength`, the one
+place micro-batches become updates).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from semmae_jax.train import optim
 from semmae_jax.train.loop import Schedule, Trainer
 from semmae_jax.train.state import TrainState, create_state
 from semmae_jax.train.steps import Step, jit_step
+from semmae_jax.training_length import TrainingLength
 
 
 @dataclasses.dataclass
@@ -47,16 +49,11 @@ class Run:
     log: RunLog | None  # None outside `run` (`parity --train` builds the recipe without a run directory)
     model: nn.Module
     global_batch: int
-    schedule: Schedule
-    lr: float
+    length: TrainingLength  # epochs of micro-batches, optimizer updates, the lr at any step
+    schedule: Schedule  # when the loop logs and saves
     effective_batch: int
-    lr_schedule: optax.Schedule
     make_tx: Callable[[Any], optax.GradientTransformation]  # params -> the job's optimizer with accumulation
     shardings: TrainState | None = None  # once the state exists
-
-    def lr_at(self, step: int, accum_iter: int) -> float:
-        """The lr applied at micro-batch `step` (the schedule counts optimizer updates)."""
-        return float(self.lr_schedule(step // accum_iter))
 
 
 class Job(abc.ABC):
@@ -115,8 +112,7 @@ class Job(abc.ABC):
 
     def resume_target(self, run: Run) -> ResumeTarget | None:
         """What a `--resume` weights file must fit; None: `--resume` takes run directories only."""
-        return ResumeTarget(self.config.model, run.model.img_size, run.schedule.steps_per_epoch,
-                            self.config.accum_iter, self.betas)
+        return ResumeTarget(self.config.model, run.model.img_size, run.length, self.betas)
 
     def only_evaluates(self) -> bool:
         """True to restore and hand the state to `result` without training (`--eval`)."""
@@ -150,13 +146,12 @@ def run(job: Job) -> Any:
         run_ = recipe(job, model, global_batch, loader.steps_per_epoch, mesh, data, log)  # run length and lr
         log.print(f"{job.name} {getattr(config, 'model', '')}: global batch {global_batch} over "
                   f"{jax.device_count()} devices x accum_iter {config.accum_iter} = effective batch "
-                  f"{run_.effective_batch}; lr {run_.lr:.3e}; mesh {dict(mesh.shape)}; "
-                  f"{run_.schedule.steps_per_epoch} steps per epoch, {config.epochs} epochs")
+                  f"{run_.effective_batch}; lr {run_.length.peak_lr:.3e}; mesh {dict(mesh.shape)}; "
+                  f"{run_.length.steps_per_epoch} steps per epoch, {config.epochs} epochs")
         if described := job.describe(run_):
             log.print(described)
         with jax.set_mesh(mesh):
-            state, run_.shardings, tx = create_state(  # sharded state
-                model, run_.make_tx, job.example_inputs(run_), mesh, config.seed)
+            state, tx = fresh_state(job, run_)  # sharded state
             _log_placement(log, job, state, run_.shardings)
             state = job.start(state, run_)
             run_.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
@@ -167,9 +162,9 @@ def run(job: Job) -> Any:
                                       identity)
             on_epoch_end = job.epoch_end_hook(run_)
             if not job.only_evaluates():
-                step = jit_step(job.step(run_, tx), run_.shardings, sharding.batch_sharding(mesh), mesh)  # jitted step
+                step = jitted_step(job, run_, tx, run_.shardings)  # jitted step
                 trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
-                                  schedule=run_.schedule, lr_at=lambda s: run_.lr_at(s, config.accum_iter),
+                                  schedule=run_.schedule, lr_at=run_.length.lr_at,
                                   checkpoints=checkpoints, config=job.run_config(), log=log,
                                   images_per_step=global_batch, on_epoch_end=on_epoch_end,
                                   max_nonfinite_steps=config.max_nonfinite_steps)
@@ -185,17 +180,30 @@ def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mes
     Built in this one place so that `parity --train` compares exactly what a run trains with.
     """
     config = job.config
-    steps_per_epoch = min(loader_steps, config.steps_per_epoch or loader_steps)
-    schedule = Schedule(epochs=config.epochs, steps_per_epoch=steps_per_epoch, save_every=config.save_every,
-                        save_every_steps=config.save_every_steps, log_every=config.log_every)
     lr, effective = config.learning_rate(global_batch)
-    total, warmup = optim.run_updates(config.epochs, config.warmup_epochs, steps_per_epoch, config.accum_iter)
-    lr_schedule = optim.warmup_cosine(lr, config.min_lr, warmup, total)
+    steps_per_epoch = min(loader_steps, config.steps_per_epoch or loader_steps)
+    length = TrainingLength(epochs=config.epochs, steps_per_epoch=steps_per_epoch, accum_iter=config.accum_iter,
+                            warmup_epochs=config.warmup_epochs, peak_lr=lr, min_lr=config.min_lr)
+    schedule = Schedule(epochs=length.epochs, steps_per_epoch=length.steps_per_epoch, save_every=config.save_every,
+                        save_every_steps=config.save_every_steps, log_every=config.log_every)
 
     def make_tx(params: Any) -> optax.GradientTransformation:
-        return optim.accumulate(job.optimizer(params, lr_schedule), config.accum_iter)
+        return optim.accumulate(job.optimizer(params, length.lr_schedule()), length.accum_iter)
 
-    return Run(data, mesh, log, model, global_batch, schedule, lr, effective, lr_schedule, make_tx)
+    return Run(data, mesh, log, model, global_batch, length, schedule, effective, make_tx)
+
+
+def fresh_state(job: Job, run_: Run) -> tuple[TrainState, optax.GradientTransformation]:
+    """The job's fresh sharded state and its optimizer under `run_`'s recipe (the state's shardings
+    are recorded on `run_`). Call under `jax.set_mesh(run_.mesh)`."""
+    state, run_.shardings, tx = create_state(run_.model, run_.make_tx, job.example_inputs(run_), run_.mesh,
+                                             job.config.seed)
+    return state, tx
+
+
+def jitted_step(job: Job, run_: Run, tx: optax.GradientTransformation, shardings: TrainState) -> Step:
+    """The job's step, jitted for states placed as `shardings` and global batches on `run_.mesh`."""
+    return jit_step(job.step(run_, tx), shardings, sharding.batch_sharding(run_.mesh), run_.mesh)
 
 
 def _log_placement(log: RunLog, job: Job, state: TrainState, shardings: TrainState) -> None:

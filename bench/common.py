@@ -1,0 +1,102 @@
+"""What every benchmark shares: the jobs' own steps, built by the jobs' recipe, and one timer.
+
+A benchmark that rebuilt the optimizer or the step by hand would time a step that merely
+resembles the job's; here the job is built from its own flags (`pretrain.parse`,
+`finetune.parse`) and its state, optimizer and jitted step come from the run skeleton's
+`recipe` / `fresh_state` / `jitted_step`, as `python main.py pretrain` builds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from semmae_jax import sharding
+from semmae_jax.train.run import Job, Run, fresh_state, jitted_step, recipe
+from semmae_jax.train.state import TrainState, plan_state
+from semmae_jax.train.steps import Step
+
+# The run length a benchmark's recipe is built for: long enough that its steps are mid-run.
+STEPS_PER_EPOCH = 1000
+
+
+def pretrain_job(model: str, *flags: str) -> Job:
+    """`main.py pretrain --model MODEL FLAGS...`."""
+    from semmae_jax.train.pretrain import PretrainJob, parse
+
+    return PretrainJob(parse(["--model", model, *flags]))
+
+
+def finetune_job(model: str, *flags: str) -> Job:
+    """`main.py finetune --model MODEL FLAGS...` (its defaults: layer decay, drop path, label smoothing)."""
+    from semmae_jax.train.finetune import FinetuneJob, parse
+
+    return FinetuneJob(parse(["--model", model, *flags]))
+
+
+def job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[TrainState, Step, Run]:
+    """(fresh sharded state, jitted step, recipe) of `job` for `global_batch` on `mesh`, as its run starts."""
+    run_ = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
+    with jax.set_mesh(mesh):
+        state, tx = fresh_state(job, run_)
+        return state, jitted_step(job, run_, tx, run_.shardings), run_
+
+
+def abstract_job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[Any, Step, Run]:
+    """(abstract state, jitted step, recipe): the same step for models too large to materialise here."""
+    run_ = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
+    with jax.set_mesh(mesh):
+        plan = plan_state(run_.model, run_.make_tx, job.example_inputs(run_), mesh, job.config.seed)
+        return plan.abstract, jitted_step(job, run_, plan.tx, plan.shardings), run_
+
+
+def one_device_mesh() -> jax.sharding.Mesh:
+    return sharding.make_mesh("data:1", devices=jax.devices()[:1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    warmup_s: float  # the untimed calls: compilation, allocation
+    step_s: float  # seconds per timed call
+
+
+def time_calls(call: Callable[[], Any], steps: int, *, warmup: int = 2,
+               wait: Callable[[Any], Any] = jax.block_until_ready) -> Timing:
+    """`warmup` calls, then `steps` calls dispatched back to back, each phase ended by `wait` on the
+    last call's result, so that asynchronous work (JAX's dispatch, CUDA streams) is inside the time."""
+    start, result = time.perf_counter(), None
+    for _ in range(warmup):
+        result = call()
+    wait(result)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        result = call()
+    wait(result)
+    return Timing(warm, (time.perf_counter() - start) / steps)
+
+
+def stepper(step: Step, state: TrainState, batch: dict[str, Any]) -> Callable[[], Any]:
+    """A call that runs one step on `batch` and keeps the new state (what `time_calls` times)."""
+    holder = {"state": state}
+
+    def call() -> Any:
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    return call
+
+
+def flags_of(values: dict[str, Any]) -> Sequence[str]:
+    """{'dtype': 'bfloat16', 'remat': True} -> ['--dtype', 'bfloat16', '--remat']."""
+    flags: list[str] = []
+    for name, value in values.items():
+        if value is True:
+            flags.append(f"--{name}")
+        elif value not in (False, None):
+            flags += [f"--{name}", str(value)]
+    return flags
