@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import gc
 import resource
-import time
 from typing import Any
 
 import torch
 
+from bench.common import time_calls
 from convert.arch import full_config
 from convert.references import hf_mae
 
@@ -49,18 +49,10 @@ def time_at(model_name: str, batch: int, device: torch.device, compile_backend: 
         loss.backward()
         opt.step()
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    synchronize(device)
-    warm_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / steps
+    timing = time_calls(step, steps, warmup=warmup, wait=lambda _: synchronize(device))
+    seconds = timing.step_s
     return {"batch": batch, "images_per_s": batch / seconds, "ms_per_step": seconds * 1e3,
-            "compile_s": max(warm_s - warmup * seconds, 0.0) if compile_backend else 0.0,
+            "compile_s": max(timing.warmup_s - warmup * seconds, 0.0) if compile_backend else 0.0,
             "attn_implementation": module.config._attn_implementation}
 
 

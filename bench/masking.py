@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,12 +39,8 @@ def build(model_name: str, setting: int, batch: dict[str, np.ndarray], dtype: st
 def noise_time(setting: int, labels: np.ndarray, repeats: int = 50) -> float:
     """Seconds for the masking noise alone (jitted), the part of the step the setting changes."""
     fn = jax.jit(lambda key, x: masking.masking_noise(key, x, setting=setting, mask_ratio=0.75, alpha=0.5))
-    labels = jnp.asarray(labels)
-    fn(jax.random.key(0), labels).block_until_ready()
-    start = time.perf_counter()
-    for i in range(repeats):
-        fn(jax.random.key(i), labels).block_until_ready()
-    return (time.perf_counter() - start) / repeats
+    labels, keys = jnp.asarray(labels), iter(jax.random.split(jax.random.key(0), repeats + 1))
+    return time_calls(lambda: fn(next(keys), labels).block_until_ready(), repeats, warmup=1).step_s
 
 
 def main(argv: list[str] | None = None) -> None:
