@@ -56,7 +56,8 @@ def test_every_parameter_needs_a_rule():
 def _state(model_name: str, mesh_spec: str | None, batch: int = 8):
     """`main.py pretrain`'s fresh state, optimizer and jitted step (setting 3, lr 1e-3 from the first
     update), built by its recipe, on `mesh_spec` (None: one device)."""
-    job = PretrainJob(parse(["--model", model_name, "--lr", "1e-3", "--warmup_epochs", "0", "--setting", "3"]))
+    job = PretrainJob(parse(["--model", model_name, "--input_size", "32", "--lr", "1e-3", "--warmup_epochs", "0",
+                             "--setting", "3"]))
     mesh = sharding.make_mesh(mesh_spec or "data:1", devices=None if mesh_spec else jax.devices()[:1])
     run_ = recipe(job, job.build_model(), batch, 10, mesh)
     with jax.set_mesh(mesh):
