@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from convert.arch import full_config
+from convert.reader import ConverterReader
 from convert.references import randomize_, timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import visualize
@@ -138,8 +139,6 @@ def test_visualize_reconstructs_the_demo_model_and_draws_the_masks(demo_run, dem
     images = [str(p) for p in sorted((demo_root / "val").rglob("*_0001.jpg"))[:2]]
     maps = [str(demo_root / "parts" / Path(p).relative_to(demo_root).with_suffix(".png")) for p in images]
     out = tmp_path / "fig.png"
-    from convert.reader import ConverterReader
-
     args = visualize_job.parse(["--checkpoint", str(demo_run), *images, "--part_map", *maps, "--seed", "3",
                                 "--out", str(out)])
     v = visualize_job.run(args, ConverterReader())
@@ -170,6 +169,17 @@ def test_visualize_reconstructs_the_demo_model_and_draws_the_masks(demo_run, dem
     parts_row = figure[2 * band + cell + 1 : 2 * (band + cell) - 1, 1 : cell - 1]
     colours = visualize.part_colours(v.part_labels[0], (8, 8), (160, 160))
     np.testing.assert_array_equal(parts_row, colours)
+    # The same model converted to a .pth draws the same masks and predictions.
+    from convert.core import flax_to_torch
+    from semmae_jax.checkpoint import load_params
+
+    pth = tmp_path / "demo.pth"
+    save_torch_checkpoint(pth, flax_to_torch(load_params(demo_run / "checkpoints")[0], "mae_vit_test_patch4"))
+    args = visualize_job.parse(["--checkpoint", str(pth), *images, "--part_map", *maps, "--seed", "3",
+                                "--norm_pix_loss", "--out", str(tmp_path / "pth.png")])
+    from_pth = visualize_job.run(args, ConverterReader())
+    np.testing.assert_array_equal(from_pth.mask, v.mask)
+    np.testing.assert_allclose(from_pth.pred, v.pred, atol=1e-5)
 
 
 def test_visualize_bad_input_is_one_line_naming_the_file(demo_run, demo_root, timm_pth, tmp_path):
