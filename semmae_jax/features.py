@@ -1,8 +1,10 @@
 """Encoder features of a dataset: what `main.py features` writes and `main.py knn` scores.
 
-The features are the encoder's tokens after its final norm, with no masking, pooled as
-the linear probe and timm's `forward_features` + `forward_head(pre_logits=True)` take
-them: 'cls', the cls token; 'mean', the mean of the patch tokens. The encoder is
+The features are the encoder's tokens after its final norm, with no masking (timm's
+`forward_features` of a cls-token ViT; what the linear probe reads), pooled: 'cls', the
+cls token, `forward_features(x)[:, 0]`; 'mean', the mean of the patch tokens,
+`forward_features(x)[:, 1:].mean(1)` (no further norm: not a global-pool classifier's
+`fc_norm`, which a pretraining checkpoint does not have). The encoder is
 `parts.backbone.backbone_model` (the project's `VisionTransformer`, headless and
 cls-pooled), so nothing here re-implements a ViT.
 
