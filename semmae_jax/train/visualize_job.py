@@ -24,7 +24,7 @@ from PIL import Image
 
 from semmae_jax import config as config_lib
 from semmae_jax import masking, visualize
-from semmae_jax.checkpoint import WeightsReader, resolve_step_dir
+from semmae_jax.checkpoint import WeightsReader
 
 
 class Views(NamedTuple):
@@ -102,10 +102,9 @@ def load_model(reader: WeightsReader, checkpoint: str, input_size: int | None,
 
 def _run_config(path: str) -> dict[str, Any]:
     """The flags a pretraining run saved with its checkpoint ({} for a converted release)."""
-    import json
+    from semmae_jax.checkpoint.manager import open_step
 
-    saved = resolve_step_dir(path) / "config" / "metadata"
-    return json.loads(saved.read_text()) if saved.is_file() else {}
+    return open_step(path).json_item("config") or {}
 
 
 def load_images(images: Sequence[str], part_maps: Sequence[str] | None, img_size: int,
