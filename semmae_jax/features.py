@@ -75,7 +75,6 @@ def extract(model: VisionTransformer, params: Any, source: Any, *, pool: Pool, b
       (features in the source's order, names of the images that could not be read).
     """
     from semmae_jax import data
-    from semmae_jax.data.sources import Shard, eval_share
 
     processes = jax.process_count()
     sharding.check_global_batch(batch_size, mesh, "feature batch")
@@ -93,15 +92,27 @@ def extract(model: VisionTransformer, params: Any, source: Any, *, pool: Pool, b
     rows = [tuple(np.asarray(x) for x in step(placed, global_batch(batch, mesh)))
             for batch in _progress(loader.batches(), loader.num_batches)]
     features, labels, present = (np.concatenate(column) for column in zip(*rows, strict=True))
-    # Global batch k holds process p's rows k * B .. (k + 1) * B - 1 of its share at slots [p * B, (p + 1) * B);
-    # the shares are contiguous in the source's order: laid side by side, the rows are in that order.
-    order = np.arange(len(present)).reshape(-1, processes, loader.batch_size).transpose(1, 0, 2).reshape(-1)
-    shares = [np.arange(*eval_share(source.num_examples, Shard(p, processes))) for p in range(processes)]
-    ids = np.concatenate([np.pad(s, (0, len(order) // processes - len(s)), constant_values=-1) for s in shares])
-    present, names = present[order], all_names(source)
-    found = Features(features[order][present], labels[order][present].astype(np.int64),
-                     np.asarray([names[i] for i in ids[present]], str))
+    ids = row_ids(source.num_examples, loader.batch_size, processes)
+    kept = np.flatnonzero(present)[np.argsort(ids[present])]  # the rows read, in the source's order
+    names = all_names(source)
+    found = Features(features[kept], labels[kept].astype(np.int64), np.asarray([names[i] for i in ids[kept]], str))
     return found, [names[i] for i in ids[~present & (ids >= 0)]]
+
+
+def row_ids(num_examples: int, per_process: int, processes: int) -> np.ndarray:
+    """The example id of each row of the evaluation batches stacked (-1: padding).
+
+    Global batch k holds, at slots [p * B, (p + 1) * B), rows k * B .. (k + 1) * B - 1 of
+    process p's share (`eval_share`: contiguous in the source's order), padded at its end.
+    """
+    from semmae_jax.data.sources import Shard, eval_share
+
+    shares = [np.arange(*eval_share(num_examples, Shard(p, processes))) for p in range(processes)]
+    num_batches = -(-max(len(share) for share in shares) // per_process)
+    ids = np.full((processes, num_batches * per_process), -1, np.int64)
+    for p, share in enumerate(shares):
+        ids[p, : len(share)] = share
+    return ids.reshape(processes, num_batches, per_process).transpose(1, 0, 2).reshape(-1)
 
 
 def all_names(source: Any) -> list[str]:

@@ -79,6 +79,16 @@ def test_features_equal_timms_forward_features_on_the_same_pth(timm_pth, demo_ro
     assert list(found.file_names) == names  # every image once, in the source's order
 
 
+def test_rows_of_several_processes_map_to_the_examples_they_hold():
+    """2 processes, 5 examples, 2 rows each a batch: process 0 reads 0..2, process 1 reads 3..4
+    (`eval_share`); batch 0 is [0, 1 | 3, 4], batch 1 is [2, pad | pad, pad]."""
+    from semmae_jax.features import row_ids
+
+    np.testing.assert_array_equal(row_ids(5, 2, 2), [0, 1, 3, 4, 2, -1, -1, -1])
+    np.testing.assert_array_equal(row_ids(7, 2, 3), [0, 1, 3, 4, 5, 6, 2, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(row_ids(3, 4, 1), [0, 1, 2, -1])
+
+
 # --------------------------------------------------------------------------------------- knn
 
 
