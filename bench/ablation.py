@@ -8,7 +8,10 @@ Per cell (a masking strategy: `--setting` 0 random, 1 intra-part, 2 inter-part, 
 three of the project's own commands, as subprocesses (`python main.py pretrain`, then
 `linprobe` and `finetune` of its encoder), all cells on the same budget (epochs, batch, lr).
 A run's figures are the linear probe's and the fine-tune's top-1 at their last epoch (never the
-best: that would select on the validation set) and the pretraining loss of the last epoch.
+best: that would select on the validation set), the weighted k-NN top-1 of the pretrained encoder
+(`main.py knn`, DINO's protocol: nothing trained, so no probe seed noise) and the pretraining
+loss of the last epoch. A run recorded before the k-NN column gains it on a rerun (its
+pretraining checkpoint is scored; nothing is retrained).
 
 Learned parts (cells `3:G:learned`): stage 1 (`parts train` + `parts export`) on the encoder of
 the setting-0 run of seed 0 (plain MAE, the same budget), once, shared by every seed.
@@ -41,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from semmae_jax.data.demo import demo_data  # noqa: E402
 
-METRICS = ("linprobe_acc1", "finetune_acc1", "final_loss")
+METRICS = ("linprobe_acc1", "knn_acc1", "finetune_acc1", "final_loss")
+ACCURACIES = {"linprobe_acc1": "linear probe", "knn_acc1": "k-NN", "finetune_acc1": "fine-tune"}
 SIGNIFICANCE = 0.05  # Welch's t-test p-value under which a difference counts as beyond the spread
 
 
@@ -163,6 +167,15 @@ def evaluate(job: str, seed: int, budget: Budget, data: Path, classes: int, enco
     return done_or_run(args, out, "test_acc1", epochs, cache)
 
 
+def knn(budget: Budget, data: Path, encoder: Path, out: Path, cache: Path) -> float:
+    """`main.py knn` of the pretrained `encoder` (cls token, k 20, T 0.07): its top-1 on the val split."""
+    result = out / "knn.json"
+    if not result.is_file():
+        run_job(["knn", "--checkpoint", str(encoder / "checkpoints"), "--data_path", str(data), "--input_size",
+                 str(budget.input_size), "--batch_size", str(budget.batch_size), "--out", str(result)], out, cache)
+    return float(json.loads(result.read_text())["acc1"])
+
+
 def done_or_run(args: list[str], out: Path, key: str, epochs: int, cache: Path) -> float:
     """The job's final `key`, running the job first unless its last epoch is logged already."""
     value = last_epoch_value(out, key, epochs)
@@ -211,7 +224,7 @@ class Plan:
 
 
 def one_run(plan: Plan, cell: Cell, seed: int) -> dict:
-    """Pretrain, linear probe and fine-tune one (cell, seed): its row of `results.json`."""
+    """Pretrain, linear probe, k-NN and fine-tune one (cell, seed): its row of `results.json`."""
     part_path = {"none": None, "true": plan.part_path}.get(cell.parts)
     if cell.parts == "learned":
         mae = plan.run_dir(Cell(0, None, "none"), 0) / "pretrain"
@@ -222,6 +235,7 @@ def one_run(plan: Plan, cell: Cell, seed: int) -> dict:
     loss = pretrain(cell, seed, plan.budget, plan.data, part_path, where / "pretrain", plan.cache)
     accuracies = {f"{job}_acc1": evaluate(job, seed, plan.budget, plan.data, plan.classes, where / "pretrain",
                                           where / job, plan.cache) for job in ("linprobe", "finetune")}
+    accuracies["knn_acc1"] = knn(plan.budget, plan.data, where / "pretrain", where / "knn", plan.cache)
     return {"setting": cell.setting, "gamma": cell.gamma, "parts": cell.parts, "seed": seed, **accuracies,
             "final_loss": loss}
 
@@ -241,7 +255,12 @@ def run_all(plan: Plan, cells: Sequence[Cell], seeds: int) -> tuple[list[dict], 
     for k, (cell, seed) in enumerate(todo):
         record = plan.run_dir(cell, seed) / "result.json"
         if record.is_file():
-            results.append(json.loads(record.read_text()))
+            result = json.loads(record.read_text())
+            if "knn_acc1" not in result:  # finished before the k-NN column: score its pretrained encoder
+                where = plan.run_dir(cell, seed)
+                result["knn_acc1"] = knn(plan.budget, plan.data, where / "pretrain", where / "knn", plan.cache)
+                write_json(record, result)
+            results.append(result)
             skipped += 1
             print(f"[{k + 1}/{len(todo)}] {cell.name} seed {seed}: skipped, already done", flush=True)
             continue
@@ -256,7 +275,7 @@ def run_all(plan: Plan, cells: Sequence[Cell], seeds: int) -> tuple[list[dict], 
         left = spent / ran * (len(todo) - k - 1 - sum((plan.run_dir(c, s) / "result.json").is_file()
                                                       for c, s in todo[k + 1:]))
         print(f"[{k + 1}/{len(todo)}] {cell.name} seed {seed}: linprobe {result['linprobe_acc1']:.2f} "
-              f"finetune {result['finetune_acc1']:.2f} loss {result['final_loss']:.4f} "
+              f"k-NN {result['knn_acc1']:.2f} finetune {result['finetune_acc1']:.2f} loss {result['final_loss']:.4f} "
               f"({time.monotonic() - start:.0f} s; about {left / 60:.1f} min left)", flush=True)
     write_json(plan.out / "results.json", results)
     return results, skipped
@@ -301,8 +320,9 @@ def table(results: Sequence[dict]) -> str:
            for cell, values in cells.items() for metric in METRICS
            if baseline is not None and cell.setting != 0}  # fmt: skip
     adjusted = adjusted_p({key: p for key, p in raw.items() if p is not None and key[1] != "final_loss"})
-    lines = ["| cell | setting | gamma | parts | seeds | linear probe top-1 (%) | fine-tune top-1 (%) | final pretraining loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cell | setting | gamma | parts | seeds | "
+             + " | ".join(f"{title} top-1 (%)" for title in ACCURACIES.values()) + " | final pretraining loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cell, values in cells.items():
         shown = []
         for metric in METRICS:
@@ -339,7 +359,7 @@ def adjusted_p(raw: dict) -> dict:
 
 
 def chart(results: Sequence[dict], path: Path, chance: float) -> None:
-    """Bars of the two accuracies per cell, error bars ± one standard deviation over seeds, and chance."""
+    """Bars of the three accuracies per cell, error bars ± one standard deviation over seeds, and chance."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,8 +367,8 @@ def chart(results: Sequence[dict], path: Path, chance: float) -> None:
 
     cells = summary(results)
     names = [cell.name for cell in cells]
-    figure, axes = plt.subplots(1, 2, figsize=(max(6.0, 1.1 * len(names) + 2), 3.6), dpi=90)
-    for axis, metric, title in zip(axes, METRICS[:2], ("linear probe", "fine-tune"), strict=True):
+    figure, axes = plt.subplots(1, len(ACCURACIES), figsize=(max(9.0, 1.6 * len(names) + 3), 3.6), dpi=90)
+    for axis, (metric, title) in zip(axes, ACCURACIES.items(), strict=True):
         stats = [mean_std(values[metric]) for values in cells.values()]
         axis.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4,
                  color=["#888888" if c.setting == 0 else "#3b75af" for c in cells])

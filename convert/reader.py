@@ -39,6 +39,10 @@ class ConverterReader:
         """A frozen ViT encoder for stage 1: (params, registered model name, overrides)."""
         return backbone_params(path, img_size=img_size)
 
+    def model(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+        """The whole model as saved (decoder included): (params, registered model name, overrides)."""
+        return params_from_checkpoint(path, None, img_size=img_size)
+
     def weights(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
         """The params as saved (position tables resized to `img_size`) and, from the same read,
         the numerics fields the file states (a hub config's eps 1e-12, q, k, v without biases)

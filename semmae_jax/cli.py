@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parts export": ("semmae_jax.train.parts_tools:export_main", "stage 1: write a PNG part map per image (resumable)"),
     "parts show": ("semmae_jax.train.parts_tools:show_main", "stage 1: a picture of images with their learned parts"),
     "parts eval": ("semmae_jax.train.parts_tools:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
+    "visualize": ("semmae_jax.train.visualize_job:main", "a checkpoint's reconstructions and SemMAE's masks of given images"),
+    "features": ("semmae_jax.train.features_job:features_main", "encoder features of a dataset split as an .npz"),
+    "knn": ("semmae_jax.train.features_job:knn_main", "weighted k-NN accuracy of encoder features (DINO's protocol)"),
     "prepare": ("semmae_jax.data.packed:main", "pack an image folder (and its part maps) into TFRecord shards for --data_path"),
     "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),
 }
@@ -37,8 +40,9 @@ def usage() -> str:
     return "usage: python main.py COMMAND [flags]   (COMMAND --help for its flags)\n\ncommands:\n" + "\n".join(lines)
 
 
-# Commands whose jobs read checkpoints (`--resume`, `--finetune`, `--backbone`): they get the converter's reader.
-READS_CHECKPOINTS = frozenset({"pretrain", "finetune", "eval", "linprobe", "parts train"})
+# Commands whose jobs read checkpoints (`--resume`, `--finetune`, `--backbone`, `--checkpoint`): they get the converter's reader.
+READS_CHECKPOINTS = frozenset({"pretrain", "finetune", "eval", "linprobe", "parts train", "visualize", "features",
+                               "knn"})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

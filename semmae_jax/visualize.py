@@ -5,6 +5,7 @@ Pure numpy + PIL, so it runs anywhere the logs are written.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,42 @@ def parts_panel(images: np.ndarray, label_sets: list[np.ndarray], min_size: int 
     rows = [panel_row([image] + [overlay(image, labels[i]) for labels in label_sets], min_size)
             for i, image in enumerate(to_uint8(images))]
     return np.concatenate(rows, axis=0)
+
+
+def masked_parts(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
+    """uint8 image [H, W, 3] with its parts painted over it and the removed patches (`mask` [L], 1 =
+    removed) filled with the dataset's mean colour: which parts a mask takes away."""
+    painted = overlay(image, labels)
+    grid = (image.shape[0] // patch_size, image.shape[1] // patch_size)
+    removed = np.repeat(np.repeat(mask.reshape(grid) > 0, patch_size, 0), patch_size, 1)
+    return np.where(removed[..., None], to_uint8(np.zeros(3, np.float32)), painted)
+
+
+TEXT_BAND = 14  # pixels of the title band above each row of `titled_rows`
+
+
+def titled_rows(rows: list[tuple[list[str], list[np.ndarray]]], caption: list[str], min_size: int = 160) -> np.ndarray:
+    """A figure: per row, a band of titles over its cells (same-size uint8 HWC, enlarged as `panel_row`),
+    rows padded on the right to the widest; then the caption's lines. White background."""
+    from PIL import ImageDraw
+
+    strips = [panel_row(cells, min_size) for _, cells in rows]
+    width = max(strip.shape[1] for strip in strips)
+    caption = [part for line in caption for part in textwrap.wrap(line, max(20, width // 6))]  # ~6 px a character
+    cell = strips[0].shape[0]  # every cell is square and the same size: cell + 2 pixels a side with borders
+    height = len(rows) * (TEXT_BAND + cell) + len(caption) * TEXT_BAND
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = 0
+    for (titles, _), strip in zip(rows, strips, strict=True):
+        for k, title in enumerate(titles):
+            draw.text((k * cell + 3, top + 1), title, fill="black")
+        canvas.paste(Image.fromarray(strip), (0, top + TEXT_BAND))
+        top += TEXT_BAND + cell
+    for line in caption:
+        draw.text((3, top + 1), line, fill="black")
+        top += TEXT_BAND
+    return np.asarray(canvas)
 
 
 def save_png(path: str | Path | epath.Path, image: np.ndarray) -> None:

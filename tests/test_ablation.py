@@ -35,13 +35,19 @@ def test_quick_ablation_runs_every_cell_once_and_reports(tmp_path):
     cells = {(r["setting"], r["gamma"], r["parts"]) for r in results}
     assert cells == {(0, None, "none"), (3, 2.0, "learned")} and len(results) == 2
     for result in results:
-        assert set(result) == {"setting", "gamma", "parts", "seed", "linprobe_acc1", "finetune_acc1", "final_loss"}
-        assert 0 <= result["linprobe_acc1"] <= 100 and 0 <= result["finetune_acc1"] <= 100
+        assert set(result) == {"setting", "gamma", "parts", "seed", "linprobe_acc1", "knn_acc1", "finetune_acc1",
+                               "final_loss"}
+        assert all(0 <= result[k] <= 100 for k in ("linprobe_acc1", "knn_acc1", "finetune_acc1"))
+        slug = "s0" if result["setting"] == 0 else "s3_g2_learned"
+        knn = json.loads((out / "runs" / f"{slug}_seed0" / "knn" / "knn.json").read_text())
+        assert knn["acc1"] == result["knn_acc1"] and knn["count"] == 16 and knn["k"] == 20  # the val split, once
         assert math.isfinite(result["final_loss"]) and result["final_loss"] > 0
     # the learned cell trained on stage 1's exported maps, one per training image
     assert len(list((out / "learned_parts" / "maps").rglob("*.png"))) == 64
     table = (out / "table.md").read_text()
-    assert table.count("\n| s") == 2 and "s3 g2 learned" in table
+    assert table.count("\n| s") == 2 and "s3 g2 learned" in table and "| k-NN top-1 (%) |" in table
+    learned = next(row for row in table.splitlines() if row.startswith("| s3 g2 learned"))
+    assert f"| {results[1]['knn_acc1']:.2f} ± 0.00 (" in learned
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[2/2]" in first and "0 skipped" in first
     second = run_harness(out)  # resumed: nothing reruns
@@ -51,7 +57,7 @@ def test_quick_ablation_runs_every_cell_once_and_reports(tmp_path):
 
 def rows(values: dict) -> list[dict]:
     return [{"setting": s, "gamma": g, "parts": p, "seed": k, "linprobe_acc1": v, "finetune_acc1": v,
-             "final_loss": 1.0} for (s, g, p), seeds in values.items() for k, v in enumerate(seeds)]
+             "knn_acc1": v, "final_loss": 1.0} for (s, g, p), seeds in values.items() for k, v in enumerate(seeds)]
 
 
 def test_table_marks_only_differences_beyond_the_spread():
@@ -63,13 +69,13 @@ def test_table_marks_only_differences_beyond_the_spread():
 
 def test_a_raw_p_under_the_threshold_among_many_cells_is_not_called_beyond_the_spread():
     """Six cells like the baseline and one that differs a little: its raw p is under 0.05, but with
-    12 accuracy comparisons in the table that is what chance gives (Benjamini-Hochberg)."""
+    18 accuracy comparisons in the table that is what chance gives (Benjamini-Hochberg)."""
     values = {(0, None, "none"): [40.0, 42.0, 38.0], (1, None, "true"): [45.0, 44.0, 46.5]}
     values |= {(3, float(g), "true"): [40.5, 41.5, 38.5] for g in range(1, 6)}
     table = ablation.table(rows(values))
     line = next(row for row in table.splitlines() if row.startswith("| s1 true"))
     raw = float(line.split("p=")[1].split(",")[0])
-    assert raw < 0.05 and "beyond the spread" not in table.split("\n\n")[0] and "12 accuracy comparisons" in table
+    assert raw < 0.05 and "beyond the spread" not in table.split("\n\n")[0] and "18 accuracy comparisons" in table
 
 
 def test_cells_parse_and_bad_ones_are_named():

@@ -45,5 +45,8 @@ class WeightsReader(Protocol):
     def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder (stage 1): (params, registered model name, overrides)."""
 
+    def model(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+        """The whole model as saved (decoder included): (params, registered model name, overrides)."""
+
     def weights(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
         """Params of `path` as saved (tables resized) and what it says beyond them, in one read."""

@@ -407,12 +407,15 @@ class TrainTransform:
 class EvalTransform:
     """Resize (short side) + center crop, torchvision's eval pipeline (normalised per batch).
 
-    Returns {'image': uint8 [S, S, 3]}. `crop_pct` 0.875 gives MAE's 256 -> 224.
+    Returns {'image': uint8 [S, S, 3]}. `crop_pct` 0.875 gives MAE's 256 -> 224. With
+    `patch_size`, also 'part_labels' int32 [L]: the part map warped as the image was (the
+    crop's window in the image's pixels), one label per patch (all -1 without a map).
     """
 
     img_size: int = 224
     crop_pct: float = 0.875
     interpolation: Interpolation = "bicubic"
+    patch_size: int | None = None
 
     @property
     def resize_size(self) -> int:
@@ -421,9 +424,17 @@ class EvalTransform:
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         del seed  # deterministic
         image = decode_full(raw)
-        shape = tf.shape(image)
-        image = resize(image, torchvision_resize_size(shape[0], shape[1], self.resize_size), self.interpolation)
-        return {"image": tf.ensure_shape(center_crop(image, self.img_size), [self.img_size, self.img_size, 3])}
+        size = tf.shape(image)[:2]
+        resized = torchvision_resize_size(size[0], size[1], self.resize_size)
+        image = resize(image, resized, self.interpolation)
+        out = {"image": tf.ensure_shape(center_crop(image, self.img_size), [self.img_size, self.img_size, 3])}
+        if self.patch_size:
+            corner = tf.round(tf.cast(resized - self.img_size, tf.float64) / 2.0)  # center_crop's
+            scale = tf.cast(size, tf.float64) / tf.cast(resized, tf.float64)  # resized pixel -> image pixels
+            window = tf.concat([corner * scale, self.img_size * scale], axis=0)
+            out["part_labels"] = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size,
+                                                    tf.constant(False))
+        return out
 
 
 Transform = TrainTransform | EvalTransform
