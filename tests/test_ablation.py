@@ -1,4 +1,4 @@
-"""bench/ablation.py end to end on the smallest budget, the table's rule, and the grown demo data."""
+"""experiments/ablation.py end to end on the smallest budget, the table's rule, and the grown demo data."""
 
 import json
 import math
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_harness(out: Path) -> str:
-    command = [sys.executable, "bench/ablation.py", "--quick", "--out", str(out), "--cells", "0,3:2:learned",
+    command = [sys.executable, "experiments/ablation.py", "--quick", "--out", str(out), "--cells", "0,3:2:learned",
                "--num_images", "64", "--classes", "4"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the jobs see 1 device, as a user's
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -5,7 +5,7 @@ README.md and every docs/*.md page are read as GitHub renders them:
   and its `#anchor` a heading of that page (GitHub's slugs: lower case, punctuation dropped,
   spaces to hyphens, repeats numbered -1, -2, ...);
 * every `python main.py ...` (also as `python -m semmae_jax ...` or the installed `semmae ...`),
-  `python -m convert ...` and `python bench/NAME.py ...` in a code block or a code span is handed to that command's own entry (`semmae_jax.cli.main`, which
+  `python -m convert ...`, `python bench/NAME.py ...` and `python experiments/NAME.py ...` in a code block or a code span is handed to that command's own entry (`semmae_jax.cli.main`, which
   dispatches through `cli.COMMANDS`; `convert.cli.main`; the bench script's `main(argv)`),
   whose argparse parser reads it and is then stopped: nothing runs. A command added to
   `cli.COMMANDS` is covered without touching this file. The contract this relies on: a
@@ -111,7 +111,7 @@ def shell_lines(text: str) -> Iterator[str]:
 
 def quoted_commands(text: str) -> list[tuple[str, list[str]]]:
     """Every (program, argv) of `python main.py` (`python -m semmae_jax`, `semmae`), `python -m convert`
-    and `python bench/X.py`."""
+    `python bench/X.py` and `python experiments/X.py`."""
     found = []
     for line in shell_lines(text):
         found += _commands_in(line)
@@ -140,7 +140,7 @@ def _commands_in(line: str) -> list[tuple[str, list[str]]]:
             found.append(("main.py", words[1 if words[0] == "main.py" else 2 :]))
         elif words[:2] == ["-m", "convert"]:
             found.append(("convert", words[2:]))
-        elif words and re.fullmatch(r"bench/\w+\.py", words[0]):
+        elif words and re.fullmatch(r"(bench|experiments)/\w+\.py", words[0]):
             found.append((words[0], words[1:]))
     return found
 
@@ -176,7 +176,7 @@ def entry(program: str) -> Callable[[Sequence[str]], None]:
         from convert import cli as convert_cli
 
         return convert_cli.main
-    return importlib.import_module(f"bench.{Path(program).stem}").main
+    return importlib.import_module(f"{Path(program).parent.name}.{Path(program).stem}").main
 
 
 def parse_problem(program: str, argv: list[str]) -> str | None:

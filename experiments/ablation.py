@@ -1,7 +1,7 @@
 """Does semantic masking help? SemMAE's masking ablation, run as a user would run the jobs.
 
-    python bench/ablation.py --out DIR                 # the measured table (docs/ablation.md)
-    python bench/ablation.py --quick --out DIR         # end to end in minutes (1 seed, 3 cells, tiny budget)
+    python experiments/ablation.py --out DIR                 # the measured table (docs/ablation.md)
+    python experiments/ablation.py --quick --out DIR         # end to end in minutes (1 seed, 3 cells, tiny budget)
 
 Per cell (a masking strategy: `--setting` 0 random, 1 intra-part, 2 inter-part, 3 adaptive with
 `--gamma`; part maps `true` from the dataset or `learned` by stage 1) and per seed, one run is
@@ -393,7 +393,7 @@ def report(plan: Plan, results: Sequence[dict]) -> None:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python bench/ablation.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python experiments/ablation.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder (resumed when it holds a run already)")
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny models and a 2-step budget: end to end")
     parser.add_argument("--cells", default=None, help=f"comma-separated cells (default {DEFAULT_CELLS}; --quick: {QUICK_CELLS})")
