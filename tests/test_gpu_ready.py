@@ -1,5 +1,5 @@
 """What a GPU image without TensorFlow needs: the model, masking, sharding, state and step
-modules import without it, and the default XLA GPU flags are added only where they apply and
+modules, and the jobs' recipes that `bench/gpu.py` builds its steps from, import without it, and the default XLA GPU flags are added only where they apply and
 never over the user's own."""
 
 import os
@@ -12,7 +12,9 @@ from semmae_jax.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags, gpu_expec
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_MODULES = ("semmae_jax.models", "semmae_jax.masking", "semmae_jax.sharding", "semmae_jax.train.state",
-                "semmae_jax.train.steps", "semmae_jax.train.optim", "semmae_jax.distributed")
+                "semmae_jax.train.steps", "semmae_jax.train.optim", "semmae_jax.distributed",
+                # the jobs' recipes, which bench/gpu.py times (the input pipeline is imported inside `run`)
+                "semmae_jax.train.run", "semmae_jax.train.pretrain", "semmae_jax.train.finetune", "bench.gpu_jax")
 LHS = "--xla_gpu_enable_latency_hiding_scheduler"
 
 
