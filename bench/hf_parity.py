@@ -4,7 +4,7 @@
 
 Each row is a `save_pretrained` directory of the hub's shapes and configs
 (`facebook/vit-mae-base`, `google/vit-base-patch16-224(-in21k)`: eps 1e-12, exact GELU),
-with random weights of a real scale (`convert.references.randomize_`: perturbed norms and
+with random weights of a real scale (`tests/torch_helpers.randomize_`: perturbed norms and
 biases), checked by `main.py parity --checkpoint DIR` exactly as a user runs it: transformers'
 own class loaded by `from_pretrained` from DIR against the JAX model, on one seeded random
 batch, float32, CPU. Prints the markdown table.
@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from convert import cli, parity, references  # noqa: E402  (before TensorFlow: see convert.references)
+from convert import cli, parity  # noqa: E402  (before TensorFlow: see convert.references)
+from tests.torch_helpers import random_hf  # noqa: E402  (random weights of a real scale, as the tests use)
 
 # name -> (class, config fields beyond the hub's defaults, extra parity flags, round trip through to-flax + to-hf)
 ROWS = {
@@ -40,7 +41,7 @@ SHOWN = {"max abs diff": ("max |pred diff|", "max |feature diff|", "max |logit d
 def measure(name: str, batch_size: int, scratch: Path) -> dict[str, str]:
     hf_class, fields, flags, round_trip = ROWS[name]
     directory = scratch / "hub"
-    references.random_hf(hf_class, **fields).save_pretrained(directory)  # the hub's B/16 config
+    random_hf(hf_class, **fields).save_pretrained(directory)  # the hub's B/16 config
     if round_trip:
         cli.main(["to-flax", str(directory), str(scratch / "flax")])
         cli.main(["to-hf", str(scratch / "flax"), str(scratch / "back")])

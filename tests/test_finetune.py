@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from torch_helpers import randomize_
 from torchvision import transforms
 
 from convert.arch import full_config
-from convert.references import randomize_, timm_classifier
+from convert.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main

@@ -16,9 +16,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from torch_helpers import randomize_
 
 from convert.arch import full_config
-from convert.references import randomize_, timm_classifier
+from convert.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main

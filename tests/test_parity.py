@@ -1,6 +1,6 @@
 """Converted weights compute what PyTorch computes: timm for classifiers, transformers for MAE.
 
-Every reference gets random weights of a real scale (`references.randomize_`: no zero
+Every reference gets random weights of a real scale (`randomize_`: no zero
 biases, no unit LayerNorm scales, logits of order 1-10), so a wrong path cannot hide.
 Both sides run in float32 (`jax.default_matmul_precision('float32')`) on a batch of 2.
 The last tests drive `python main.py parity` itself on small models.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_helpers import images, masking_noise, nchw, numpy_state_dict, pth_layout, run_jax
+from torch_helpers import images, masking_noise, nchw, numpy_state_dict, pth_layout, randomize_, run_jax
 
 import semmae_jax.data
 from convert import parity, references, torch_to_flax
@@ -28,7 +28,7 @@ LOSS_RTOL = 1e-5
 @pytest.mark.parametrize("name", ["vit_base_patch16", "vit_base_patch8"])
 def test_classifier_logits_match_timm(name, global_pool):
     config = full_config(name, global_pool=global_pool)
-    reference = references.randomize_(references.timm_classifier(config), seed=0)
+    reference = randomize_(references.timm_classifier(config), seed=0)
     params, inferred, overrides = torch_to_flax(numpy_state_dict(reference))
     assert (inferred, overrides) == (name, {} if global_pool else {"global_pool": False})
     x = images(config)
@@ -44,7 +44,7 @@ def test_layer_norm_eps_is_1e6_where_it_matters():
     the embeddings so the first LayerNorm sees variance ~1e-6, and eps (MAE's 1e-6, timm's
     default 1e-5) decides the logits: JAX must agree with eps 1e-6, and visibly not 1e-5."""
     config = full_config("vit_test_patch4", global_pool=False)
-    reference = references.randomize_(references.timm_classifier(config), seed=4)
+    reference = randomize_(references.timm_classifier(config), seed=4)
     with torch.no_grad():
         for name in ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"):
             reference.get_parameter(name).mul_(1e-3)
@@ -68,7 +68,7 @@ def test_layer_norm_eps_is_1e6_where_it_matters():
 def mae_base(tmp_path_factory):
     """A transformers MAE of `mae_vit_base_patch16`'s shape and its weights in the `.pth` layout."""
     config = full_config("mae_vit_base_patch16")
-    reference = references.randomize_(references.hf_mae(config), seed=1)
+    reference = randomize_(references.hf_mae(config), seed=1)
     return reference, pth_layout(reference, tmp_path_factory.mktemp("mae_base")), config
 
 
@@ -92,7 +92,7 @@ def test_encoder_only_features_match_vitmae_model(tmp_path):
     """An encoder-only file: MAE's masked `forward_encoder` and the unmasked feature extractor
     it converts to both equal transformers' `ViTMAEModel`."""
     config = full_config("mae_vit_base_patch16")
-    reference = references.randomize_(references.hf_mae(config, encoder_only=True), seed=2)
+    reference = randomize_(references.hf_mae(config, encoder_only=True), seed=2)
     params, name, overrides = torch_to_flax(pth_layout(reference, tmp_path))
     assert (name, overrides) == ("vit_base_patch16", {"num_classes": 0, "global_pool": False})
     x, noise = images(config), masking_noise(config)
@@ -125,11 +125,11 @@ def small_checkpoints(tmp_path) -> dict[str, str]:
         "cls": {"global_pool": False},
         "encoder": {"num_classes": 0, "global_pool": False},
     }.items():
-        timm_model = references.randomize_(
+        timm_model = randomize_(
             references.timm_classifier(full_config("vit_test_patch4", **overrides)), seed=3
         )
         files[layout] = numpy_state_dict(timm_model)
-    hf = references.randomize_(references.hf_mae(full_config("mae_vit_test_patch4")), seed=3)
+    hf = randomize_(references.hf_mae(full_config("mae_vit_test_patch4")), seed=3)
     files["mae"] = pth_layout(hf, tmp_path / "hf_mae")
     for layout, state_dict in files.items():
         save_torch_checkpoint(tmp_path / f"{layout}.pth", state_dict)

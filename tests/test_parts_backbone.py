@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from torch_helpers import randomize_
 
 from convert import references, torch_to_flax
 from convert.arch import Architecture, full_config
@@ -49,7 +50,7 @@ def features(path) -> tuple:
 
 def test_features_equal_timm_forward_features_for_dino_layout_weights(tmp_path):
     """cls + patch tokens after the final norm, and the last block's cls attention, as timm computes them."""
-    reference = references.randomize_(references.timm_classifier(full_config("vit_test_patch4", **ENCODER.overrides)), 0)
+    reference = randomize_(references.timm_classifier(full_config("vit_test_patch4", **ENCODER.overrides)), 0)
     reference.blocks[-1].attn.fused_attn = False  # so that the attention weights pass through attn_drop
     captured = {}
     reference.blocks[-1].attn.attn_drop.register_forward_hook(lambda m, inputs, out: captured.update(attn=out))

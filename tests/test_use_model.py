@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch_helpers import randomize_
 
 from convert.arch import full_config
 from convert.reader import ConverterReader
-from convert.references import randomize_, timm_classifier
+from convert.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import visualize
 from semmae_jax.cli import main as cli_main

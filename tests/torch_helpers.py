@@ -7,12 +7,13 @@ import functools
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import torch
+import transformers
 
-from convert import references
 from convert.hf_files import read_hf
 from convert.safe_load import tensor_to_numpy
 
@@ -59,9 +60,9 @@ def assert_same_bits(a: dict, b: dict) -> None:
 
 def tiny_hf(hf_class: str, *, seed: int = 0, **config) -> torch.nn.Module:
     """A transformers `hf_class` of the test models' shapes with random weights of a real scale
-    (`references.randomize_`: perturbed LayerNorm scales and biases, random tables and tokens)."""
+    (`randomize_`: perturbed LayerNorm scales and biases, random tables and tokens)."""
     shapes = {**TINY_ENCODER, **(TINY_DECODER if hf_class.startswith("ViTMAE") else {"num_labels": 10})}
-    return references.random_hf(hf_class, seed, **{**shapes, **config})
+    return random_hf(hf_class, seed, **{**shapes, **config})
 
 
 def pth_layout(module: torch.nn.Module, directory) -> OrderedDict[str, np.ndarray]:
@@ -85,3 +86,41 @@ def payloads(marker: Path) -> dict[str, Payload]:
         "os.system": Payload(os.system, f"touch {marker}"),
         "exec": Payload(exec, f"open({str(marker)!r}, 'w').close()"),
     }
+
+
+def random_hf(hf_class: str, seed: int = 0, **config: Any) -> torch.nn.Module:
+    """transformers' `hf_class` (`ViTMAEForPreTraining`, `ViTModel`, ...) with the hub's default
+    config but for `config`, and random weights of a real scale (`randomize_`)."""
+    config_class = transformers.ViTMAEConfig if hf_class.startswith("ViTMAE") else transformers.ViTConfig
+    return randomize_(getattr(transformers, hf_class)(config_class(**config)).eval(), seed)
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights with non-trivial norms everywhere, for parity checks.
+
+    Freshly initialised models hide errors: zero biases, unit LayerNorm scales and a head
+    at std 2e-5 make wrong paths invisible. Here Linear / conv weights are N(0, 1 / fan_in)
+    (activations keep their scale through depth), biases N(0, 0.2^2), LayerNorm scales
+    1 + N(0, 0.2^2), tokens and position tables N(0, 0.5^2).
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal_(param: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        param.normal_(mean, std, generator=gen)
+
+    done = set()
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.LayerNorm):
+            normal_(sub.weight, 0.2, mean=1.0)
+        elif isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+            normal_(sub.weight, sub.weight[0].numel() ** -0.5)
+        else:
+            continue
+        if sub.bias is not None:  # `qkv_bias=False` models have none on q, k, v
+            normal_(sub.bias, 0.2)
+        done |= {id(sub.weight), id(sub.bias)}
+    for param in module.parameters():
+        if id(param) not in done:
+            normal_(param, 0.5)
+    return module
