@@ -18,9 +18,10 @@ from semmae_jax.storage import PathLike, output_path
 from semmae_jax.visualize import save_png
 
 
-def epoch_lines(output_dir: str | Path) -> list[dict[str, Any]]:
+def epoch_lines(output_dir: PathLike) -> list[dict[str, Any]]:
     """The epoch records of a run's `log.txt`, in order (its goodput records, which have no epoch, left out)."""
-    lines = (json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines() if line.strip())
+    text = (output_path(output_dir) / "log.txt").read_text()
+    lines = (json.loads(line) for line in text.splitlines() if line.strip())
     return [line for line in lines if "epoch" in line]
 
 

@@ -126,7 +126,7 @@ def test_a_short_finetune_learns_the_demo_classes_and_keeps_its_best_across_a_re
     cli_main(["finetune", *TINY, "--epochs", "6", "--batch_size", "4", "--warmup_epochs", "1", "--blr", "10",
               "--aa", "none", "--reprob", "0", "--smoothing", "0", "--drop_path", "0", "--log_every", "8",
               "--data_path", str(demo_root), "--output_dir", str(out)])
-    later = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()][len(lines):]
+    later = epoch_lines(out)[len(lines):]
     assert [line["epoch"] for line in later] == [4, 5] and all(line["test_acc1"] < best["test_acc1"] for line in later)
     _, meta = checkpoint.load_params(out / "best")
     assert (meta["epoch"], meta["test_acc1"]) == (best["epoch"], best["test_acc1"])

@@ -116,7 +116,7 @@ class FakeStep:
 def test_step_time_includes_input_wait_and_leaves_out_compilation_and_saves(tmp_path):
     clock = FakeClock()
     watch = Stopwatch(clock)
-    instruments = Instruments(RunLog(tmp_path), 16, 1e9, 0.5, Profile(None, tmp_path, True), watch)
+    instruments = Instruments(RunLog(tmp_path), 16, 1e9, 0.5, Profile(None, str(tmp_path), True), watch)
 
     def batches():
         while True:
@@ -136,7 +136,7 @@ def test_step_time_includes_input_wait_and_leaves_out_compilation_and_saves(tmp_
     seconds = watch.seconds()
     assert (seconds["compile"], seconds["save"], seconds["steps"], seconds["input_wait"]) == pytest.approx(
         (7.0, 5.0, 1.2, 0.4))
-    assert "mfu" not in Instruments(RunLog(tmp_path), 16, 1e9, None, Profile(None, tmp_path, True)).window(0)
+    assert "mfu" not in Instruments(RunLog(tmp_path), 16, 1e9, None, Profile(None, str(tmp_path), True)).window(0)
 
 
 @pytest.mark.parametrize("sleep", [0.0, 0.05])
@@ -155,7 +155,7 @@ def test_input_wait_is_near_zero_from_memory_and_grows_when_the_input_sleeps(tmp
                 time.sleep(sleep)
             yield batch
 
-    instruments = Instruments(RunLog(tmp_path), 256, None, None, Profile(None, tmp_path, True))
+    instruments = Instruments(RunLog(tmp_path), 256, None, None, Profile(None, str(tmp_path), True))
     batches, state = source(), jnp.eye(256)
     state, _ = instruments.step(step, state, instruments.next_batch(batches), 0)  # compiled here
     jax.block_until_ready(state)

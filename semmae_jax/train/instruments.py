@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -80,7 +79,7 @@ class Stopwatch:
 class Profile:
     """A `jax.profiler` trace of steps A..B-1 (0-based; "after step A up to step B" as the logs count)."""
 
-    def __init__(self, steps: tuple[int, int] | None, directory: Path, enabled: bool) -> None:
+    def __init__(self, steps: tuple[int, int] | None, directory: str, enabled: bool) -> None:
         self.steps, self.directory = (steps if enabled else None), directory
         self.active = False
 
@@ -91,7 +90,7 @@ class Profile:
         return self.active and step + 1 >= self.steps[1]
 
     def start(self) -> None:
-        jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+        jax.profiler.start_trace(self.directory, create_perfetto_trace=True)  # local or gs://
         self.active = True
 
     def stop(self) -> None:
@@ -132,7 +131,7 @@ class Instruments:
                 watch: Stopwatch) -> Instruments:
         """From the run flags (`--profile_steps`, `--profile_all_processes`, `--peak_tflops`)."""
         peak = config.peak_tflops or flops.peak_tflops(jax.devices()[0].device_kind)
-        profile = Profile(config.profile_range, Path(config.log_dir or config.output_dir),
+        profile = Profile(config.profile_range, str(config.log_dir or config.output_dir),
                           is_primary() or config.profile_all_processes)
         return cls(log, images_per_step, flops_per_image, peak, profile, watch)
 

@@ -183,7 +183,8 @@ class Trainer:
                     self._save(state, stats)
             if preempted:
                 bar.close()
-                self.checkpoints.wait()
+                with self.instruments.phase("save"):
+                    self.checkpoints.wait()
                 self.log.print(f"preemption notice: saved a checkpoint at step {done} in {self.checkpoints.directory} "
                                "(every process at this step); stopping")
                 return state, True
