@@ -6,8 +6,9 @@ comes from one stopwatch that is always in exactly one phase of the run:
     startup (restore) ... first batch (input wait), compile -> steps (input wait, save, eval) ...
 
 From the first step on, the loop's own time is productive steps (dispatch, and the host
-syncs that wait for the device) unless it waits for input, saves or evaluates; so the parts of the goodput record add up to the wall time by construction, and a logging
-window's figures are differences of the same clock:
+syncs that wait for the device) unless it waits for input, saves or evaluates. So the parts
+of the goodput record add up to the wall time by construction, and a logging window's
+figures are differences of the same clock:
 
 * step time = (time in steps + time waiting for input) / steps of the window: the wall time
   of a step as the run sees it (compilation, checkpoint saves and evaluation left out);
