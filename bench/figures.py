@@ -34,6 +34,7 @@ def _pyplot() -> Any:
 def loss_figure(log: Path, out: Path) -> None:
     """Epoch loss (left axis) and alpha (right axis) of a `log.txt`."""
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "epoch" in r]  # the goodput records (one per part of the run) have none
     epochs = [r["epoch"] + 1 for r in rows]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3), dpi=100)

@@ -26,10 +26,11 @@ RESOURCE_EXHAUSTED is retried in a new process at half the batch). Rows compared
 (remat, masking, flags) use that row's batch. Times are of `--steps` steps dispatched back to
 back after 2 untimed warm-up steps; compile time (lower + compile, per row) is apart.
 
-Model FLOPs are counted analytically, once, for both frameworks (`train_flops`): matrix
-products only, 2 per multiply-add, forward x 3 for forward + backward; the remat row is
-charged the same model FLOPs (MFU, not hardware utilisation). MFU = model FLOP/s over the
-matmul ceiling measured in the same run, and over 989 TFLOP/s (the H100/H200 bf16 datasheet).
+Model FLOPs are counted analytically, once, for both frameworks, by the counter the training
+jobs' logs use (`semmae_jax.flops`): matrix products only, 2 per multiply-add, forward x 3 for
+forward + backward; the remat row is charged the same model FLOPs (MFU, not hardware
+utilisation). MFU is computed as a job's log computes it (`flops.mfu`, over the device kind's
+bf16 datasheet peak from `flops.PEAKS`), and also over the matmul ceiling measured in the same run.
 """
 
 from __future__ import annotations
@@ -53,16 +54,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from semmae_jax.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags  # noqa: E402 (after the path)
+from semmae_jax import flops  # noqa: E402 (after the path)
+from semmae_jax.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags  # noqa: E402
 
-DATASHEET_TFLOPS = 989.0
 L16, B16, B8, H14 = "mae_vit_large_patch16", "mae_vit_base_patch16", "mae_vit_base_patch8", "mae_vit_huge_patch14"
 # The defaults switched off, for the row that measures them (they are all boolean switches).
 WITHOUT_DEFAULT_FLAGS = " ".join(flag.split("=")[0] + "=false" for flag in GPU_XLA_FLAGS)
-FLOPS_NOTE = ("model FLOPs per image = 3 x forward matmul FLOPs (2 per multiply-add): per block "
-              "(8 + 4 mlp_ratio) n d^2 + 4 n^2 d for n tokens of width d; MAE encoder n = 1 + int(L (1 - 0.75)), "
-              "decoder n = 1 + L, plus patch embedding 2 L p^2 C d, decoder embed and pixel head; "
-              "the classifier n = 1 + L plus a 1000-class head; optimizer, norms, softmax not counted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,32 +126,6 @@ def plan() -> list[Row]:
         Row(compiled, "torch", L16, compile=True, batch_of="pretrain ViT-L/16 xla", vs=("torch ViT-L/16",)),
     ]
     return rows + pretrain_rows("ViT-H/14", H14, 0)
-
-
-# ---------------------------------------------------------------- FLOPs
-
-
-def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
-    """Forward matmul FLOPs of one block: qkv 6nd^2, scores and weighted sum 4n^2d, proj 2nd^2, MLP 4r nd^2."""
-    return (8 + 4 * mlp_ratio) * tokens * width**2 + 4 * tokens**2 * width
-
-
-def train_flops(model_name: str, mask_ratio: float = 0.75) -> float:
-    """Model FLOPs of one image's training step (forward + backward = 3 x forward), see FLOPS_NOTE."""
-    from semmae_jax.models import create_model
-
-    m = create_model(model_name)
-    patches, pixels = (m.img_size // m.patch_size) ** 2, m.patch_size**2 * m.in_chans
-    forward = 2 * patches * pixels * m.embed_dim
-    if hasattr(m, "decoder_depth"):
-        encoder, decoder = 1 + int(patches * (1 - mask_ratio)), 1 + patches
-        forward += m.depth * block_flops(encoder, m.embed_dim, m.mlp_ratio)
-        forward += 2 * encoder * m.embed_dim * m.decoder_embed_dim
-        forward += m.decoder_depth * block_flops(decoder, m.decoder_embed_dim, m.mlp_ratio)
-        forward += 2 * decoder * m.decoder_embed_dim * pixels
-    else:
-        forward += m.depth * block_flops(1 + patches, m.embed_dim, m.mlp_ratio) + 2 * m.embed_dim * m.num_classes
-    return 3.0 * forward
 
 
 # ---------------------------------------------------------------- one row (child process)
@@ -324,16 +295,19 @@ class Suite:
         self.skipped = [row.name for group in pending for row in group if row.name not in self.results]
 
     def derived(self, name: str, result: dict[str, Any]) -> dict[str, Any]:
-        """Model FLOP/s, MFU against the measured ceiling and the datasheet, and the ratios of `vs`."""
+        """Model FLOP/s, MFU (as a job's log computes it) and against the measured ceiling, the ratios of `vs`."""
         if "images_per_s" not in result:
             return {}
-        peak = self.results.get("ceilings", {}).get("matmul_tflops")
-        flops = train_flops_cached(result["model_run"])
-        tflops = flops * result["images_per_s"] / 1e12
+        ceilings = self.results.get("ceilings", {})
+        measured, datasheet = ceilings.get("matmul_tflops"), flops.peak_tflops(ceilings.get("device_kind", ""))
+        per_image = train_flops_cached(result["model_run"])
+        step_s, step_flops = result["ms_per_step"] / 1000, per_image * result["batch"]
+        tflops = step_flops / step_s / 1e12
         ratios = {other: result["images_per_s"] / self.results[other]["images_per_s"]
                   for other in self.rows[name].vs if "images_per_s" in self.results.get(other, {})}
-        return {"train_gflop_per_image": flops / 1e9, "model_tflops": tflops,
-                "mfu_vs_measured": tflops / peak if peak else None, "mfu_vs_989": tflops / DATASHEET_TFLOPS,
+        return {"train_gflop_per_image": per_image / 1e9, "model_tflops": tflops, "peak_tflops": datasheet,
+                "mfu": flops.mfu(step_flops, step_s, datasheet, 1) if datasheet else None,
+                "mfu_vs_measured": flops.mfu(step_flops, step_s, measured, 1) if measured else None,
                 "ratios": ratios}
 
     def report(self) -> dict[str, Any]:
@@ -341,8 +315,8 @@ class Suite:
                 for name, result in sorted(self.results.items(), key=lambda kv: list(self.rows).index(kv[0]))]
         return {"suite": "bench/gpu.py", "argv": sys.argv[1:], "smoke": self.settings.smoke,
                 "budget_s": self.args.budget_s, "elapsed_s": time.monotonic() - self.start,
-                "cache_dir": self.args.cache_dir, "default_xla_gpu_flags": list(GPU_XLA_FLAGS), "flops": FLOPS_NOTE,
-                "datasheet_tflops": DATASHEET_TFLOPS, "rows": rows, "skipped": self.skipped}
+                "cache_dir": self.args.cache_dir, "default_xla_gpu_flags": list(GPU_XLA_FLAGS), "flops": flops.FLOPS_NOTE,
+                "rows": rows, "skipped": self.skipped}
 
     def write(self) -> None:
         out = Path(self.args.out)
@@ -352,7 +326,9 @@ class Suite:
 
 @functools.cache
 def train_flops_cached(model_name: str) -> float:
-    return train_flops(model_name)
+    from semmae_jax.models import create_model
+
+    return flops.train_flops(create_model(model_name))
 
 
 def row_line(name: str, r: dict[str, Any]) -> str:
@@ -370,7 +346,7 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print("\n| row | model run | batch | img/s | ms/step | model TFLOP/s | MFU (measured peak) | MFU (989) "
+    print("\n| row | model run | batch | img/s | ms/step | model TFLOP/s | MFU (datasheet) | MFU (measured peak) "
           "| peak GiB | compile s | images/s ratios |")
     print("|---" * 11 + "|")
     for r in report["rows"]:
@@ -380,7 +356,7 @@ def print_table(report: dict[str, Any]) -> None:
             continue
         ratios = ", ".join(f"{v:.2f}x {k}" for k, v in r["ratios"].items())
         print(f"| {r['name']} | {r['model_run']} | {r['batch']} | {r['images_per_s']:.1f} | {r['ms_per_step']:.1f} "
-              f"| {r['model_tflops']:.1f} | {fmt(r['mfu_vs_measured'], '.1%')} | {r['mfu_vs_989']:.1%} "
+              f"| {r['model_tflops']:.1f} | {fmt(r['mfu'], '.1%')} | {fmt(r['mfu_vs_measured'], '.1%')} "
               f"| {fmt(r['peak_gib'], '.2f')} | {r['compile_s']:.1f} | {ratios} |")
     if report["skipped"]:
         print(f"\nskipped (budget of {report['budget_s']:.0f} s spent): " + "; ".join(report["skipped"]))

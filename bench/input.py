@@ -43,6 +43,7 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 from torchvision.datasets import ImageFolder
 
+from semmae_jax import flops
 from semmae_jax.data import packed
 from semmae_jax.data.datasets import open_source
 from semmae_jax.data.part_maps import NO_PART, part_map_path, read_part_map, write_part_map
@@ -59,7 +60,7 @@ from semmae_jax.data.transforms import (
     resize,
     warped_part_labels,
 )
-from semmae_jax.models.registry import model_config
+from semmae_jax.models import create_model
 
 SIZE, PATCH = 224, 16
 SCALE = (0.2, 1.0)
@@ -184,44 +185,20 @@ def compare(root: Path, packed_root: Path, args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------- cores per GPU
 
-GPU_PEAK_FLOPS = 989e12  # H100 / H200 dense bf16
+GPU = "NVIDIA H100"  # the peak of `semmae_jax.flops.PEAKS` the cores are counted for
 MFU = 0.40
-
-
-def mae_train_flops(name: str, img_size: int = SIZE, mask_ratio: float = 0.75) -> float:
-    """FLOPs of one MAE training image: 3 x the forward's matmuls (2 per multiply-add), from the model's shape.
-
-    Encoder on the kept patches + cls, decoder on every patch + cls; per block 12 d^2
-    multiply-adds per token (qkv, projection, MLP x4) and 2 n d for attention.
-    """
-    config = model_config(name)
-    patches = (img_size // config["patch_size"]) ** 2
-    kept = int(patches * (1 - mask_ratio)) + 1
-    d, e = config["embed_dim"], config["decoder_embed_dim"]
-
-    def blocks(depth: int, tokens: int, width: int) -> float:
-        return depth * (12 * tokens * width**2 + 2 * tokens**2 * width)
-
-    pixels = config["patch_size"] ** 2 * 3
-    forward = (
-        (kept - 1) * pixels * d  # patch embedding
-        + blocks(config["depth"], kept, d)
-        + kept * d * e  # decoder embedding
-        + blocks(config["decoder_depth"], patches + 1, e)
-        + patches * e * pixels  # pixel prediction
-    )
-    return 3 * 2 * forward
 
 
 def cores_per_gpu(cpu_ms: dict[str, float]) -> None:
     """Cores one GPU needs at 40 % MFU, from each pipeline's CPU ms per image (1000 / ms images/s per busy core:
     steadier on a shared machine than images/s)."""
-    print(f"cores per GPU at {MFU:.0%} MFU of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (from the FLOP count):")
+    peak = flops.peak_tflops(GPU) * 1e12
+    print(f"cores per GPU at {MFU:.0%} MFU of {peak / 1e12:.0f} TFLOP/s ({GPU}; from the FLOP count):")
     for name in ("mae_vit_base_patch16", "mae_vit_large_patch16"):
-        flops = mae_train_flops(name)
-        rate = MFU * GPU_PEAK_FLOPS / flops
+        per_image = flops.train_flops(create_model(name, img_size=SIZE))
+        rate = MFU * peak / per_image
         needs = ", ".join(f"{pipeline} {rate * ms / 1000:.1f}" for pipeline, ms in cpu_ms.items())
-        print(f"  {name}: {flops / 1e9:.1f} GFLOP/image -> {rate:.0f} images/s; cores: {needs}")
+        print(f"  {name}: {per_image / 1e9:.1f} GFLOP/image -> {rate:.0f} images/s; cores: {needs}")
 
 
 # ------------------------------------------------------------------------ profile

@@ -18,8 +18,16 @@ from semmae_jax.storage import PathLike, output_path
 from semmae_jax.visualize import save_png
 
 
+def epoch_lines(output_dir: PathLike) -> list[dict[str, Any]]:
+    """The epoch records of a run's `log.txt`, in order (its goodput records, which have no epoch, left out)."""
+    text = (output_path(output_dir) / "log.txt").read_text()
+    lines = (json.loads(line) for line in text.splitlines() if line.strip())
+    return [line for line in lines if "epoch" in line]
+
+
 class RunLog:
-    """`log.txt` in `output_dir` (one JSON object per epoch) and TensorBoard in `log_dir`."""
+    """`log.txt` in `output_dir` (one JSON object per epoch, and a goodput record at the end of each
+    process's part of the run) and TensorBoard in `log_dir`."""
 
     def __init__(self, output_dir: PathLike, log_dir: PathLike | None = None) -> None:
         self.enabled = is_primary()

@@ -16,6 +16,7 @@ import pytest
 
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
+from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.run_lock import LOCK_NAME
 
 pytestmark = pytest.mark.usefixtures("demo_root")
@@ -32,7 +33,7 @@ def steps(out: Path) -> list[int]:
 
 
 def lines(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    return epoch_lines(out)
 
 
 def all_finite(tree) -> bool:

@@ -21,7 +21,7 @@ def test_memory_rows_read_every_row_of_the_benchmarks_table() -> None:
 def test_loss_and_memory_figures_are_pngs(tmp_path: Path) -> None:
     log = tmp_path / "log.txt"
     log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1.0 / (e + 1), "train_alpha": e / 3}) + "\n"
-                           for e in range(3)))
+                           for e in range(3)) + json.dumps({"goodput": {"wall_s": 9.0}, "step": 3}) + "\n")
     table = tmp_path / "t.md"
     table.write_text("| ViT-B/16 MAE | 8 | 1.54 / 84.86 | 0.45 / 83.77 |\n| ViT-B/16 MAE | 64 | 1.28 / 11.72 | 0.06 / 10.49 |\n")
     figures.main(["loss", "--log", str(log), "--out", str(tmp_path / "loss.png")])

@@ -21,6 +21,7 @@ from convert.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
+from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model
 from semmae_jax.train.state import merge_pretrained
 
@@ -116,7 +117,7 @@ def test_a_short_finetune_learns_the_demo_classes_and_keeps_its_best_across_a_re
     cli_main(["finetune", *TINY, "--epochs", "4", "--batch_size", "4", "--warmup_epochs", "1", "--blr", "2e-2",
               "--aa", "none", "--reprob", "0", "--smoothing", "0", "--drop_path", "0", "--log_every", "8",
               "--data_path", str(demo_root), "--output_dir", str(out)])
-    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    lines = epoch_lines(out)
     assert lines[-1]["test_acc1"] > 45.0  # 4 balanced classes: chance is 25%
     best = max(lines, key=lambda line: line["test_acc1"])
     _, meta = checkpoint.load_params(out / "best")
@@ -126,7 +127,7 @@ def test_a_short_finetune_learns_the_demo_classes_and_keeps_its_best_across_a_re
     cli_main(["finetune", *TINY, "--epochs", "6", "--batch_size", "4", "--warmup_epochs", "1", "--blr", "10",
               "--aa", "none", "--reprob", "0", "--smoothing", "0", "--drop_path", "0", "--log_every", "8",
               "--data_path", str(demo_root), "--output_dir", str(out)])
-    later = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()][len(lines):]
+    later = epoch_lines(out)[len(lines):]
     assert [line["epoch"] for line in later] == [4, 5] and all(line["test_acc1"] < best["test_acc1"] for line in later)
     _, meta = checkpoint.load_params(out / "best")
     assert (meta["epoch"], meta["test_acc1"]) == (best["epoch"], best["test_acc1"])
@@ -153,7 +154,7 @@ def test_finetune_with_the_full_recipe_and_a_pretrained_encoder_runs(demo_root, 
     assert 0 < moved["blocks_1"] < 0.05 * init_gap  # started from the pretrained encoder, then trained
     np.testing.assert_allclose(moved["blocks_0"] / moved["blocks_1"], 0.5, rtol=0.2)  # layer decay 0.5 per block
     assert "head" in tuned and "head" not in pretrained and np.abs(tuned["head"]["kernel"]).max() < 0.05
-    line = json.loads((tmp_path / "ft" / "log.txt").read_text().splitlines()[-1])
+    line = epoch_lines(tmp_path / "ft")[-1]
     assert np.isfinite(line["train_loss"]) and 0.0 <= line["test_acc1"] <= 100.0
 
 
@@ -166,7 +167,7 @@ def test_linear_probe_trains_only_the_head(demo_root, tmp_path, capsys):
     cli_main(["linprobe", *TINY, "--epochs", "2", "--batch_size", "4", "--warmup_epochs", "1",
               "--finetune", str(tmp_path / "encoder"), "--data_path", str(demo_root), "--output_dir",
               str(tmp_path / "probe"), "--log_every", "8"])
-    lines = [json.loads(line) for line in (tmp_path / "probe" / "log.txt").read_text().splitlines()]
+    lines = epoch_lines(tmp_path / "probe")
     assert [line["epoch"] for line in lines] == [0, 1] and "test_acc1" in lines[-1]
     head, _ = checkpoint.load_params(tmp_path / "probe" / "checkpoints")
     assert set(head) == {"head"}  # BatchNorm has no affine params; the encoder is not trained

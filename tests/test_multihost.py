@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ from convert.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
+from semmae_jax.metrics_log import epoch_lines
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
@@ -43,7 +43,7 @@ def params_of(output_dir: Path, step: int):
 
 
 def train_losses(output_dir: Path) -> list[float]:
-    return [json.loads(line)["train_loss"] for line in (output_dir / "log.txt").read_text().splitlines()]
+    return [line["train_loss"] for line in epoch_lines(output_dir)]
 
 
 @pytest.fixture(scope="module")

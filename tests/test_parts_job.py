@@ -23,6 +23,7 @@ import pytest
 from convert.reader import ConverterReader
 from semmae_jax import checkpoint
 from semmae_jax.data.part_maps import NO_PART, read_part_map
+from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model
 from semmae_jax.train import parts, parts_tools
 
@@ -64,7 +65,7 @@ def export(run_dir: Path, out: Path) -> None:
 
 
 def test_training_lowers_the_loss_and_saves_a_checkpoint_and_pictures(run_dir):
-    epochs = [json.loads(line) for line in (run_dir / "log.txt").read_text().splitlines()]
+    epochs = epoch_lines(run_dir)
     assert len(epochs) == 4 and epochs[-1]["train_loss"] < 0.8 * epochs[0]["train_loss"]
     assert {"train_pixels", "train_tokens", "train_diversity", "train_foreground"} <= set(epochs[0])
     assert (run_dir / "checkpoints" / "12").is_dir() and (run_dir / "parts_epoch0003.png").is_file()

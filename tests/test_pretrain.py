@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,6 +16,7 @@ import pytest
 
 from semmae_jax import checkpoint, sharding
 from semmae_jax.cli import main as cli_main
+from semmae_jax.metrics_log import epoch_lines
 
 pytestmark = pytest.mark.usefixtures("demo_root")
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_no_argument_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cli_main(["pretrain", "--batch_size", "8", "--epochs", "3", "--steps_per_epoch", "4", "--log_every", "2",
               "--output_dir", str(out)])
-    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    lines = epoch_lines(out)
     assert [line["epoch"] for line in lines] == [0, 1, 2]
     assert {"train_loss", "train_lr", "train_alpha", "epoch"} <= set(lines[0])
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]

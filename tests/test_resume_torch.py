@@ -8,7 +8,6 @@ The reference is torch's own `AdamW`, built with the original's parameter groups
 from __future__ import annotations
 
 import argparse
-import json
 from collections import OrderedDict
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ from convert.core import POSITION_TABLES
 from convert.optimizer import torch_adam_state
 from convert.safe_load import numpy_to_tensor, tensor_to_numpy
 from semmae_jax.cli import main as cli_main
+from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
 
@@ -164,7 +164,7 @@ def test_resume_from_an_original_checkpoint_continues_at_the_next_epoch(tmp_path
              + (["--nb_classes", "10"] if job == "finetune" else []))
     out = capsys.readouterr().out
     assert "params and AdamW state (3 updates), continuing at epoch 5 (step 10)" in out
-    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    epochs = [line["epoch"] for line in epoch_lines(tmp_path / "run")]
     assert epochs == [EPOCH + 1]
 
 

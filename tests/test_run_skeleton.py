@@ -7,7 +7,6 @@ first linear probe multiplied the lr by `accum_iter` but updated every micro-bat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import flax.linen as nn
@@ -18,6 +17,7 @@ import pytest
 
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
+from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model
 from semmae_jax.paths import flat_by_path
 
@@ -64,7 +64,7 @@ def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(jo
     # After epoch 0 (2 of the 4 warm-up updates), the lr is half the peak; the peak follows the
     # effective batch: blr x (1 per device x 8 devices x accum_iter) / 256.
     blr = float(flags[-1])
-    first = json.loads((out / "log.txt").read_text().splitlines()[0])
+    first = epoch_lines(out)[0]
     np.testing.assert_allclose(first["train_lr"], blr * 8 * ACCUM / 256 * (STEPS // ACCUM) / 4, rtol=1e-6)
     placement = (out / "param_placement.txt").read_text().splitlines()
     assert placement and all(" lr_scale=" in line or " frozen " in line for line in placement)

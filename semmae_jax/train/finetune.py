@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import sharding
+from semmae_jax import flops, sharding
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.metrics_log import RunLog
@@ -188,6 +188,9 @@ class FinetuneJob(Job):
         run.log.print(f"loaded {self.config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
                       f"  unused: {summarize(unused)}")
         return state.replace(params=params)
+
+    def flops_per_image(self, run: Run) -> float:
+        return flops.train_flops(run.model)
 
     def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
         return make_finetune_step(run.model, tx, self.config)

@@ -106,6 +106,11 @@ class RunFlags(DistributedFlags):
     max_nonfinite_steps: int = field(0, "steps with a non-finite loss or gradient skipped (not applied) before the "
                                         "run stops")
     allow_config_change: bool = field(False, "resume this run's checkpoint even with flags that change the run")
+    profile_steps: str | None = field(None, "A:B: a jax.profiler trace of the steps after step A up to step B (as the "
+                                            "logs count steps) under --log_dir, for TensorBoard's profile plugin")
+    profile_all_processes: bool = field(False, "--profile_steps traces every process (default: process 0 only)")
+    peak_tflops: float | None = field(None, "peak TFLOP/s of one device, for MFU (default: the bf16 datasheet peak of "
+                                            "a known GPU or TPU; no MFU on other devices)")
 
     def check(self) -> None:
         for name in ("save_every", "keep_checkpoints", "log_every"):
@@ -113,6 +118,24 @@ class RunFlags(DistributedFlags):
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.save_every_steps < 0 or self.max_nonfinite_steps < 0:
             raise ValueError("--save_every_steps and --max_nonfinite_steps must be 0 or more")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"--peak_tflops must be above 0, got {self.peak_tflops}")
+        _ = self.profile_range
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """`--profile_steps A:B` as (A, B), 0 <= A < B; None when no trace is asked for."""
+        if self.profile_steps is None:
+            return None
+        first, _, last = self.profile_steps.partition(":")
+        try:
+            start, stop = int(first), int(last)
+        except ValueError:
+            start = stop = -1
+        if not 0 <= start < stop:
+            raise ValueError(f"--profile_steps takes A:B with 0 <= A < B (steps as the logs count them), "
+                             f"got {self.profile_steps!r}")
+        return start, stop
 
     @property
     def checkpoint_dir(self) -> epath.Path:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from semmae_jax import config as config_lib
+from semmae_jax import flops
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
 from semmae_jax.models import create_model
@@ -121,6 +122,10 @@ class LinprobeJob(Job):
             raise ValueError(f"{c.finetune} lacks encoder parameters {missing} of {c.model}")
         run.log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
         return state.replace(frozen=params)
+
+    def flops_per_image(self, run: Run) -> float:
+        """The frozen encoder's forward (no backward through it) and the head's forward + backward."""
+        return flops.forward_flops(self.encoder) + 3 * flops.head_flops(self.encoder.embed_dim, self.config.nb_classes)
 
     def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
         return make_probe_step(self.encoder, run.model, tx)

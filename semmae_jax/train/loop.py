@@ -28,6 +28,7 @@ from semmae_jax.checkpoint import RunCheckpoints, save_state
 from semmae_jax.data.global_arrays import prefetch_to_device
 from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
+from semmae_jax.train.instruments import Instruments
 from semmae_jax.train.preemption import Preemption
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step
@@ -122,7 +123,7 @@ class Trainer:
     `on_epoch_end(epoch, state, first_batch)` may evaluate or draw pictures and returns
     extra values for the epoch's log line. More than `max_nonfinite_steps` refused steps
     stop the run, naming the last checkpoint (every checkpoint is finite: refused steps
-    change nothing).
+    change nothing). `instruments` times the loop (step time, MFU, input wait, goodput, traces).
     """
 
     step_fn: Step
@@ -133,7 +134,7 @@ class Trainer:
     checkpoints: RunCheckpoints
     config: dict[str, Any]
     log: RunLog
-    images_per_step: int
+    instruments: Instruments
     on_epoch_end: Callable[[int, TrainState, dict[str, jax.Array]], dict[str, float]] | None = None
     max_nonfinite_steps: int = 0
     skipped_before: float = 0.0  # refused steps of the epochs before this one
@@ -147,8 +148,10 @@ class Trainer:
                 state, stopped = self._epoch(state, preemption)
             return state
         finally:
-            self.checkpoints.wait()
+            with self.instruments.phase("save"):
+                self.checkpoints.wait()
             preemption.close()
+            self.instruments.finish()
 
     def _resumed_stats(self, step: int) -> EpochStats:
         """The epoch's sums so far, from the checkpoint the run resumed at (empty at an epoch start)."""
@@ -163,24 +166,25 @@ class Trainer:
         stats, first_batch = self._resumed_stats(int(state.step)), None
         bar = tqdm(total=schedule.steps_per_epoch, initial=start, desc=f"epoch {epoch}", disable=not is_primary(),
                    dynamic_ncols=True)
-        window = (time.perf_counter(), 0)
         batches = prefetch_to_device(self.epoch_batches(epoch, start), self.mesh)
         for step in range(start + epoch * schedule.steps_per_epoch, (epoch + 1) * schedule.steps_per_epoch):
-            batch = next(batches)
+            batch = self.instruments.next_batch(batches)
             first_batch = first_batch or batch
-            state, metrics = self.step_fn(state, batch)
+            state, metrics = self.instruments.step(self.step_fn, state, batch, step)
             stats.add(metrics, step)
             bar.update(1)
             done = step + 1
             preempted = preemption.reached(done)
             saving = preempted or schedule.saves_after(done)
             if saving or done % schedule.log_every == 0 or done % schedule.steps_per_epoch == 0:
-                window = self._report(done, metrics, stats, window, bar, f"epoch {epoch} step {done}")
+                self._report(done, metrics, stats, bar, f"epoch {epoch} step {done}")
             if saving:
-                self._save(state, stats)
+                with self.instruments.phase("save"):
+                    self._save(state, stats)
             if preempted:
                 bar.close()
-                self.checkpoints.wait()
+                with self.instruments.phase("save"):
+                    self.checkpoints.wait()
                 self.log.print(f"preemption notice: saved a checkpoint at step {done} in {self.checkpoints.directory} "
                                "(every process at this step); stopping")
                 return state, True
@@ -217,20 +221,20 @@ class Trainer:
                             f"{self.max_nonfinite_steps}), stopping training; {kept}{aside}: rerun with a lower lr "
                             "to resume from it")
 
-    def _report(self, step: int, metrics: dict[str, jax.Array], stats: EpochStats, window: tuple[float, int],
-                bar: tqdm, where: str) -> tuple[float, int]:
-        """Fetch the step's metrics (the only host sync), check them, show and log them."""
+    def _report(self, step: int, metrics: dict[str, jax.Array], stats: EpochStats, bar: tqdm, where: str) -> None:
+        """Fetch the step's metrics (the only host sync), check them, show and log them with the window's
+        step time, images/s, MFU, input wait and device memory."""
         values = {k: float(v) for k, v in metrics.items()}
         self._check_finite(stats, where)
-        since, steps_before = window
-        rate = (bar.n - steps_before) * self.images_per_step / max(time.perf_counter() - since, 1e-9)
-        values.update({"lr": self.lr_at(step), "images_per_sec": rate})
-        shown = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}", "img_s": f"{rate:.1f}"}
+        figures = self.instruments.window((step - 1) // self.schedule.steps_per_epoch)
+        values.update({"lr": self.lr_at(step), **figures})
+        shown = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}"}
+        if "images_per_sec" in values:
+            shown["img_s"] = f"{values['images_per_sec']:.1f}"
         if "alpha" in values:
             shown["alpha"] = f"{values['alpha']:.3f}"
-        bar.set_postfix(shown)
+        bar.set_postfix({**shown, **self.instruments.shown(figures)})
         self.log.scalars(step, {f"train/{k}": v for k, v in values.items() if k not in COUNTS})
-        return time.perf_counter(), bar.n
 
     def _end_epoch(self, epoch: int, state: TrainState, stats: EpochStats, first_batch: Any) -> None:
         self._check_finite(stats, f"the end of epoch {epoch}")
@@ -239,8 +243,11 @@ class Trainer:
         line = {f"train_{k}": v for k, v in means.items()}
         if stats.skipped:
             line["nonfinite_steps"] = int(stats.skipped)
-        line.update({"train_lr": self.lr_at(int(state.step)), "epoch": epoch, "seconds": stats.seconds()})
+        line.update({"train_lr": self.lr_at(int(state.step)), "epoch": epoch, "seconds": stats.seconds(),
+                     **self.instruments.epoch()})
         if self.on_epoch_end is not None and first_batch is not None:
-            line.update(self.on_epoch_end(epoch, state, first_batch))
-        self.checkpoints.wait()  # the epoch's checkpoint is committed before its line: no line twice after a rerun
+            with self.instruments.phase("eval"):
+                line.update(self.on_epoch_end(epoch, state, first_batch))
+        with self.instruments.phase("save"):
+            self.checkpoints.wait()  # the epoch's checkpoint is committed before its line: no line twice after a rerun
         self.log.epoch_line(line)

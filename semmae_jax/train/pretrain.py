@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import masking, sharding, visualize
+from semmae_jax import flops, masking, sharding, visualize
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.models import create_model, frozen_param_names
@@ -116,6 +116,9 @@ class PretrainJob(Job):
     def describe(self, run: Run) -> str:
         setting = self.config.setting
         return f"masking setting {setting} ({masking.MaskingSetting(setting).name}), gamma {self.config.gamma}"
+
+    def flops_per_image(self, run: Run) -> float:
+        return flops.train_flops(run.model, self.config.mask_ratio)
 
     def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
         c = self.config

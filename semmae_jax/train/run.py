@@ -34,6 +34,7 @@ from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.run_lock import run_lock
 from semmae_jax.train import optim
+from semmae_jax.train.instruments import Instruments, Stopwatch
 from semmae_jax.train.loop import Schedule, Trainer
 from semmae_jax.train.state import TrainState, create_state
 from semmae_jax.train.steps import Step, jit_step
@@ -114,6 +115,10 @@ class Job(abc.ABC):
         """What a `--resume` weights file must fit; None: `--resume` takes run directories only."""
         return ResumeTarget(self.config.model, run.model.img_size, run.length, self.betas)
 
+    def flops_per_image(self, run: Run) -> float | None:
+        """Model FLOPs of one image's training step (`semmae_jax.flops`), for TFLOP/s and MFU; None: not counted."""
+        return None
+
     def only_evaluates(self) -> bool:
         """True to restore and hand the state to `result` without training (`--eval`)."""
         return False
@@ -129,6 +134,7 @@ class Job(abc.ABC):
 
 def run(job: Job) -> Any:
     """Run `job` phase by phase; returns `job.result(...)`."""
+    watch = Stopwatch()  # the goodput record's clock: start-up begins here
     config = job.config
     config.start_runtime()  # runtime: join the processes before anything touches a device
     from semmae_jax import data  # TensorFlow starts here, after jax.distributed
@@ -158,15 +164,18 @@ def run(job: Job) -> Any:
             checkpoints = closing.enter_context(contextlib.closing(  # restore
                 RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)))
             identity = RunIdentity(json.loads(json.dumps(job.run_config())), job.defining, config.allow_config_change)
-            state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(run_), log,
-                                      identity)
+            with watch.phase("restore"):
+                state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(run_), log,
+                                          identity)
             on_epoch_end = job.epoch_end_hook(run_)
             if not job.only_evaluates():
                 step = jitted_step(job, run_, tx, run_.shardings)  # jitted step
                 trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
                                   schedule=run_.schedule, lr_at=run_.length.lr_at,
                                   checkpoints=checkpoints, config=job.run_config(), log=log,
-                                  images_per_step=global_batch, on_epoch_end=on_epoch_end,
+                                  instruments=Instruments.for_run(config, log, global_batch,
+                                                                  job.flops_per_image(run_), watch),
+                                  on_epoch_end=on_epoch_end,
                                   max_nonfinite_steps=config.max_nonfinite_steps)
                 state = trainer.run(state)
             return job.result(state, run_)
