@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import ablation
-
+from experiments import ablation
 from semmae_jax.data import demo
 
 ROOT = Path(__file__).resolve().parent.parent
