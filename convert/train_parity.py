@@ -157,6 +157,10 @@ def report(ours: train_sides.Trajectory, theirs: train_sides.Trajectory, peak_lr
     checked = {name: diff for name, diff in groups.items() if not name.endswith(UNCHECKED)}
     for name, diff in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"{name:<40}  {diff:>20.3e}{'  over' if name in checked and not diff <= args.param_rtol else ''}")
+    worst = max(checked, key=checked.get)
+    print(f"largest: loss rel diff {np.nanmax(loss_diffs):.2e} (update {int(np.nanargmax(loss_diffs))}), lr diff "
+          f"{np.nanmax(lr_diffs):.2e} of the peak, parameters {checked[worst]:.2e} ({worst}); tolerances "
+          f"{args.loss_rtol:g}, {args.lr_rtol:g}, {args.param_rtol:g}")
     failed = []
     if not np.all(loss_diffs <= args.loss_rtol):
         failed.append(f"loss (max rel diff {np.nanmax(loss_diffs):.2e} > {args.loss_rtol:g})")
