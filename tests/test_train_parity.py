@@ -4,6 +4,8 @@ and each difference injected into the JAX side's recipe makes the harness fail (
 from __future__ import annotations
 
 import re
+import shlex
+from pathlib import Path
 
 import optax
 import pytest
@@ -126,3 +128,13 @@ def test_the_command_exits_1_on_a_difference(monkeypatch, capsys) -> None:
 def test_bad_flags_end_with_one_line() -> None:
     with pytest.raises(SystemExit, match=r"parity --train finetune: error: .*--dtype float32"):
         train_parity.parse([*FINETUNE, "--dtype", "bfloat16"])
+
+
+def test_the_documented_commands_parse() -> None:
+    """Every `parity --train` command of docs/training-parity.md runs with the real flags."""
+    page = (Path(__file__).parents[1] / "docs" / "training-parity.md").read_text()
+    commands = re.findall(r"^python main\.py parity (--train .*)$", page, re.M)
+    assert len(commands) >= 8
+    for command in commands:
+        args, config = train_parity.parse(shlex.split(command))
+        assert args.train in train_parity.JOBS and config.model
