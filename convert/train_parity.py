@@ -86,8 +86,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Any]:
 
 def main(argv: Sequence[str]) -> None:
     args, config = parse(argv)
-    with jax.default_matmul_precision("float32"):
-        failed = exit_on_error(compare, args, JOBS[args.train][1], config)
+    with jax.default_matmul_precision("float32"):  # a wrong model name, shape, ...: one line, no traceback
+        failed = config_lib.run_job(f"main.py parity --train {args.train}", exit_on_error, compare, args,
+                                    JOBS[args.train][1], config)
     if failed:
         print(f"training parity FAILED: {', '.join(failed)}")
         raise SystemExit(1)

@@ -128,6 +128,8 @@ def test_the_command_exits_1_on_a_difference(monkeypatch, capsys) -> None:
 def test_bad_flags_end_with_one_line() -> None:
     with pytest.raises(SystemExit, match=r"parity --train finetune: error: .*--dtype float32"):
         train_parity.parse([*FINETUNE, "--dtype", "bfloat16"])
+    with pytest.raises(SystemExit, match=r"parity --train finetune: error: unknown model 'vit_nope'"):
+        train_parity.main([*FINETUNE, "--model", "vit_nope"])
 
 
 def test_the_documented_commands_parse() -> None:
