@@ -4,8 +4,6 @@ and each difference injected into the JAX side's recipe makes the harness fail (
 from __future__ import annotations
 
 import re
-import shlex
-from pathlib import Path
 
 import optax
 import pytest
@@ -131,12 +129,3 @@ def test_bad_flags_end_with_one_line() -> None:
     with pytest.raises(SystemExit, match=r"parity --train finetune: error: unknown model 'vit_nope'"):
         train_parity.main([*FINETUNE, "--model", "vit_nope"])
 
-
-def test_the_documented_commands_parse() -> None:
-    """Every `parity --train` command of docs/training-parity.md runs with the real flags."""
-    page = (Path(__file__).parents[1] / "docs" / "training-parity.md").read_text()
-    commands = re.findall(r"^python main\.py parity (--train .*)$", page, re.M)
-    assert len(commands) >= 8
-    for command in commands:
-        args, config = train_parity.parse(shlex.split(command))
-        assert args.train in train_parity.JOBS and config.model
