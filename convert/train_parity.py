@@ -86,8 +86,9 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Any]:
 
 def main(argv: Sequence[str]) -> None:
     args, config = parse(argv)
-    with jax.default_matmul_precision("float32"):
-        failed = exit_on_error(compare, args, JOBS[args.train][1], config)
+    with jax.default_matmul_precision("float32"):  # a wrong model name, shape, ...: one line, no traceback
+        failed = config_lib.run_job(f"main.py parity --train {args.train}", exit_on_error, compare, args,
+                                    JOBS[args.train][1], config)
     if failed:
         print(f"training parity FAILED: {', '.join(failed)}")
         raise SystemExit(1)
@@ -153,10 +154,14 @@ def report(ours: train_sides.Trajectory, theirs: train_sides.Trajectory, peak_lr
                                               strict=True)):
         print(f"{i:>6}  {a:>12.7g}  {b:>12.7g}  {d:>9.2e}  {la:>10.4g}  {lb:>10.4g}")
     groups = group_diffs(ours.params, theirs.params)
-    print(f"{'parameter group':<40}  {'max |diff| / max |p|':>20}")
+    print(f"{'parameter group':<48}  {'max |diff| / max |p|':>20}")
     checked = {name: diff for name, diff in groups.items() if not name.endswith(UNCHECKED)}
     for name, diff in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"{name:<40}  {diff:>20.3e}{'  over' if name in checked and not diff <= args.param_rtol else ''}")
+        print(f"{name:<48}  {diff:>20.3e}{'  over' if name in checked and not diff <= args.param_rtol else ''}")
+    worst = max(checked, key=checked.get)
+    print(f"largest: loss rel diff {np.nanmax(loss_diffs):.2e} (update {int(np.nanargmax(loss_diffs))}), lr diff "
+          f"{np.nanmax(lr_diffs):.2e} of the peak, parameters {checked[worst]:.2e} ({worst}); tolerances "
+          f"{args.loss_rtol:g}, {args.lr_rtol:g}, {args.param_rtol:g}")
     failed = []
     if not np.all(loss_diffs <= args.loss_rtol):
         failed.append(f"loss (max rel diff {np.nanmax(loss_diffs):.2e} > {args.loss_rtol:g})")

@@ -91,21 +91,21 @@ def make_batches(job: Job, count: int, global_batch: int, seed: int) -> list[Bat
 
 
 def initial(job: Job, mesh: jax.sharding.Mesh, global_batch: int, source: Any = None) -> tuple[Start, list[str]]:
-    """The job's own initialisation (seed `--seed`), with `source` params (a checkpoint) taken
-    where path and shape fit; returns (start, notes on what the checkpoint did not give)."""
-    if job.name != "linprobe" and source is None:
-        return Start(None), []  # the first JAX run initialises, and keeps what it started from
-    run_ = recipe(job, job.build_model(), global_batch, 1, mesh)
-    with jax.set_mesh(mesh):
-        state, _, _ = create_state(run_.model, run_.make_tx, job.example_inputs(run_), mesh, job.config.seed)
-        if job.name != "linprobe":
-            params, notes = _merged(state.params, source)
-            return Start(params), notes
+    """What both sides start from: the job's own initialisation (seed `--seed`, made by the first
+    JAX run), with `source` params (a checkpoint) where path and shape fit; the probe's encoder
+    (initialised, or the checkpoint's). Returns (start, notes on what the checkpoint did not give)."""
+    if job.name == "linprobe":
         size = job.encoder.img_size
-        images = (jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),)
-        encoder, _, _ = create_state(job.encoder, lambda p: optax.identity(), images, mesh, job.config.seed)
-        encoder_params, notes = _merged(encoder.params, source)
-        return Start(jax.device_get(state.params), encoder_params), notes
+        model, example = job.encoder, (jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),)
+    elif source is None:
+        return Start(None), []
+    else:
+        run_ = recipe(job, job.build_model(), global_batch, 1, mesh)
+        model, example = run_.model, job.example_inputs(run_)
+    with jax.set_mesh(mesh):
+        state, _, _ = create_state(model, lambda p: optax.identity(), example, mesh, job.config.seed)
+        params, notes = _merged(state.params, source)
+    return (Start(None, params) if job.name == "linprobe" else Start(params)), notes
 
 
 def _merged(target: Any, source: Any) -> tuple[Any, list[str]]:

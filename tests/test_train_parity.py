@@ -14,13 +14,14 @@ from semmae_jax.paths import map_with_path
 from semmae_jax.train import optim
 
 # Flags that make every injected difference visible within a few updates: the peak lr from the
-# first update (no warm-up), a real weight decay, a schedule whose cosine moves every update.
+# first update (no warm-up; pretraining: after one), a real weight decay, a cosine that moves every
+# update. Accumulation is compared in the probe (the cheapest step to compile).
 FINETUNE = ["--train", "finetune", "--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "10",
             "--batch_size", "1", "--steps", "3", "--lr", "3e-3", "--weight_decay", "0.3", "--warmup_epochs", "0",
             "--epochs", "3"]  # fmt: skip
 PRETRAIN = ["--train", "pretrain", "--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "1",
-            "--steps", "3", "--accum_iter", "2", "--lr", "3e-3", "--epochs", "6", "--warmup_epochs", "1",
-            "--weight_decay", "0.3", "--norm_pix_loss"]  # fmt: skip
+            "--steps", "3", "--lr", "3e-3", "--epochs", "3", "--warmup_epochs", "1", "--weight_decay", "0.3",
+            "--norm_pix_loss"]  # fmt: skip
 LINPROBE = ["--train", "linprobe", "--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "10",
             "--batch_size", "1", "--steps", "3", "--accum_iter", "2", "--lr", "0.5", "--warmup_epochs", "0",
             "--epochs", "3", "--weight_decay", "0.1"]  # fmt: skip
@@ -104,7 +105,7 @@ def trust_ratio_on_biases(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("argv, inject, caught", [
     (FINETUNE, decay_a_vector, r"blocks\.\d vectors"),
     (FINETUNE, other_adam_eps, r"parameters \("),
-    (PRETRAIN, lr_one_update_early, r"^lr \("),
+    (LINPROBE, lr_one_update_early, r"^lr \("),
     (LINPROBE, loss_divided_twice, r"head vectors"),
     (FINETUNE, layer_decay_off_by_one, r"blocks\.\d matrices"),
 ], ids=lambda x: getattr(x, "__name__", None) if callable(x) else None)  # fmt: skip
@@ -127,3 +128,6 @@ def test_the_command_exits_1_on_a_difference(monkeypatch, capsys) -> None:
 def test_bad_flags_end_with_one_line() -> None:
     with pytest.raises(SystemExit, match=r"parity --train finetune: error: .*--dtype float32"):
         train_parity.parse([*FINETUNE, "--dtype", "bfloat16"])
+    with pytest.raises(SystemExit, match=r"parity --train finetune: error: unknown model 'vit_nope'"):
+        train_parity.main([*FINETUNE, "--model", "vit_nope"])
+
