@@ -29,9 +29,9 @@ from convert.hf_files import read_hf
 from convert.parity import reference_from_params
 from convert.safe_load import tensor_to_numpy
 from semmae_jax import masking, sharding
-from semmae_jax.train.run import Job, recipe
+from semmae_jax.train.run import Job, jitted_step, recipe
 from semmae_jax.train.state import create_state, merge_pretrained
-from semmae_jax.train.steps import NOISE_STREAM, alpha_at, jit_step
+from semmae_jax.train.steps import NOISE_STREAM, alpha_at
 
 Batch = dict[str, np.ndarray]
 
@@ -133,7 +133,7 @@ def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None
         if start.encoder is not None:
             state = state.replace(frozen=jax.device_put(start.encoder, sharding.replicated(mesh)))
             shardings = jax.tree.map(lambda x: x.sharding, state)
-        step = jit_step(job.step(run_, tx), shardings, sharding.batch_sharding(mesh), mesh)
+        step = jitted_step(job, run_, tx, shardings)
         for batch in setup.batches:
             if job.name == "pretrain" and "noise" not in batch:
                 alpha = alpha_at(state.step, c.setting, run_.length.total_steps, c.gamma)
