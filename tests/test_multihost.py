@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from run_dirs import committed_steps
 from torch_helpers import randomize_
 
 from convert.arch import full_config
@@ -137,7 +138,7 @@ def test_a_killed_peer_stops_the_job_and_the_last_checkpoint_stays_usable(tmp_pa
             if match:
                 pids[int(match[1])] = int(match[2])
         deadline = time.time() + 300
-        while not list(out.glob("checkpoints/*/commit_success.txt")):
+        while not committed_steps(out / "checkpoints"):
             assert launcher.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
             time.sleep(0.1)
         os.kill(pids[1], signal.SIGKILL)

@@ -13,10 +13,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from run_dirs import committed_steps
 
 from semmae_jax import checkpoint, sharding
 from semmae_jax.cli import main as cli_main
 from semmae_jax.metrics_log import epoch_lines
+from semmae_jax.paths import flat_by_path
 
 pytestmark = pytest.mark.usefixtures("demo_root")
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +67,7 @@ def test_a_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path):
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while not list(victim.glob("checkpoints/*/commit_success.txt")):
+        while not committed_steps(victim / "checkpoints"):
             assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
@@ -79,17 +81,20 @@ def test_a_run_killed_mid_way_resumes_to_the_same_parameters(tmp_path):
 
 @pytest.mark.slow
 def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
-    """Epoch 0 on a data-parallel mesh, then epoch 1 continued from its checkpoint on that mesh and,
-    from a copy, on a data x fsdp x tensor mesh: both continuations end with the same parameters
-    (up to the meshes' reduction order)."""
-    same, moved = tmp_path / "same", tmp_path / "moved"
-    pretrain("--epochs", "1", "--mesh", "data:8", "--output_dir", str(same))
-    shutil.copytree(same, moved)
-    pretrain("--epochs", "2", "--mesh", "data:8", "--output_dir", str(same))
+    """An uninterrupted 2-epoch run on a data-parallel mesh, and its copy cut back to epoch 0's
+    checkpoint (as if stopped there) continued on a data x fsdp x tensor mesh: the continuation ends
+    with the uninterrupted run's parameters (up to the meshes' reduction order)."""
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    pretrain("--epochs", "2", "--mesh", "data:8", "--output_dir", str(straight))
+    shutil.copytree(straight, moved)
+    shutil.rmtree(moved / "checkpoints" / "4")
     pretrain("--epochs", "2", "--mesh", "data:2,fsdp:2,tensor:2", "--output_dir", str(moved))
-    assert checkpoint.RunCheckpoints(moved / "checkpoints").all_steps() == [2, 4]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), final_params(moved),
-                 final_params(same))
+    assert committed_steps(moved / "checkpoints") == [2, 4]
+    moved_params, straight_params = flat_by_path(final_params(moved)), flat_by_path(final_params(straight))
+    for path, value in straight_params.items():
+        if path.endswith("qkv/bias"):  # the key third has no gradient in exact arithmetic: Adam turns the
+            value, moved_params[path] = value[::2], moved_params[path][::2]  # meshes' rounding into lr-sized steps
+        np.testing.assert_allclose(moved_params[path], value, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
 @pytest.mark.slow
