@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from semmae_jax import sharding
+from semmae_jax.models import create_model
 from semmae_jax.train.run import Job, Run, fresh_state, jitted_step, recipe
 from semmae_jax.train.state import TrainState, plan_state
 from semmae_jax.train.steps import Step
@@ -25,17 +26,18 @@ STEPS_PER_EPOCH = 1000
 
 
 def pretrain_job(model: str, *flags: str) -> Job:
-    """`main.py pretrain --model MODEL FLAGS...`."""
+    """`main.py pretrain --model MODEL --input_size (the model's own) FLAGS...`."""
     from semmae_jax.train.pretrain import PretrainJob, parse
 
-    return PretrainJob(parse(["--model", model, *flags]))
+    return PretrainJob(parse(["--model", model, "--input_size", str(create_model(model).img_size), *flags]))
 
 
 def finetune_job(model: str, *flags: str) -> Job:
-    """`main.py finetune --model MODEL FLAGS...` (its defaults: layer decay, drop path, label smoothing)."""
+    """`main.py finetune --model MODEL --input_size (the model's own) FLAGS...` (its defaults: layer
+    decay, drop path, label smoothing)."""
     from semmae_jax.train.finetune import FinetuneJob, parse
 
-    return FinetuneJob(parse(["--model", model, *flags]))
+    return FinetuneJob(parse(["--model", model, "--input_size", str(create_model(model).img_size), *flags]))
 
 
 def job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[TrainState, Step, Run]:
