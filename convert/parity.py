@@ -47,8 +47,8 @@ import torch
 
 from convert.arch import Architecture
 from convert.cli import exit_on_error
-from convert.core import Loaded, flax_to_torch, read_checkpoint
-from convert.hf_files import is_hf_source, write_hf
+from convert.core import Loaded, read_checkpoint
+from convert.hf_files import is_hf_source
 from semmae_jax.models import create_model, model_family
 
 
@@ -145,19 +145,7 @@ def reference_model(
     hf_class = loaded.meta.get("transformers", {}).get("class")
     if Path(checkpoint).is_dir() and is_hf_source(checkpoint) and not resampled:
         return references.hf_pretrained(checkpoint, hf_class), hf_class
-    return reference_from_params(loaded.params, arch, scratch, loaded.meta)
-
-
-def reference_from_params(
-    params: Any, arch: Architecture, scratch: str, meta: dict[str, Any] | None = None
-) -> tuple[torch.nn.Module, str | None]:
-    """The PyTorch reference holding `params` (Flax) of `arch`, bit for bit: timm for classifiers and
-    encoders, transformers (through a `to-hf` directory in `scratch`) for MAE and pooler encoders."""
-    state_dict = flax_to_torch(params, arch.name, model_overrides=arch.overrides)
-    if arch.family == "mae" or arch.config["pooler"]:
-        hf_class = write_hf(scratch, state_dict, arch, meta or {})
-        return references.hf_pretrained(scratch, hf_class), hf_class
-    return references.load_numpy_state_dict(references.timm_classifier(arch.config), state_dict), None
+    return references.reference_from_params(loaded.params, arch, scratch, loaded.meta)
 
 
 def classifier_rows(

@@ -27,6 +27,9 @@ import torch
 import transformers
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
+from convert.arch import Architecture
+from convert.core import flax_to_torch
+from convert.hf_files import write_hf
 from convert.safe_load import numpy_to_tensor
 from convert.table import ConversionError
 
@@ -111,3 +114,15 @@ def load_numpy_state_dict(module: torch.nn.Module, state_dict: Mapping[str, np.n
     """`module.load_state_dict(strict=True)` from numpy arrays (dtypes kept)."""
     module.load_state_dict({k: numpy_to_tensor(v) for k, v in state_dict.items()}, strict=True)
     return module
+
+
+def reference_from_params(
+    params: Any, arch: Architecture, scratch: str, meta: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, str | None]:
+    """The PyTorch reference holding `params` (Flax) of `arch`, bit for bit: timm for classifiers and
+    encoders, transformers (through a `to-hf` directory in `scratch`) for MAE and pooler encoders."""
+    state_dict = flax_to_torch(params, arch.name, model_overrides=arch.overrides)
+    if arch.family == "mae" or arch.config["pooler"]:
+        hf_class = write_hf(scratch, state_dict, arch, meta or {})
+        return hf_pretrained(scratch, hf_class), hf_class
+    return load_numpy_state_dict(timm_classifier(arch.config), state_dict), None

@@ -26,7 +26,7 @@ import torch
 from convert.arch import infer_architecture
 from convert.core import flax_to_torch
 from convert.hf_files import read_hf
-from convert.parity import reference_from_params
+from convert.references import reference_from_params
 from convert.safe_load import tensor_to_numpy
 from semmae_jax import masking, sharding
 from semmae_jax.train.run import Job, jitted_step, recipe

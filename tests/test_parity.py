@@ -163,7 +163,7 @@ def test_parity_command_agrees(checkpoints, capsys, layout, flags, rows):
 def test_parity_command_exits_1_when_the_reference_differs(checkpoints, capsys, monkeypatch, layout):
     """One bias entry off by 0.1 in the PyTorch copy is caught (exit status 1). (A shift of
     the whole bias would be invisible: the next LayerNorm removes it.)"""
-    convert_back = parity.flax_to_torch
+    convert_back = references.flax_to_torch
 
     def nudged(*args, **kwargs):
         state_dict = convert_back(*args, **kwargs)
@@ -171,7 +171,7 @@ def test_parity_command_exits_1_when_the_reference_differs(checkpoints, capsys, 
         state_dict["blocks.1.mlp.fc2.bias"][0] += 0.1
         return state_dict
 
-    monkeypatch.setattr(parity, "flax_to_torch", nudged)
+    monkeypatch.setattr(references, "flax_to_torch", nudged)
     with pytest.raises(SystemExit) as exit_info:
         parity.main(["--checkpoint", checkpoints[layout], "--batch_size", "2"])
     assert exit_info.value.code == 1
