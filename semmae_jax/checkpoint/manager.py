@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -109,14 +109,12 @@ class RunCheckpoints:
             raise CheckpointWriteError(f"could not write {what} in {self.directory}: {failure_reason(error)}; earlier "
                                        "steps are intact: fix the cause and rerun the same command to resume") from error
 
-    def restore(self, step: int, abstract_arrays: dict[str, Any],
-                json_names: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """(array items placed as `abstract_arrays` say, JSON items) of step `step`."""
+    def restore(self, step: int, abstract_arrays: dict[str, Any]) -> dict[str, Any]:
+        """The array items of step `step`, placed as `abstract_arrays` say."""
         items = {name: ocp.args.PyTreeRestore(tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree))
                  for name, tree in abstract_arrays.items()}
-        items.update({name: ocp.args.JsonRestore() for name in json_names})
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        return {n: restored[n] for n in abstract_arrays}, {n: restored[n] for n in json_names}
+        return {name: restored[name] for name in abstract_arrays}
 
     def host_arrays(self, step: int, name: str) -> Any:
         """One array item of `step` as host numpy arrays, whatever devices or processes saved it."""
@@ -133,9 +131,10 @@ class RunCheckpoints:
         """The items `step` holds."""
         return set(self._manager.item_metadata(step)) & _ITEM_NAMES
 
-    def item_shapes(self, step: int, name: str) -> dict[str, tuple[int, ...]]:
-        """{'blocks_0/attn/qkv/kernel': shape, ...} of an array item of `step`, from its metadata."""
-        return _shapes(self._manager.item_metadata(step)[name])
+    def item_shapes(self, step: int, names: Iterable[str]) -> dict[str, dict[str, tuple[int, ...]]]:
+        """{item: {'blocks_0/attn/qkv/kernel': shape, ...}} of array items of `step`, from one read of its metadata."""
+        metadata = self._manager.item_metadata(step)
+        return {name: _shapes(metadata[name]) for name in names}
 
     def step_path(self, step: int) -> epath.Path:
         return ocp.step.build_step_path(self.directory, _NAME_FORMAT, step)
@@ -203,10 +202,10 @@ def open_step(path: PathLike) -> StepReader:
     if not location.is_dir():
         raise FileNotFoundError(f"checkpoint {location} does not exist (expected an orbax checkpoint directory)")
     root = RunCheckpoints(location, async_save=False, create=False)
-    with_params = [step for step in root.all_steps() if PARAMS in root.item_names(step)]
+    latest = next((step for step in reversed(root.all_steps()) if PARAMS in root.item_names(step)), None)
     root.close()
-    if with_params:
-        return StepReader(root.step_path(with_params[-1]))
+    if latest is not None:
+        return StepReader(root.step_path(latest))
     try:
         with quiet_failures():
             step = StepReader(location)

@@ -54,7 +54,7 @@ def restore_state(checkpoints: RunCheckpoints, step: int, like: Any) -> Any:
     _check_saved_shapes(checkpoints, step, target)
     try:
         with quiet_failures():
-            arrays, _ = checkpoints.restore(step, target)
+            arrays = checkpoints.restore(step, target)
     except Exception as error:  # any failure to read a step that exists means its files are damaged
         raise CheckpointDamaged(f"step {step}: {failure_reason(error)}") from error
     verify(step, arrays, checkpoints.json_item(step, "checksums"))
@@ -67,7 +67,7 @@ def _check_saved_shapes(checkpoints: RunCheckpoints, step: int, target: dict[str
     """A saved state of other shapes is the user's change (another model), not damage: say so, touch nothing."""
     try:
         with quiet_failures():
-            saved = {name: checkpoints.item_shapes(step, name) for name in target}
+            saved = checkpoints.item_shapes(step, target)
     except Exception as error:
         raise CheckpointDamaged(f"step {step}: {failure_reason(error)}") from error
     for name, tree in target.items():
