@@ -17,7 +17,7 @@ import jax
 
 from semmae_jax import sharding
 from semmae_jax.models import create_model
-from semmae_jax.train.run import Job, Run, fresh_state, jitted_step, recipe
+from semmae_jax.train.skeleton import Job, Recipe, fresh_state, jitted_step, recipe
 from semmae_jax.train.state import TrainState, plan_state
 from semmae_jax.train.steps import Step
 
@@ -40,20 +40,20 @@ def finetune_job(model: str, *flags: str) -> Job:
     return FinetuneJob(parse(["--model", model, "--input_size", str(create_model(model).img_size), *flags]))
 
 
-def job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[TrainState, Step, Run]:
+def job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[TrainState, Step, Recipe]:
     """(fresh sharded state, jitted step, recipe) of `job` for `global_batch` on `mesh`, as its run starts."""
-    run_ = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
+    built = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
     with jax.set_mesh(mesh):
-        state, tx = fresh_state(job, run_)
-        return state, jitted_step(job, run_, tx, run_.shardings), run_
+        state, tx = fresh_state(job, built)
+        return state, jitted_step(job, built, tx, built.shardings), built
 
 
-def abstract_job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[Any, Step, Run]:
+def abstract_job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[Any, Step, Recipe]:
     """(abstract state, jitted step, recipe): the same step for models too large to materialise here."""
-    run_ = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
+    built = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
     with jax.set_mesh(mesh):
-        plan = plan_state(run_.model, run_.make_tx, job.example_inputs(run_), mesh, job.config.seed)
-        return plan.abstract, jitted_step(job, run_, plan.tx, plan.shardings), run_
+        plan = plan_state(built.model, built.make_tx, job.example_inputs(built), mesh, job.config.seed)
+        return plan.abstract, jitted_step(job, built, plan.tx, plan.shardings), built
 
 
 def one_device_mesh() -> jax.sharding.Mesh:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from bench.common import finetune_job, job_step, one_device_mesh, pretrain_job, stepper, time_calls
 from semmae_jax import sharding
-from semmae_jax.train.run import Job
+from semmae_jax.train.skeleton import Job
 
 # MAE's ViT-B fine-tuning recipe: what the step computes (erasing, mixup/cutmix, drop path) is the recipe's.
 FINETUNE_FLAGS = ("--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--smoothing", "0.1", "--drop_path", "0.1",
@@ -117,8 +117,8 @@ def train_step(kind: str, model_name: str, *, attention: str, setting: int, rema
     mesh = one_device_mesh()
     stats = device_memory()
     limit = int(stats["bytes_limit"] * FIT_MARGIN) if stats and "bytes_limit" in stats else None
-    state, step, run_ = job_step(job, mesh, 1)
-    model = run_.model
+    state, step, built = job_step(job, mesh, 1)
+    model = built.model
     with jax.set_mesh(mesh):
         batches: dict[int, Any] = {}
 

@@ -35,8 +35,8 @@ def measure(model_name: str, mesh_spec: str, batch: int, dtype: str, remat: bool
 
     mesh = sharding.make_mesh(mesh_spec)
     job = pretrain_job(model_name, *flags_of({"dtype": dtype, "remat": remat, "mesh": mesh_spec, "setting": 3}))
-    abstract, step, run_ = abstract_job_step(job, mesh, batch)
-    model, batch_sharding = run_.model, sharding.batch_sharding(mesh)
+    abstract, step, built = abstract_job_step(job, mesh, batch)
+    model, batch_sharding = built.model, sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
         abstract_batch = {
             "image": jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32,

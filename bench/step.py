@@ -33,8 +33,8 @@ BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)  # main_pretrain.py's, as `
 def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str) -> float:
     """Seconds per step of `main.py pretrain`'s own step (random masking) on one batch."""
     mesh = sharding.make_mesh("data:-1")
-    state, step, run_ = job_step(pretrain_job(name, "--dtype", dtype, "--setting", "0"), mesh, images.shape[0])
-    labels = -np.ones((images.shape[0], run_.model.num_patches), np.int32)
+    state, step, built = job_step(pretrain_job(name, "--dtype", dtype, "--setting", "0"), mesh, images.shape[0])
+    labels = -np.ones((images.shape[0], built.model.num_patches), np.int32)
     batch = jax.device_put({"image": images, "part_labels": labels}, sharding.batch_sharding(mesh))
     return time_calls(stepper(step, state, batch), steps).step_s
 

@@ -37,7 +37,7 @@ from convert.core import read_checkpoint
 from semmae_jax import config as config_lib
 from semmae_jax import sharding
 from semmae_jax.train import finetune, linprobe, pretrain
-from semmae_jax.train.run import Job
+from semmae_jax.train.skeleton import Job
 
 JOBS: dict[str, tuple[type, type[Job]]] = {
     "pretrain": (pretrain.PretrainConfig, pretrain.PretrainJob),
@@ -87,7 +87,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Any]:
 def main(argv: Sequence[str]) -> None:
     args, config = parse(argv)
     with jax.default_matmul_precision("float32"):  # a wrong model name, shape, ...: one line, no traceback
-        failed = config_lib.run_job(f"main.py parity --train {args.train}", exit_on_error, compare, args,
+        failed = config_lib.one_line_errors(f"main.py parity --train {args.train}", exit_on_error, compare, args,
                                     JOBS[args.train][1], config)
     if failed:
         print(f"training parity FAILED: {', '.join(failed)}")

@@ -1,5 +1,5 @@
 """The two sides of `parity --train`: N optimizer updates of a job's recipe in JAX, as the job
-builds it (`semmae_jax.train.run.recipe`, the job's own step), and in the PyTorch reference
+builds it (`semmae_jax.train.skeleton.recipe`, the job's own step), and in the PyTorch reference
 (`convert.torch_recipes`), from the same weights over the same batches.
 
 Both sides end with their parameters in the original's `.pth` layout (torch keys), where
@@ -29,7 +29,7 @@ from convert.hf_files import read_hf
 from convert.references import reference_from_params
 from convert.safe_load import tensor_to_numpy
 from semmae_jax import masking, sharding
-from semmae_jax.train.run import Job, jitted_step, recipe
+from semmae_jax.train.skeleton import Job, jitted_step, recipe
 from semmae_jax.train.state import create_state, merge_pretrained
 from semmae_jax.train.steps import NOISE_STREAM, alpha_at
 
@@ -100,8 +100,8 @@ def initial(job: Job, mesh: jax.sharding.Mesh, global_batch: int, source: Any = 
     elif source is None:
         return Start(None), []
     else:
-        run_ = recipe(job, job.build_model(), global_batch, 1, mesh)
-        model, example = run_.model, job.example_inputs(run_)
+        built = recipe(job, job.build_model(), global_batch, 1, mesh)
+        model, example = built.model, job.example_inputs(built)
     with jax.set_mesh(mesh):
         state, _, _ = create_state(model, lambda p: optax.identity(), example, mesh, job.config.seed)
         params, notes = _merged(state.params, source)
@@ -123,20 +123,20 @@ def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None
     noise each step drew (the step's own draw, repeated outside it) for the PyTorch side."""
     job, mesh = job or setup.job, mesh or setup.mesh
     c, start = job.config, setup.start
-    run_ = recipe(job, job.build_model(), setup.global_batch, setup.steps_per_epoch, mesh)
+    built = recipe(job, job.build_model(), setup.global_batch, setup.steps_per_epoch, mesh)
     micro_losses = []
     with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(run_.model, run_.make_tx, job.example_inputs(run_), mesh, c.seed,
+        state, shardings, tx = create_state(built.model, built.make_tx, job.example_inputs(built), mesh, c.seed,
                                             init_params=start.params)
         if start.params is None:
             start.params = jax.device_get(state.params)
         if start.encoder is not None:
             state = state.replace(frozen=jax.device_put(start.encoder, sharding.replicated(mesh)))
             shardings = jax.tree.map(lambda x: x.sharding, state)
-        step = jitted_step(job, run_, tx, shardings)
+        step = jitted_step(job, built, tx, shardings)
         for batch in setup.batches:
             if job.name == "pretrain" and "noise" not in batch:
-                alpha = alpha_at(state.step, c.setting, run_.length.total_steps, c.gamma)
+                alpha = alpha_at(state.step, c.setting, built.length.total_steps, c.gamma)
                 batch["noise"] = np.array(masking.masking_noise(
                     state.step_key(NOISE_STREAM), jnp.asarray(batch["part_labels"]), setting=c.setting,
                     mask_ratio=c.mask_ratio, alpha=alpha, num_parts=c.num_parts))
@@ -145,7 +145,7 @@ def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None
         params = jax.device_get(state.params)
     accum = c.accum_iter
     losses = [float(np.mean(micro_losses[i:i + accum])) for i in range(0, len(micro_losses), accum)]
-    lrs = [float(run_.length.lr_schedule()(update)) for update in range(len(losses))]
+    lrs = [float(built.length.lr_schedule()(update)) for update in range(len(losses))]
     return Trajectory(losses, lrs, jax_layout(job, params))
 
 

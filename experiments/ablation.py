@@ -109,7 +109,7 @@ QUICK_CELLS = "0,3:2,3:2:learned"  # every code path (random, semantic on true a
 # ------------------------------------------------------------------------------- the jobs
 
 
-def run_job(args: Sequence[str], out_dir: Path, cache: Path) -> None:
+def call_main(args: Sequence[str], out_dir: Path, cache: Path) -> None:
     """`python main.py ARGS` from the repo root, its output in `out_dir.out`; a failure names it."""
     env = {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "TF_CPP_MIN_LOG_LEVEL": "2", **os.environ}
@@ -171,7 +171,7 @@ def knn(budget: Budget, data: Path, encoder: Path, out: Path, cache: Path) -> fl
     """`main.py knn` of the pretrained `encoder` (cls token, k 20, T 0.07): its top-1 on the val split."""
     result = out / "knn.json"
     if not result.is_file():
-        run_job(["knn", "--checkpoint", str(encoder / "checkpoints"), "--data_path", str(data), "--input_size",
+        call_main(["knn", "--checkpoint", str(encoder / "checkpoints"), "--data_path", str(data), "--input_size",
                  str(budget.input_size), "--batch_size", str(budget.batch_size), "--out", str(result)], out, cache)
     return float(json.loads(result.read_text())["acc1"])
 
@@ -180,7 +180,7 @@ def done_or_run(args: list[str], out: Path, key: str, epochs: int, cache: Path) 
     """The job's final `key`, running the job first unless its last epoch is logged already."""
     value = last_epoch_value(out, key, epochs)
     if value is None:
-        run_job(args, out, cache)
+        call_main(args, out, cache)
         value = last_epoch_value(out, key, epochs)
     if value is None or not math.isfinite(value):
         raise RuntimeError(f"{out / 'log.txt'}: no finite '{key}' for epoch {epochs - 1}")
@@ -192,12 +192,12 @@ def learned_part_maps(backbone: Path, budget: Budget, data: Path, out: Path, cac
     maps = out / "maps"
     if not (out / "exported").is_file():
         if last_epoch_value(out, "train_loss", budget.parts_epochs) is None:
-            run_job(["parts", "train", "--config", "parts_demo", "--backbone", str(backbone / "checkpoints"),
+            call_main(["parts", "train", "--config", "parts_demo", "--backbone", str(backbone / "checkpoints"),
                      "--data_path", str(data), "--output_dir", str(out), "--epochs", str(budget.parts_epochs),
                      "--warmup_epochs", "1", "--batch_size", str(budget.batch_size),
                      "--save_every", str(budget.parts_epochs), "--vis_every", str(budget.parts_epochs), *budget.cap()],
                     out, cache)
-        run_job(["parts", "export", "--checkpoint", str(out), "--data_path", str(data), "--out", str(maps)],
+        call_main(["parts", "export", "--checkpoint", str(out), "--data_path", str(data), "--out", str(maps)],
                 out / "export", cache)
         (out / "exported").write_text("done\n")
     return maps

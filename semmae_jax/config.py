@@ -92,8 +92,8 @@ def check_config(config: Any) -> None:
             vars(cls)["check"](config)
 
 
-def run_job(prog: str, job: Callable[..., Any], *args: Any) -> Any:
-    """Run a job; the errors a user can fix end it with one line, not a traceback."""
+def one_line_errors(prog: str, job: Callable[..., Any], *args: Any) -> Any:
+    """`job(*args)`; the errors a user can fix end it with one line, not a traceback."""
     try:
         return job(*args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

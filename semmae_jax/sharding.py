@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from semmae_jax.paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
+from semmae_jax.key_paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

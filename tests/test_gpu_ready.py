@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEP_MODULES = ("semmae_jax.models", "semmae_jax.masking", "semmae_jax.sharding", "semmae_jax.train.state",
                 "semmae_jax.train.steps", "semmae_jax.train.optim", "semmae_jax.distributed",
                 # the jobs' recipes, which bench/gpu.py times (the input pipeline is imported inside `run`)
-                "semmae_jax.train.run", "semmae_jax.train.pretrain", "semmae_jax.train.finetune", "bench.gpu_jax")
+                "semmae_jax.train.skeleton", "semmae_jax.train.pretrain", "semmae_jax.train.finetune", "bench.gpu_jax")
 LHS = "--xla_gpu_enable_latency_hiding_scheduler"
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 import torch
 
-from semmae_jax.paths import flat_by_path
+from semmae_jax.key_paths import flat_by_path
 from semmae_jax.train import optim
 from semmae_jax.training_length import TrainingLength, warmup_cosine
 

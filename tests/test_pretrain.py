@@ -17,8 +17,8 @@ from run_dirs import committed_steps
 
 from semmae_jax import checkpoint, sharding
 from semmae_jax.cli import main as cli_main
+from semmae_jax.key_paths import flat_by_path
 from semmae_jax.metrics_log import epoch_lines
-from semmae_jax.paths import flat_by_path
 
 pytestmark = pytest.mark.usefixtures("demo_root")
 REPO = Path(__file__).resolve().parent.parent

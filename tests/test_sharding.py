@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from semmae_jax import sharding
 from semmae_jax.train.pretrain import PretrainJob, parse
-from semmae_jax.train.run import fresh_state, jitted_step, recipe
+from semmae_jax.train.skeleton import fresh_state, jitted_step, recipe
 
 MESHES = {"one device": None, "data 8": "data:8", "data 4 x fsdp 2": "data:4,fsdp:2", "2 x 2 x 2": "data:2,fsdp:2,tensor:2"}
 
@@ -59,10 +59,10 @@ def _state(model_name: str, mesh_spec: str | None, batch: int = 8):
     job = PretrainJob(parse(["--model", model_name, "--input_size", "32", "--lr", "1e-3", "--warmup_epochs", "0",
                              "--setting", "3"]))
     mesh = sharding.make_mesh(mesh_spec or "data:1", devices=None if mesh_spec else jax.devices()[:1])
-    run_ = recipe(job, job.build_model(), batch, 10, mesh)
+    built = recipe(job, job.build_model(), batch, 10, mesh)
     with jax.set_mesh(mesh):
-        state, tx = fresh_state(job, run_)
-    return run_, state, jitted_step(job, run_, tx, run_.shardings)
+        state, tx = fresh_state(job, built)
+    return built, state, jitted_step(job, built, tx, built.shardings)
 
 
 def test_parameters_and_adam_moments_are_placed_as_the_rules_say():
@@ -92,8 +92,8 @@ def test_parameters_and_adam_moments_are_placed_as_the_rules_say():
 
 
 def _losses(mesh_spec: str | None, steps: int = 3) -> list[float]:
-    run_, state, step = _state("mae_vit_test_patch4", mesh_spec)
-    mesh = run_.mesh
+    built, state, step = _state("mae_vit_test_patch4", mesh_spec)
+    mesh = built.mesh
     rng = np.random.default_rng(0)
     images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
     labels = rng.integers(-1, 4, (8, 64)).astype(np.int32)

@@ -10,7 +10,7 @@ import pytest
 
 from convert import train_parity, train_sides  # before anything imports TensorFlow (triton, see conftest)
 from semmae_jax import training_length
-from semmae_jax.paths import map_with_path
+from semmae_jax.key_paths import map_with_path
 from semmae_jax.train import optim
 
 # Flags that make every injected difference visible within a few updates: the peak lr from the

@@ -152,7 +152,7 @@ def test_visualize_reconstructs_the_demo_model_and_draws_the_masks(demo_run, dem
     out = tmp_path / "fig.png"
     args = visualize_job.parse(["--checkpoint", str(demo_run), *images, "--part_map", *maps, "--seed", "3",
                                 "--out", str(out)])
-    v = visualize_job.run(args, ConverterReader())
+    v = visualize_job.draw(args, ConverterReader())
     removed = 64 - int(64 * (1 - 0.75))  # MAE's count: L - int(L * (1 - r))
     for mask in [v.mask, *v.alpha_masks]:
         np.testing.assert_array_equal(mask.sum(1), [removed, removed])
@@ -188,7 +188,7 @@ def test_visualize_reconstructs_the_demo_model_and_draws_the_masks(demo_run, dem
     save_torch_checkpoint(pth, flax_to_torch(load_params(demo_run / "checkpoints")[0], "mae_vit_test_patch4"))
     args = visualize_job.parse(["--checkpoint", str(pth), *images, "--part_map", *maps, "--seed", "3",
                                 "--norm_pix_loss", "--out", str(tmp_path / "pth.png")])
-    from_pth = visualize_job.run(args, ConverterReader())
+    from_pth = visualize_job.draw(args, ConverterReader())
     np.testing.assert_array_equal(from_pth.mask, v.mask)
     np.testing.assert_allclose(from_pth.pred, v.pred, atol=1e-5)
 

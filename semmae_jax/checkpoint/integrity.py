@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from semmae_jax.paths import flat_by_path
+from semmae_jax.key_paths import flat_by_path
 
 
 class CheckpointDamaged(ValueError):

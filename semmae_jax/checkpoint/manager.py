@@ -26,7 +26,7 @@ from etils import epath
 
 from semmae_jax.checkpoint.integrity import failure_reason, quiet_failures
 from semmae_jax.distributed import is_primary, sync
-from semmae_jax.paths import flat_by_path
+from semmae_jax.key_paths import flat_by_path
 from semmae_jax.storage import PathLike, is_local, output_path
 
 PARAMS = "params"

@@ -9,7 +9,7 @@ import jax
 
 from semmae_jax.checkpoint.integrity import CheckpointDamaged, checksums, failure_reason, quiet_failures, verify
 from semmae_jax.checkpoint.manager import RunCheckpoints
-from semmae_jax.paths import flat_by_path
+from semmae_jax.key_paths import flat_by_path
 
 
 def state_items(state: Any) -> dict[str, Any]:

@@ -191,3 +191,34 @@ class BestKeeper:
     def close(self) -> None:
         self.checkpoints.wait()
         self.checkpoints.close()
+
+
+@dataclasses.dataclass
+class EpochEvaluation:
+    """A classification job's epoch-end hook: score the state on the validation split and keep
+    the best params. The skeleton hands it to the job's `result`, which reads `last` (or, for
+    `--eval`, calls `once`)."""
+
+    validation: Validation
+    variables: Callable[[Any], Any]  # TrainState -> the variables `validation` scores
+    best: BestKeeper
+    log: RunLog
+
+    def __call__(self, epoch: int, state: Any, first_batch: Any) -> dict[str, float]:
+        result = self.validation(self.variables(state))
+        self.log.print(self.best.offer(result, state.params, int(state.step), epoch))
+        return result.metrics()
+
+    @property
+    def last(self) -> EvalResult | None:
+        """The latest epoch's figures (None before the first epoch end)."""
+        return self.validation.results[-1] if self.validation.results else None
+
+    def once(self, state: Any) -> EvalResult:
+        """Score `state` without training (`--eval`), printed in the original's words."""
+        result = self.validation(self.variables(state))
+        self.log.print(result.original_lines())
+        return result
+
+    def close(self) -> None:
+        self.best.close()

@@ -94,7 +94,7 @@ def features(config: ExtractFlags, reader: WeightsReader, split: str) -> Feature
     return found
 
 
-def run_features(config: FeaturesConfig, reader: WeightsReader) -> Features:
+def extract_features(config: FeaturesConfig, reader: WeightsReader) -> Features:
     from semmae_jax.distributed import is_primary
 
     if not config.out:
@@ -107,7 +107,7 @@ def run_features(config: FeaturesConfig, reader: WeightsReader) -> Features:
     return found
 
 
-def run_knn(config: KnnConfig, reader: WeightsReader) -> KnnResult:
+def score_knn(config: KnnConfig, reader: WeightsReader) -> KnnResult:
     """Score the val features by k-NN against the train features (read, or extracted first)."""
     from semmae_jax.distributed import is_primary
 
@@ -134,10 +134,10 @@ def run_knn(config: KnnConfig, reader: WeightsReader) -> KnnResult:
 def features_main(argv: Sequence[str], reader: WeightsReader) -> None:
     """`python main.py features ...`."""
     config = config_lib.parse_job_config(argv, FeaturesConfig, "main.py features", __doc__)
-    config_lib.run_job("main.py features", run_features, config, reader)
+    config_lib.one_line_errors("main.py features", extract_features, config, reader)
 
 
 def knn_main(argv: Sequence[str], reader: WeightsReader) -> None:
     """`python main.py knn ...`."""
     config = config_lib.parse_job_config(argv, KnnConfig, "main.py knn", __doc__)
-    config_lib.run_job("main.py knn", run_knn, config, reader)
+    config_lib.one_line_errors("main.py knn", score_knn, config, reader)

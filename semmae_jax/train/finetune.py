@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,12 +23,12 @@ from semmae_jax import config as config_lib
 from semmae_jax import flops, sharding
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
+from semmae_jax.key_paths import flat_by_path, summarize
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
-from semmae_jax.paths import flat_by_path, summarize
 from semmae_jax.train import erasing, evaluate, mixup, optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.flags import ComputeFlags, DataFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
@@ -36,7 +36,7 @@ MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
+class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_finetune.py`'s."""
 
     # Model.
@@ -88,8 +88,8 @@ def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`); `reader` reads
     `.pth` checkpoints (`--finetune`, `--resume`, with an original run's AdamW state)."""
     config = parse(argv)
-    job = evaluate_checkpoint if config.eval else (lambda c, r: run(FinetuneJob(c, r)))
-    config_lib.run_job("main.py finetune", job, config, reader)
+    job = evaluate_checkpoint if config.eval else (lambda c, r: train(FinetuneJob(c, r)))
+    config_lib.one_line_errors("main.py finetune", job, config, reader)
 
 
 def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
@@ -174,41 +174,35 @@ class FinetuneJob(Job):
     def param_groups(self, params: Any) -> list[str]:
         return optim.describe_param_groups(params, self._scales(params))
 
-    def describe(self, run: Run) -> str:
+    def describe(self, recipe: Recipe) -> str:
         return f"mixup / cutmix {self.config.mixup_config().enabled}, RandAugment {self.config.aa}"
 
-    def start(self, state: TrainState, run: Run) -> TrainState:
+    def start(self, state: TrainState, recipe: Recipe) -> TrainState:
         """`--finetune`: the encoder of a pretraining checkpoint (as saved: MAE or ViT), tables resized."""
         if not self.config.finetune:
             return state
         if self.reader is None:
             raise ValueError("--finetune needs the checkpoint reader (run through main.py)")
-        source = self.reader.params(self.config.finetune, None, run.model.img_size)
+        source = self.reader.params(self.config.finetune, None, recipe.model.img_size)
         params, missing, unused = merge_pretrained(state.params, source)
-        run.log.print(f"loaded {self.config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
+        recipe.log.print(f"loaded {self.config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
                       f"  unused: {summarize(unused)}")
         return state.replace(params=params)
 
-    def flops_per_image(self, run: Run) -> float:
-        return flops.train_flops(run.model)
+    def flops_per_image(self, recipe: Recipe) -> float:
+        return flops.train_flops(recipe.model)
 
-    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
-        return make_finetune_step(run.model, tx, self.config)
+    def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
+        return make_finetune_step(recipe.model, tx, self.config)
 
-    def epoch_end_hook(self, run: Run) -> Callable:
-        self.validation = validation(self.config, run.data, run.model, run.mesh, run.shardings.params)
-        self.best = evaluate.BestKeeper(run.log.output_dir / "best", self.config.model, run.log)
+    def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
+        return evaluate.EpochEvaluation(
+            validation(self.config, recipe.data, recipe.model, recipe.mesh, recipe.shardings.params),
+            lambda state: {"params": state.params},
+            evaluate.BestKeeper(recipe.log.output_dir / "best", self.config.model, recipe.log), recipe.log)
 
-        def hook(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
-            result = self.validation({"params": state.params})
-            run.log.print(self.best.offer(result, state.params, int(state.step), epoch))
-            return result.metrics()
-
-        return hook
-
-    def result(self, state: TrainState, run: Run) -> evaluate.EvalResult | None:
-        self.best.close()
-        return self.validation.results[-1] if self.validation.results else None
+    def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
+        return hook.last
 
 
 def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) -> evaluate.EvalResult:

@@ -90,7 +90,7 @@ class DistributedFlags:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunFlags(DistributedFlags):
+class TrainFlags(DistributedFlags):
     """Outputs, checkpoints, the mesh (and, inherited, the processes)."""
 
     output_dir: str = field("./output_dir", "checkpoints, log.txt and pictures")

@@ -11,7 +11,7 @@ LARS momentum are trained and saved.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,18 +23,18 @@ from semmae_jax import config as config_lib
 from semmae_jax import flops
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
+from semmae_jax.key_paths import summarize
 from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
-from semmae_jax.paths import summarize
 from semmae_jax.train import evaluate, optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.flags import ComputeFlags, DataFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
-class LinprobeConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
+class LinprobeConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_linprobe.py`'s."""
 
     model: str = field("vit_large_patch16", "registered classifier name (its encoder is probed)")
@@ -59,7 +59,7 @@ def parse(argv: Sequence[str]) -> LinprobeConfig:
 
 def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py linprobe ...`; `reader` reads the `--finetune` checkpoint."""
-    config_lib.run_job("main.py linprobe", lambda c: run(LinprobeJob(c, reader)), parse(argv))
+    config_lib.one_line_errors("main.py linprobe", lambda c: train(LinprobeJob(c, reader)), parse(argv))
 
 
 def make_probe_step(encoder: nn.Module, head: ProbeHead, tx: optax.GradientTransformation) -> Step:
@@ -95,8 +95,8 @@ class LinprobeJob(Job):
     def build_model(self) -> nn.Module:
         return ProbeHead(self.config.nb_classes)
 
-    def example_inputs(self, run: Run) -> tuple[jax.ShapeDtypeStruct, ...]:
-        return (jax.ShapeDtypeStruct((run.global_batch, self.encoder.embed_dim), jnp.float32),)
+    def example_inputs(self, recipe: Recipe) -> tuple[jax.ShapeDtypeStruct, ...]:
+        return (jax.ShapeDtypeStruct((recipe.global_batch, self.encoder.embed_dim), jnp.float32),)
 
     def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
         c, size = self.config, self.encoder.img_size
@@ -106,65 +106,54 @@ class LinprobeJob(Job):
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
         return optim.lars(params, lr_schedule, weight_decay=self.config.weight_decay)
 
-    def resume_target(self, run: Run) -> ResumeTarget | None:
+    def resume_target(self, recipe: Recipe) -> ResumeTarget | None:
         return None  # the state is a probe: --resume takes a linprobe run directory
 
-    def start(self, state: TrainState, run: Run) -> TrainState:
+    def start(self, state: TrainState, recipe: Recipe) -> TrainState:
         """The frozen encoder: every encoder parameter must come from `--finetune`."""
         c = self.config
         if not c.finetune or self.reader is None:
             raise ValueError("linear probing needs --finetune PRETRAINED (an orbax checkpoint or a .pth)")
         images = jax.ShapeDtypeStruct((1, self.encoder.img_size, self.encoder.img_size, 3), jnp.float32)
-        plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), run.mesh, c.seed)
+        plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), recipe.mesh, c.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params,
                                                    self.reader.params(c.finetune, None, self.encoder.img_size))
         if missing:
             raise ValueError(f"{c.finetune} lacks encoder parameters {missing} of {c.model}")
-        run.log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
+        recipe.log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
         return state.replace(frozen=params)
 
-    def flops_per_image(self, run: Run) -> float:
+    def flops_per_image(self, recipe: Recipe) -> float:
         """The frozen encoder's forward (no backward through it) and the head's forward + backward."""
         return flops.forward_flops(self.encoder) + 3 * flops.head_flops(self.encoder.embed_dim, self.config.nb_classes)
 
-    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
-        return make_probe_step(self.encoder, run.model, tx)
+    def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
+        return make_probe_step(self.encoder, recipe.model, tx)
 
-    def _validation(self, run: Run) -> evaluate.Validation:
-        c, encoder, head = self.config, self.encoder, run.model
-        val = run.data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+    def _validation(self, recipe: Recipe) -> evaluate.Validation:
+        c, encoder, head = self.config, self.encoder, recipe.model
+        val = recipe.data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
         evaluate.check_classes(val.num_classes, c.nb_classes)
 
         def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
             return head.apply(variables["head"], encoder.apply({"params": variables["encoder"]}, images), train=False)
 
-        shardings = run.shardings
+        shardings = recipe.shardings
         return evaluate.Validation.build(
-            run.data, val, run.data.EvalTransform(encoder.img_size), c.batch_size, c.num_workers, logits_fn,
-            c.nb_classes, run.mesh, {"encoder": shardings.frozen,
+            recipe.data, val, recipe.data.EvalTransform(encoder.img_size), c.batch_size, c.num_workers, logits_fn,
+            c.nb_classes, recipe.mesh, {"encoder": shardings.frozen,
                                      "head": {"params": shardings.params, **shardings.model_state}})
 
-    def epoch_end_hook(self, run: Run) -> Callable:
-        self.validation = self._validation(run)
-        self.best = evaluate.BestKeeper(run.log.output_dir / "best", self.config.model, run.log)
-
-        def hook(epoch: int, state: TrainState, batch: Any) -> dict[str, float]:
-            result = self.validation(_variables(state))
-            run.log.print(self.best.offer(result, state.params, int(state.step), epoch))
-            return result.metrics()
-
-        return hook
+    def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
+        return evaluate.EpochEvaluation(
+            self._validation(recipe), _variables,
+            evaluate.BestKeeper(recipe.log.output_dir / "best", self.config.model, recipe.log), recipe.log)
 
     def only_evaluates(self) -> bool:
         return self.config.eval
 
-    def result(self, state: TrainState, run: Run) -> evaluate.EvalResult | None:
-        self.best.close()
-        if self.config.eval:
-            result = self.validation(_variables(state))
-            run.log.print(result.original_lines())
-            return result
-        return self.validation.results[-1] if self.validation.results else None
+    def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
+        return hook.once(state) if self.config.eval else hook.last
 
 
 def _variables(state: TrainState) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from semmae_jax.train.instruments import Instruments
 from semmae_jax.train.preemption import Preemption
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step
+from semmae_jax.training_length import TrainingLength
 
 COUNTS = ("nonfinite", "nonfinite_loss")  # per-step flags of refused steps: counted, never averaged
 
@@ -40,29 +41,18 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclasses.dataclass
-class Schedule:
-    """The run's length and cadences, in loader steps (micro-batches)."""
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When the loop logs and saves (the run's length is `TrainingLength`'s)."""
 
-    epochs: int
-    steps_per_epoch: int
     save_every: int = 1  # epochs
     save_every_steps: int = 0  # 0 = only at epoch ends
-    log_every: int = 20
+    log_every: int = 20  # steps
 
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    def progress(self, step: int) -> float:
-        """Fraction of the run done before `step`: the fractional epoch over the epochs."""
-        return min(step / self.total_steps, 1.0)
-
-    def saves_after(self, step: int) -> bool:
+    def saves_after(self, step: int, length: TrainingLength) -> bool:
         """Checkpoint once `step` steps are done?"""
-        end_of_epoch = step % self.steps_per_epoch == 0
-        epoch = step // self.steps_per_epoch
-        if end_of_epoch and (epoch % self.save_every == 0 or step == self.total_steps):
+        epoch, within = divmod(step, length.steps_per_epoch)
+        if within == 0 and (epoch % self.save_every == 0 or step == length.total_steps):
             return True
         return bool(self.save_every_steps) and step % self.save_every_steps == 0
 
@@ -115,7 +105,7 @@ class EpochStats:
 
 @dataclasses.dataclass
 class Trainer:
-    """Runs a jitted step over the epochs of a schedule, with everything around it.
+    """Runs a jitted step over the epochs of the run's length, with everything around it.
 
     `step_fn(state, batch) -> (state, metrics)` is the job's jitted step (metrics may
     carry per-step schedule values such as SemMAE's `alpha`: they are shown and logged;
@@ -129,8 +119,8 @@ class Trainer:
     step_fn: Step
     epoch_batches: Callable[[int, int], Iterator[dict[str, np.ndarray]]]
     mesh: jax.sharding.Mesh
-    schedule: Schedule
-    lr_at: Callable[[int], float]
+    length: TrainingLength  # epochs, steps per epoch, the lr at any step
+    cadence: Cadence
     checkpoints: RunCheckpoints
     config: dict[str, Any]
     log: RunLog
@@ -140,11 +130,11 @@ class Trainer:
     skipped_before: float = 0.0  # refused steps of the epochs before this one
 
     def run(self, state: TrainState) -> TrainState:
-        """From `state.step` to the end of the schedule (or a preemption notice); the final state."""
+        """From `state.step` to the end of the run (or a preemption notice); the final state."""
         preemption = Preemption(self.checkpoints, int(state.step))
         try:
             stopped = False
-            while not stopped and int(state.step) < self.schedule.total_steps:
+            while not stopped and int(state.step) < self.length.total_steps:
                 state, stopped = self._epoch(state, preemption)
             return state
         finally:
@@ -155,19 +145,19 @@ class Trainer:
 
     def _resumed_stats(self, step: int) -> EpochStats:
         """The epoch's sums so far, from the checkpoint the run resumed at (empty at an epoch start)."""
-        if step % self.schedule.steps_per_epoch == 0 or step not in self.checkpoints.all_steps():
+        if step % self.length.steps_per_epoch == 0 or step not in self.checkpoints.all_steps():
             return EpochStats()
         saved = self.checkpoints.json_item(step, "epoch_stats")
         return EpochStats.from_json(saved) if saved else EpochStats()
 
     def _epoch(self, state: TrainState, preemption: Preemption) -> tuple[TrainState, bool]:
-        schedule = self.schedule
-        epoch, start = divmod(int(state.step), schedule.steps_per_epoch)
+        length, cadence = self.length, self.cadence
+        epoch, start = divmod(int(state.step), length.steps_per_epoch)
         stats, first_batch = self._resumed_stats(int(state.step)), None
-        bar = tqdm(total=schedule.steps_per_epoch, initial=start, desc=f"epoch {epoch}", disable=not is_primary(),
+        bar = tqdm(total=length.steps_per_epoch, initial=start, desc=f"epoch {epoch}", disable=not is_primary(),
                    dynamic_ncols=True)
         batches = prefetch_to_device(self.epoch_batches(epoch, start), self.mesh)
-        for step in range(start + epoch * schedule.steps_per_epoch, (epoch + 1) * schedule.steps_per_epoch):
+        for step in range(start + epoch * length.steps_per_epoch, (epoch + 1) * length.steps_per_epoch):
             batch = self.instruments.next_batch(batches)
             first_batch = first_batch or batch
             state, metrics = self.instruments.step(self.step_fn, state, batch, step)
@@ -175,8 +165,8 @@ class Trainer:
             bar.update(1)
             done = step + 1
             preempted = preemption.reached(done)
-            saving = preempted or schedule.saves_after(done)
-            if saving or done % schedule.log_every == 0 or done % schedule.steps_per_epoch == 0:
+            saving = preempted or cadence.saves_after(done, length)
+            if saving or done % cadence.log_every == 0 or done % length.steps_per_epoch == 0:
                 self._report(done, metrics, stats, bar, f"epoch {epoch} step {done}")
             if saving:
                 with self.instruments.phase("save"):
@@ -193,8 +183,8 @@ class Trainer:
         return state, False
 
     def _save(self, state: TrainState, stats: EpochStats) -> None:
-        epoch_stats = {} if int(state.step) % self.schedule.steps_per_epoch == 0 else stats.as_json()
-        save_state(self.checkpoints, state, self.schedule.steps_per_epoch, self.config, epoch_stats)
+        epoch_stats = {} if int(state.step) % self.length.steps_per_epoch == 0 else stats.as_json()
+        save_state(self.checkpoints, state, self.length.steps_per_epoch, self.config, epoch_stats)
 
     def _check_finite(self, stats: EpochStats, where: str) -> None:
         """Stop once more steps were refused as non-finite than `--max_nonfinite_steps` allows.
@@ -226,8 +216,8 @@ class Trainer:
         step time, images/s, MFU, input wait and device memory."""
         values = {k: float(v) for k, v in metrics.items()}
         self._check_finite(stats, where)
-        figures = self.instruments.window((step - 1) // self.schedule.steps_per_epoch)
-        values.update({"lr": self.lr_at(step), **figures})
+        figures = self.instruments.window((step - 1) // self.length.steps_per_epoch)
+        values.update({"lr": self.length.lr_at(step), **figures})
         shown = {"loss": f"{values['loss']:.4f}", "lr": f"{values['lr']:.2e}"}
         if "images_per_sec" in values:
             shown["img_s"] = f"{values['images_per_sec']:.1f}"
@@ -243,7 +233,7 @@ class Trainer:
         line = {f"train_{k}": v for k, v in means.items()}
         if stats.skipped:
             line["nonfinite_steps"] = int(stats.skipped)
-        line.update({"train_lr": self.lr_at(int(state.step)), "epoch": epoch, "seconds": stats.seconds(),
+        line.update({"train_lr": self.length.lr_at(int(state.step)), "epoch": epoch, "seconds": stats.seconds(),
                      **self.instruments.epoch()})
         if self.on_epoch_end is not None and first_batch is not None:
             with self.instruments.phase("eval"):

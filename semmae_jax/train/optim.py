@@ -27,8 +27,8 @@ from typing import Any
 import jax
 import optax
 
+from semmae_jax.key_paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
 from semmae_jax.models import layer_id
-from semmae_jax.paths import TOKENS_AND_TABLES, flat_by_path, map_with_path
 
 NO_WEIGHT_DECAY = (r"/bias$", r"/scale$", TOKENS_AND_TABLES)
 ORIGINAL_PRETRAIN_NO_WEIGHT_DECAY = (r"/bias$", r"/scale$")  # the position tables are frozen there

@@ -38,14 +38,14 @@ from semmae_jax.parts import (
     part_losses,
 )
 from semmae_jax.train import optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.flags import ComputeFlags, DataFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
-class PartsConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
+class PartsConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """`parts train` flags (with the shared run, data and schedule flags); `configs/parts_*.py` presets."""
 
     # Backbone and learner.
@@ -135,27 +135,27 @@ class PartsJob(Job):
     def param_groups(self, params: Any) -> list[str]:
         return optim.describe_param_groups(params, frozen=("backbone",))
 
-    def describe(self, run: Run) -> str:
-        c, size, patch = self.config, run.model.img_size, run.model.patch_size
+    def describe(self, recipe: Recipe) -> str:
+        c, size, patch = self.config, recipe.model.img_size, recipe.model.patch_size
         return (f"backbone {c.backbone}: {self.backbone_name} {self.backbone_overrides} at {size}x{size} "
                 f"({size // patch}x{size // patch} patches), frozen; {c.num_parts} parts"
                 f"{' + background' if c.background else ''}")
 
-    def resume_target(self, run: Run) -> ResumeTarget | None:
+    def resume_target(self, recipe: Recipe) -> ResumeTarget | None:
         return None  # --resume takes another parts run directory
 
-    def start(self, state: TrainState, run: Run) -> TrainState:
+    def start(self, state: TrainState, recipe: Recipe) -> TrainState:
         return state.replace(params={**state.params, "backbone": _place(self.backbone_params,
                                                                          state.params["backbone"])})
 
-    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
-        return make_parts_step(run.model, tx, self.config.loss_weights(), self.config.background)
+    def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
+        return make_parts_step(recipe.model, tx, self.config.loss_weights(), self.config.background)
 
-    def epoch_end_hook(self, run: Run) -> Callable:
-        return _picture_hook(run, self.config)
+    def epoch_end_hook(self, recipe: Recipe) -> Callable:
+        return _picture_hook(recipe, self.config)
 
-    def run_config(self) -> dict[str, Any]:
-        return {**super().run_config(), "backbone_model": self.backbone_name,
+    def saved_config(self) -> dict[str, Any]:
+        return {**super().saved_config(), "backbone_model": self.backbone_name,
                 "backbone_overrides": self.backbone_overrides}
 
 
@@ -167,11 +167,11 @@ def _place(params: Any, like: Any) -> Any:
     return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
 
 
-def _picture_hook(run: Run, config: PartsConfig) -> Callable:
+def _picture_hook(recipe: Recipe, config: PartsConfig) -> Callable:
     """Every `vis_every` epochs and at the end: images with their parts overlaid."""
-    model = run.model
+    model = recipe.model
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(run.mesh))
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(recipe.mesh))
     @sharding.with_logical_rules
     def parts_of(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         return images[:8], assign_parts(model.apply({"params": params}, images[:8]).maps, config.background)
@@ -180,8 +180,8 @@ def _picture_hook(run: Run, config: PartsConfig) -> Callable:
         if (epoch + 1) % config.vis_every and epoch + 1 != config.epochs:
             return {}
         images, labels = (np.asarray(jax.device_get(x)) for x in parts_of(state.params, batch["image"]))
-        if run.log.enabled:
-            run.log.picture(int(state.step), epoch, "parts", visualize.parts_panel(images, [labels.reshape(len(labels), -1)]))
+        if recipe.log.enabled:
+            recipe.log.picture(int(state.step), epoch, "parts", visualize.parts_panel(images, [labels.reshape(len(labels), -1)]))
         return {}
 
     return hook
@@ -192,4 +192,4 @@ def _picture_hook(run: Run, config: PartsConfig) -> Callable:
 
 def train_main(argv: Sequence[str], reader: WeightsReader) -> None:
     """`python main.py parts train ...`; `reader` reads the backbone checkpoint."""
-    config_lib.run_job("main.py parts train", lambda c: run(PartsJob(c, reader)), parse_train(argv))
+    config_lib.one_line_errors("main.py parts train", lambda c: train(PartsJob(c, reader)), parse_train(argv))

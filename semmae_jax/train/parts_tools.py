@@ -297,14 +297,14 @@ def _parse(argv: Sequence[str], config_cls: type, name: str) -> Any:
 
 def export_main(argv: Sequence[str]) -> None:
     """`python main.py parts export ...`."""
-    config_lib.run_job("main.py parts export", export, _parse(argv, ExportConfig, "export"))
+    config_lib.one_line_errors("main.py parts export", export, _parse(argv, ExportConfig, "export"))
 
 
 def show_main(argv: Sequence[str]) -> None:
     """`python main.py parts show ...`."""
-    config_lib.run_job("main.py parts show", show, _parse(argv, ViewConfig, "show"))
+    config_lib.one_line_errors("main.py parts show", show, _parse(argv, ViewConfig, "show"))
 
 
 def eval_main(argv: Sequence[str]) -> None:
     """`python main.py parts eval ...`."""
-    config_lib.run_job("main.py parts eval", evaluate, _parse(argv, ViewConfig, "eval"))
+    config_lib.one_line_errors("main.py parts eval", evaluate, _parse(argv, ViewConfig, "eval"))

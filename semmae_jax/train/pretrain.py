@@ -27,14 +27,14 @@ from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, RunFlags, ScheduleFlags
-from semmae_jax.train.run import Job, Run, run
+from semmae_jax.train.flags import ComputeFlags, DataFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step, make_pretrain_step
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig(RunFlags, DataFlags, ScheduleFlags, ComputeFlags):
+class PretrainConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
     """Defaults are the original `main_pretrain.py`'s; `configs/*.py` presets change them."""
 
     # Model.
@@ -77,7 +77,7 @@ def parse(argv: Sequence[str]) -> PretrainConfig:
 
 def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py pretrain ...`; `reader` reads `--resume` files that are not run directories."""
-    config_lib.run_job("main.py pretrain", lambda c: run(PretrainJob(c, reader)), parse(argv))
+    config_lib.one_line_errors("main.py pretrain", lambda c: train(PretrainJob(c, reader)), parse(argv))
 
 
 class PretrainJob(Job):
@@ -113,27 +113,27 @@ class PretrainJob(Job):
         return optim.describe_param_groups(params, frozen=frozen_param_names(self.build_model()),
                                            no_decay=self._no_decay())
 
-    def describe(self, run: Run) -> str:
+    def describe(self, recipe: Recipe) -> str:
         setting = self.config.setting
         return f"masking setting {setting} ({masking.MaskingSetting(setting).name}), gamma {self.config.gamma}"
 
-    def flops_per_image(self, run: Run) -> float:
-        return flops.train_flops(run.model, self.config.mask_ratio)
+    def flops_per_image(self, recipe: Recipe) -> float:
+        return flops.train_flops(recipe.model, self.config.mask_ratio)
 
-    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
+    def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
         c = self.config
-        return make_pretrain_step(run.model, tx, mask_ratio=c.mask_ratio, setting=c.setting, num_parts=c.num_parts,
-                                  total_steps=run.length.total_steps, gamma=c.gamma)
+        return make_pretrain_step(recipe.model, tx, mask_ratio=c.mask_ratio, setting=c.setting, num_parts=c.num_parts,
+                                  total_steps=recipe.length.total_steps, gamma=c.gamma)
 
-    def epoch_end_hook(self, run: Run) -> Callable:
-        return _picture_hook(run, self.config)
+    def epoch_end_hook(self, recipe: Recipe) -> Callable:
+        return _picture_hook(recipe, self.config)
 
 
-def _picture_hook(run: Run, config: PretrainConfig) -> Callable:
+def _picture_hook(recipe: Recipe, config: PretrainConfig) -> Callable:
     """Every `vis_every` epochs and at the end: input | parts | mask | reconstruction."""
-    rows, model = 4, run.model
+    rows, model = 4, recipe.model
 
-    @functools.partial(jax.jit, out_shardings=sharding.replicated(run.mesh))
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(recipe.mesh))
     @sharding.with_logical_rules
     def reconstruct(params: Any, batch: dict[str, jax.Array], key: jax.Array, alpha: jax.Array) -> tuple:
         noise = masking.masking_noise(key, batch["part_labels"], setting=config.setting,
@@ -144,13 +144,13 @@ def _picture_hook(run: Run, config: PretrainConfig) -> Callable:
     def hook(epoch: int, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, float]:
         if not (epoch + 1 == config.epochs or (epoch + 1) % config.vis_every == 0):
             return {}
-        progress = run.length.progress((epoch + 1) * run.length.steps_per_epoch)
+        progress = recipe.length.progress((epoch + 1) * recipe.length.steps_per_epoch)
         alpha = jnp.asarray(masking.masking_alpha(config.setting, progress, config.gamma), jnp.float32)
         outputs = [np.asarray(jax.device_get(x))  # replicated: every process holds them
                    for x in reconstruct(state.params, batch, jax.random.key(config.seed), alpha)]
-        if run.log.enabled:
+        if recipe.log.enabled:
             panel = visualize.pretrain_panel(*outputs, patch_size=model.patch_size, norm_pix_loss=config.norm_pix_loss)
-            run.log.picture(int(state.step), epoch, "reconstruction", panel)
+            recipe.log.picture(int(state.step), epoch, "reconstruction", panel)
         return {}
 
     return hook

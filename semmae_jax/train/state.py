@@ -20,7 +20,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from semmae_jax import sharding
-from semmae_jax.paths import flat_by_path, map_with_path
+from semmae_jax.key_paths import flat_by_path, map_with_path
 
 
 @flax.struct.dataclass

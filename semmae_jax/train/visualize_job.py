@@ -96,11 +96,11 @@ def load_model(reader: WeightsReader, checkpoint: str, input_size: int | None,
                          "checkpoint (an MAE / SemMAE run, its .pth, or a ViTMAEForPreTraining directory)")
     stated = overrides.pop("norm_pix_loss", None)
     if stated is None and Path(path).is_dir():
-        stated = _run_config(path).get("norm_pix_loss")
+        stated = _saved_config(path).get("norm_pix_loss")
     return create_model(name, **overrides, norm_pix_loss=bool(stated if norm_pix_loss is None else norm_pix_loss)), params
 
 
-def _run_config(path: str) -> dict[str, Any]:
+def _saved_config(path: str) -> dict[str, Any]:
     """The flags a pretraining run saved with its checkpoint ({} for a converted release)."""
     from semmae_jax.checkpoint.manager import open_step
 
@@ -182,7 +182,7 @@ def figure(v: Views, patch_size: int, norm_pix_loss: bool, alphas: Sequence[floa
     return visualize.titled_rows(rows, caption)
 
 
-def run(args: argparse.Namespace, reader: WeightsReader) -> Views:
+def draw(args: argparse.Namespace, reader: WeightsReader) -> Views:
     check_inputs(args.images, args.part_map)
     model, params = load_model(reader, args.checkpoint, args.input_size, args.norm_pix_loss)
     images, labels = load_images(args.images, args.part_map, model.img_size, model.patch_size)
@@ -196,4 +196,4 @@ def run(args: argparse.Namespace, reader: WeightsReader) -> Views:
 
 def main(argv: Sequence[str], reader: WeightsReader) -> None:
     """`python main.py visualize ...`."""
-    config_lib.run_job("main.py visualize", run, parse(argv), reader)
+    config_lib.one_line_errors("main.py visualize", draw, parse(argv), reader)

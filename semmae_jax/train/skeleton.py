@@ -1,11 +1,14 @@
-"""The one run skeleton every training job calls.
+"""The one skeleton every training job calls.
 
 A job (`pretrain.py`, `finetune.py`, `linprobe.py`, `parts.py`) is a `Job`: its config,
-model, training data, optimizer recipe, step function and hooks. `run(job)` does the
-rest, each phase once and in this order:
+model, training data, optimizer, step function and hooks. `train(job)` does the rest,
+each phase once and in this order:
 
-    runtime -> mesh and log -> data -> run length and lr -> sharded state -> restore
-    -> jitted step -> loop -> close
+    runtime -> mesh, the run directory's lock and log -> data -> recipe (length, lr,
+    optimizer) -> sharded state -> restore -> jitted step -> loop -> close
+
+A *run* is one output directory and what lives in it (its lock, log, checkpoints and
+saved config); the `Recipe` is what the skeleton builds for the job's hooks.
 
 Closing (checkpoint manager, TensorBoard writer) happens on every way out, errors
 included (`contextlib.ExitStack`). `--accum_iter` means the same in every job: the
@@ -35,32 +38,32 @@ from semmae_jax.metrics_log import RunLog
 from semmae_jax.run_lock import run_lock
 from semmae_jax.train import optim
 from semmae_jax.train.instruments import Instruments, Stopwatch
-from semmae_jax.train.loop import Schedule, Trainer
+from semmae_jax.train.loop import Cadence, Trainer
 from semmae_jax.train.state import TrainState, create_state
 from semmae_jax.train.steps import Step, jit_step
 from semmae_jax.training_length import TrainingLength
 
 
 @dataclasses.dataclass
-class Run:
-    """What the skeleton has built so far, handed to a job's hooks."""
+class Recipe:
+    """What the skeleton has built for the job (its length, lr, optimizer, mesh, model), handed to its hooks."""
 
     data: Any  # the `semmae_jax.data` module (imported once the runtime has started)
     mesh: jax.sharding.Mesh
-    log: RunLog | None  # None outside `run` (`parity --train` builds the recipe without a run directory)
+    log: RunLog | None  # None outside `train` (`parity --train` builds the recipe without a run directory)
     model: nn.Module
     global_batch: int
     length: TrainingLength  # epochs of micro-batches, optimizer updates, the lr at any step
-    schedule: Schedule  # when the loop logs and saves
+    cadence: Cadence  # when the loop logs and saves
     effective_batch: int
     make_tx: Callable[[Any], optax.GradientTransformation]  # params -> the job's optimizer with accumulation
     shardings: TrainState | None = None  # once the state exists
 
 
 class Job(abc.ABC):
-    """What makes a training job its own; `run` does everything else.
+    """What makes a training job its own; `train` does everything else.
 
-    `config` is the job's config dataclass (it inherits `RunFlags`, `DataFlags` and
+    `config` is the job's config dataclass (it inherits `TrainFlags`, `DataFlags` and
     `ScheduleFlags`); `reader` reads files that are not orbax checkpoints (`.pth`, ...).
     """
 
@@ -87,35 +90,38 @@ class Job(abc.ABC):
         """The optimizer recipe for one update (accumulation is added by the skeleton)."""
 
     @abc.abstractmethod
-    def step(self, run: Run, tx: optax.GradientTransformation) -> Step:
+    def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
         """`step(state, batch) -> (state, metrics)`, not yet jitted."""
 
     def param_groups(self, params: Any) -> list[str]:
         """One line per parameter: how the optimizer treats it (logged once, in `param_placement.txt`)."""
         return optim.describe_param_groups(params)
 
-    def example_inputs(self, run: Run) -> tuple[jax.ShapeDtypeStruct, ...]:
+    def example_inputs(self, recipe: Recipe) -> tuple[jax.ShapeDtypeStruct, ...]:
         """What `model.init` is traced with: a global batch of images."""
-        size = run.model.img_size
-        return (jax.ShapeDtypeStruct((run.global_batch, size, size, 3), jnp.float32),)
+        size = recipe.model.img_size
+        return (jax.ShapeDtypeStruct((recipe.global_batch, size, size, 3), jnp.float32),)
 
-    def describe(self, run: Run) -> str:
+    def describe(self, recipe: Recipe) -> str:
         """The job's own start-up line (after the shared one)."""
         return ""
 
-    def start(self, state: TrainState, run: Run) -> TrainState:
+    def start(self, state: TrainState, recipe: Recipe) -> TrainState:
         """The fresh state with what the job starts from (pretrained weights), before the resume order."""
         return state
 
-    def epoch_end_hook(self, run: Run) -> Any:
-        """`hook(epoch, state, first_batch) -> extra log values`, or None; built once the state exists."""
+    def epoch_end_hook(self, recipe: Recipe) -> Any:
+        """`hook(epoch, state, first_batch) -> extra log values`, or None; built once the state exists.
+
+        The skeleton closes it at the end (if it has `close`) and hands it to `result`: what the
+        job returns (an evaluation) lives on the hook, not on the job."""
         return None
 
-    def resume_target(self, run: Run) -> ResumeTarget | None:
+    def resume_target(self, recipe: Recipe) -> ResumeTarget | None:
         """What a `--resume` weights file must fit; None: `--resume` takes run directories only."""
-        return ResumeTarget(self.config.model, run.model.img_size, run.length, self.betas)
+        return ResumeTarget(self.config.model, recipe.model.img_size, recipe.length, self.betas)
 
-    def flops_per_image(self, run: Run) -> float | None:
+    def flops_per_image(self, recipe: Recipe) -> float | None:
         """Model FLOPs of one image's training step (`semmae_jax.flops`), for TFLOP/s and MFU; None: not counted."""
         return None
 
@@ -123,17 +129,18 @@ class Job(abc.ABC):
         """True to restore and hand the state to `result` without training (`--eval`)."""
         return False
 
-    def result(self, state: TrainState, run: Run) -> Any:
-        """What `run` returns (pretraining: the state; fine-tuning: the last evaluation)."""
+    def result(self, state: TrainState, recipe: Recipe, hook: Any) -> Any:
+        """What `train` returns (pretraining: the state; fine-tuning: the last evaluation), from
+        the final state and the epoch-end hook."""
         return state
 
-    def run_config(self) -> dict[str, Any]:
-        """Saved with every checkpoint."""
+    def saved_config(self) -> dict[str, Any]:
+        """The run's config, saved with every checkpoint (and compared on resume)."""
         return {"job": self.name, **dataclasses.asdict(self.config)}
 
 
-def run(job: Job) -> Any:
-    """Run `job` phase by phase; returns `job.result(...)`."""
+def train(job: Job) -> Any:
+    """Train `job` phase by phase; returns `job.result(...)`."""
     watch = Stopwatch()  # the goodput record's clock: start-up begins here
     config = job.config
     config.start_runtime()  # runtime: join the processes before anything touches a device
@@ -149,42 +156,44 @@ def run(job: Job) -> Any:
         source, transform = job.train_data(data, model)
         loader = data.TrainLoader(source, batch_size=global_batch // jax.process_count(), seed=config.seed,
                                   transform=transform, num_workers=config.num_workers)
-        run_ = recipe(job, model, global_batch, loader.steps_per_epoch, mesh, data, log)  # run length and lr
+        built = recipe(job, model, global_batch, loader.steps_per_epoch, mesh, data, log)  # length, lr, optimizer
         log.print(f"{job.name} {getattr(config, 'model', '')}: global batch {global_batch} over "
                   f"{jax.device_count()} devices x accum_iter {config.accum_iter} = effective batch "
-                  f"{run_.effective_batch}; lr {run_.length.peak_lr:.3e}; mesh {dict(mesh.shape)}; "
-                  f"{run_.length.steps_per_epoch} steps per epoch, {config.epochs} epochs")
-        if described := job.describe(run_):
+                  f"{built.effective_batch}; lr {built.length.peak_lr:.3e}; mesh {dict(mesh.shape)}; "
+                  f"{built.length.steps_per_epoch} steps per epoch, {config.epochs} epochs")
+        if described := job.describe(built):
             log.print(described)
         with jax.set_mesh(mesh):
-            state, tx = fresh_state(job, run_)  # sharded state
-            _log_placement(log, job, state, run_.shardings)
-            state = job.start(state, run_)
-            run_.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
+            state, tx = fresh_state(job, built)  # sharded state
+            _log_placement(log, job, state, built.shardings)
+            state = job.start(state, built)
+            built.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
             checkpoints = closing.enter_context(contextlib.closing(  # restore
                 RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)))
-            identity = RunIdentity(json.loads(json.dumps(job.run_config())), job.defining, config.allow_config_change)
+            identity = RunIdentity(json.loads(json.dumps(job.saved_config())), job.defining, config.allow_config_change)
             with watch.phase("restore"):
-                state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(run_), log,
+                state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(built), log,
                                           identity)
-            on_epoch_end = job.epoch_end_hook(run_)
+            hook = job.epoch_end_hook(built)
+            if hasattr(hook, "close"):
+                closing.callback(hook.close)
             if not job.only_evaluates():
-                step = jitted_step(job, run_, tx, run_.shardings)  # jitted step
+                step = jitted_step(job, built, tx, built.shardings)  # jitted step
                 trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
-                                  schedule=run_.schedule, lr_at=run_.length.lr_at,
-                                  checkpoints=checkpoints, config=job.run_config(), log=log,
+                                  length=built.length, cadence=built.cadence,
+                                  checkpoints=checkpoints, config=job.saved_config(), log=log,
                                   instruments=Instruments.for_run(config, log, global_batch,
-                                                                  job.flops_per_image(run_), watch),
-                                  on_epoch_end=on_epoch_end,
+                                                                  job.flops_per_image(built), watch),
+                                  on_epoch_end=hook,
                                   max_nonfinite_steps=config.max_nonfinite_steps)
                 state = trainer.run(state)
-            return job.result(state, run_)
+            return job.result(state, built, hook)
 
 
 def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mesh: jax.sharding.Mesh,
-           data: Any = None, log: RunLog | None = None) -> Run:
-    """The job's training recipe as `run` trains it: the run's length in micro-batches, its lr
-    schedule in optimizer updates and the optimizer with `--accum_iter` (`Run.make_tx`).
+           data: Any = None, log: RunLog | None = None) -> Recipe:
+    """The job's training recipe as `train` trains it: the run's length in micro-batches, its lr
+    schedule in optimizer updates and the optimizer with `--accum_iter` (`Recipe.make_tx`).
 
     Built in this one place so that `parity --train` compares exactly what a run trains with.
     """
@@ -193,26 +202,26 @@ def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mes
     steps_per_epoch = min(loader_steps, config.steps_per_epoch or loader_steps)
     length = TrainingLength(epochs=config.epochs, steps_per_epoch=steps_per_epoch, accum_iter=config.accum_iter,
                             warmup_epochs=config.warmup_epochs, peak_lr=lr, min_lr=config.min_lr)
-    schedule = Schedule(epochs=length.epochs, steps_per_epoch=length.steps_per_epoch, save_every=config.save_every,
-                        save_every_steps=config.save_every_steps, log_every=config.log_every)
+    cadence = Cadence(save_every=config.save_every, save_every_steps=config.save_every_steps,
+                      log_every=config.log_every)
 
     def make_tx(params: Any) -> optax.GradientTransformation:
         return optim.accumulate(job.optimizer(params, length.lr_schedule()), length.accum_iter)
 
-    return Run(data, mesh, log, model, global_batch, length, schedule, effective, make_tx)
+    return Recipe(data, mesh, log, model, global_batch, length, cadence, effective, make_tx)
 
 
-def fresh_state(job: Job, run_: Run) -> tuple[TrainState, optax.GradientTransformation]:
-    """The job's fresh sharded state and its optimizer under `run_`'s recipe (the state's shardings
-    are recorded on `run_`). Call under `jax.set_mesh(run_.mesh)`."""
-    state, run_.shardings, tx = create_state(run_.model, run_.make_tx, job.example_inputs(run_), run_.mesh,
-                                             job.config.seed)
+def fresh_state(job: Job, recipe: Recipe) -> tuple[TrainState, optax.GradientTransformation]:
+    """The job's fresh sharded state and its optimizer under `recipe` (the state's shardings are
+    recorded on it). Call under `jax.set_mesh(recipe.mesh)`."""
+    state, recipe.shardings, tx = create_state(recipe.model, recipe.make_tx, job.example_inputs(recipe), recipe.mesh,
+                                               job.config.seed)
     return state, tx
 
 
-def jitted_step(job: Job, run_: Run, tx: optax.GradientTransformation, shardings: TrainState) -> Step:
-    """The job's step, jitted for states placed as `shardings` and global batches on `run_.mesh`."""
-    return jit_step(job.step(run_, tx), shardings, sharding.batch_sharding(run_.mesh), run_.mesh)
+def jitted_step(job: Job, recipe: Recipe, tx: optax.GradientTransformation, shardings: TrainState) -> Step:
+    """The job's step, jitted for states placed as `shardings` and global batches on `recipe.mesh`."""
+    return jit_step(job.step(recipe, tx), shardings, sharding.batch_sharding(recipe.mesh), recipe.mesh)
 
 
 def _log_placement(log: RunLog, job: Job, state: TrainState, shardings: TrainState) -> None:
