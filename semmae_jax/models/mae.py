@@ -18,10 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semmae_jax.models.fields import ViTFields
 from semmae_jax.models.layers import (
     ACT,
-    LN_EPS,
-    Dtype,
     PatchEmbed,
     apply_blocks,
     dense,
@@ -93,39 +92,18 @@ def masked_patch_loss(
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
-class MaskedAutoencoderViT(nn.Module):
+class MaskedAutoencoderViT(ViTFields):
     """MAE: a ViT encoder on the visible patches, a light decoder, pixel MSE on the masked ones."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    depth: int = 24
-    num_heads: int = 16
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
-    mlp_ratio: float = 4.0
     norm_pix_loss: bool = False
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-    layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
-    attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
-    qkv_bias: bool = True  # False: q, k, v without biases (a transformers config's `qkv_bias: false`)
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
 
     def setup(self) -> None:
         tokens = logical(nn.initializers.normal(0.02), None, None, "embed")
         table = logical(sincos_init(self.grid_size), None, None, "embed")
-        blocks = dict(mlp_ratio=self.mlp_ratio, dtype=self.dtype, remat=self.remat, norm_eps=self.layer_norm_eps,
-                      attention=self.attention, qkv_bias=self.qkv_bias)
+        blocks = self.block_options()
         # Encoder.
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
         self.cls_token = self.param("cls_token", tokens, (1, 1, self.embed_dim))
@@ -149,7 +127,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         Returns (latent [N, 1 + keep, D] after the final norm, mask, ids_restore).
         """
-        self._check_input(images)
+        self.check_images(images)
         x = self.patch_embed(images.astype(self.dtype))
         pos_embed = jax.lax.stop_gradient(self.pos_embed).astype(x.dtype)
         x = x + pos_embed[:, 1:]
@@ -184,10 +162,3 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         loss = masked_patch_loss(images, pred, mask, self.patch_size, self.norm_pix_loss)
         return loss, pred, mask
-
-    def _check_input(self, images: jax.Array) -> None:
-        expected = (self.img_size, self.img_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"{type(self).__name__} expects images [N, {', '.join(map(str, expected))}] (NHWC), got {tuple(images.shape)}"
-            )

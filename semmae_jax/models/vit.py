@@ -16,10 +16,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semmae_jax.models.fields import ViTFields
 from semmae_jax.models.layers import (
     ACT,
-    LN_EPS,
-    Dtype,
     PatchEmbed,
     apply_blocks,
     dense,
@@ -36,50 +35,24 @@ from semmae_jax.models.pos_embed import sincos_init
 HEAD_INIT_STD = 2e-5
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ViTFields):
     """ViT with mean-pool (`global_pool=True`) or cls-token classification."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
     num_classes: int = 1000
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
     global_pool: bool = True
     drop_path_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-    layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
-    attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
-    qkv_bias: bool = True  # False: q, k, v without biases (a transformers config's `qkv_bias: false`)
     pooler: bool = False  # transformers ViTModel's dense + tanh on the cls token (encoders only)
 
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
     def setup(self) -> None:
-        num_patches = self.grid_size**2
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)
         self.cls_token = self.param(
             "cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.embed_dim)
         )
         self.pos_embed = self.param(
-            "pos_embed", logical(sincos_init(self.grid_size), None, None, "embed"), (1, num_patches + 1, self.embed_dim)
+            "pos_embed", logical(sincos_init(self.grid_size), None, None, "embed"), (1, self.num_patches + 1, self.embed_dim)
         )
-        self.blocks = make_blocks(
-            self.depth,
-            self.num_heads,
-            mlp_ratio=self.mlp_ratio,
-            dtype=self.dtype,
-            remat=self.remat,
-            norm_eps=self.layer_norm_eps,
-            attention=self.attention,
-            qkv_bias=self.qkv_bias,
-            drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth),
-        )
+        self.blocks = make_blocks(self.depth, self.num_heads, **self.block_options(),
+                                  drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth))
         if self.global_pool:
             self.fc_norm = layer_norm(None, self.dtype, self.layer_norm_eps)
         else:
@@ -95,11 +68,7 @@ class VisionTransformer(nn.Module):
 
     def tokens(self, images: jax.Array, train: bool = False) -> jax.Array:
         """All tokens [N, 1 + L, D] after the blocks (and after `norm` when cls-pooled)."""
-        expected = (self.img_size, self.img_size, self.in_chans)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(
-                f"VisionTransformer expects images [N, {', '.join(map(str, expected))}] (NHWC), got {tuple(images.shape)}"
-            )
+        self.check_images(images)
         x = self.patch_embed(images.astype(self.dtype))
         cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)

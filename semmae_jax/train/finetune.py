@@ -27,7 +27,7 @@ from semmae_jax.key_paths import flat_by_path, summarize
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.train import erasing, evaluate, mixup, optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
 from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
@@ -36,16 +36,11 @@ MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
+class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, ClassifierFlags, ModelFlags):
     """Defaults are the original `main_finetune.py`'s."""
 
     # Model.
-    model: str = field("vit_large_patch16", "registered classifier name")
-    input_size: int = field(224, "image size")
     drop_path: float = field(0.1, "stochastic depth rate")
-    global_pool: bool = field(True, "mean-pool the patch tokens (--cls_token: use the cls token)")
-    nb_classes: int = field(1000, "number of classes")
-    dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
     remat: bool = field(False, "recompute each block's activations in the backward pass")
     # Optimisation (the shared flags with the fine-tuning defaults).
     epochs: int = field(50)
@@ -66,9 +61,6 @@ class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
     mixup_mode: str = field("batch", "per 'batch', 'pair' or 'elem'", choices=("batch", "pair", "elem"))
     smoothing: float = field(0.1, "label smoothing")
     # Checkpoints and evaluation.
-    finetune: str | None = field(None, "pretrained checkpoint to start from (orbax dir or .pth)")
-    eval: bool = field(False, "evaluate --resume on the validation split and stop")
-    dist_eval: bool = field(False, "accepted for the original's command lines: evaluation is always distributed")
     eval_batch_size: int | None = field(None, "evaluation batch per device (default: --batch_size)")
 
     def mixup_config(self) -> mixup.MixupConfig:

@@ -44,6 +44,26 @@ class ScheduleFlags:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelFlags:
+    """The registered model a job builds, its input size and compute dtype."""
+
+    model: str = field("vit_large_patch16", "registered model name (see docs/architecture.md, Models)")
+    input_size: int = field(224, "image size")
+    dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierFlags:
+    """A classifier on a pretrained encoder (fine-tuning, linear probing): the original scripts' names."""
+
+    nb_classes: int = field(1000, "number of classes")
+    global_pool: bool = field(True, "mean-pool the patch tokens (--cls_token: use the cls token)")
+    finetune: str | None = field(None, "pretrained checkpoint to start from (orbax dir, run dir or .pth)")
+    eval: bool = field(False, "evaluate --resume on the validation split and stop")
+    dist_eval: bool = field(False, "accepted for the original's command lines: evaluation is always distributed")
+
+
+@dataclasses.dataclass(frozen=True)
 class ComputeFlags:
     """How the model computes, whatever the job."""
 

@@ -27,29 +27,24 @@ from semmae_jax.key_paths import summarize
 from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
 from semmae_jax.train import evaluate, optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
 from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
 
 @dataclasses.dataclass(frozen=True)
-class LinprobeConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
+class LinprobeConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, ClassifierFlags, ModelFlags):
     """Defaults are the original `main_linprobe.py`'s."""
 
-    model: str = field("vit_large_patch16", "registered classifier name (its encoder is probed)")
-    input_size: int = field(224, "image size")
     global_pool: bool = field(False, "mean-pooled features instead of the cls token")
-    nb_classes: int = field(1000, "number of classes")
-    dtype: str = field("float32", "compute dtype of the encoder", choices=("float32", "bfloat16"))
     batch_size: int = field(512)
     epochs: int = field(90)
     warmup_epochs: int = field(10)
     blr: float = field(0.1)
     weight_decay: float = field(0.0)
-    finetune: str | None = field(None, "pretrained checkpoint whose encoder is probed (orbax dir or .pth)")
+    finetune: str | None = field(None, "pretrained checkpoint whose encoder is probed (orbax dir, run dir or .pth)")
     eval: bool = field(False, "evaluate the probe of --resume and stop")
-    dist_eval: bool = field(False, "accepted for the original's command lines: evaluation is always distributed")
 
 
 def parse(argv: Sequence[str]) -> LinprobeConfig:
