@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import importlib.util
 import types
 import typing
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets: the `configs` package next to `semmae_jax` (the checkout's, or the installed copy).
+CONFIG_DIR = Path(str(importlib.resources.files("configs")))
 
 
 def _flag_type(annotation: Any) -> tuple[type, bool]:
