@@ -1,4 +1,4 @@
-"""The one run skeleton (`train/run.py`): what every job gets from it, checked job by job.
+"""The one skeleton (`train/skeleton.py`): what every job gets from it, checked job by job.
 
 `--accum_iter` must mean the original's in every job: one optimizer update every
 `accum_iter` micro-batches, the lr of the effective batch, a schedule over updates. (The
@@ -7,6 +7,7 @@ first linear probe multiplied the lr by `accum_iter` but updated every micro-bat
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import flax.linen as nn
@@ -75,3 +76,20 @@ def test_every_job_takes_attention_and_refuses_cudnn_on_cpu_in_one_line(job, dem
     flags = [*_job_flags(job, tmp_path), *SHARED, "--data_path", str(demo_root), "--output_dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit, match=r"error: .*cudnn.*'cpu'"):
         cli_main([*flags, "--attention", "cudnn"])
+
+
+@pytest.mark.slow
+def test_linprobe_eval_scores_the_runs_checkpoint_and_reports_as_every_eval(demo_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = [*_job_flags("linprobe", tmp_path), *SHARED, "--data_path", str(demo_root), "--output_dir", str(out)]
+    cli_main(flags)
+    last = epoch_lines(out)[-1]
+    (out / "per_class_accuracy.json").unlink()  # the best epoch's, written while training
+    capsys.readouterr()
+    cli_main([*flags, "--eval"])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("* Acc@1"))
+    assert float(line.split()[2]) == pytest.approx(last["test_acc1"], abs=1e-3)  # the last epoch's state
+    per_class = json.loads((out / "per_class_accuracy.json").read_text())
+    assert sum(v["images"] for v in per_class.values()) > 0
+    assert sum(v["images"] * v["acc1"] for v in per_class.values()) / sum(
+        v["images"] for v in per_class.values()) == pytest.approx(last["test_acc1"], abs=1e-3)

@@ -193,6 +193,14 @@ class BestKeeper:
         self.checkpoints.close()
 
 
+def report(result: EvalResult, log: RunLog, class_names: Sequence[str] | None = None) -> None:
+    """What `--eval` prints and writes, whatever the job: the original's lines, top-1 per class
+    under the checkpoint's class names (when it has them), `per_class_accuracy.json`."""
+    log.print(result.original_lines() + (f"\n{result.per_class_lines(class_names)}" if class_names else ""))
+    if log.enabled:
+        result.write_per_class(log.output_dir / "per_class_accuracy.json", class_names)
+
+
 @dataclasses.dataclass
 class EpochEvaluation:
     """A classification job's epoch-end hook: score the state on the validation split and keep
@@ -215,9 +223,9 @@ class EpochEvaluation:
         return self.validation.results[-1] if self.validation.results else None
 
     def once(self, state: Any) -> EvalResult:
-        """Score `state` without training (`--eval`), printed in the original's words."""
+        """Score `state` without training (`--eval`), reported as every `--eval` reports."""
         result = self.validation(self.variables(state))
-        self.log.print(result.original_lines())
+        report(result, self.log)
         return result
 
     def close(self) -> None:

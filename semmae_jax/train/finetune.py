@@ -218,9 +218,7 @@ def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) ->
                              f"global_pool {config.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
         names = stated.class_names if stated.class_names and len(stated.class_names) == config.nb_classes else None
         result = validation(config, data, model, mesh, plan.shardings.params, names)({"params": params})
-        log.print(result.original_lines() + (f"\n{result.per_class_lines(names)}" if names else ""))
-        if log.enabled:
-            result.write_per_class(log.output_dir / "per_class_accuracy.json", names)
+        evaluate.report(result, log, names)
     return result
 
 
