@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
 from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.run_lock import LOCK_NAME
+from semmae_jax.train.loop import EpochStats
 
 pytestmark = pytest.mark.usefixtures("demo_root")
 TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",
@@ -202,10 +204,18 @@ def test_an_epoch_cut_and_resumed_reports_the_whole_epochs_loss(tmp_path):
     pretrain(out, "--epochs", "1", "--steps_per_epoch", "4", "--save_every_steps", "2")
     straight = lines(out)[-1]
     shutil.rmtree(out / "checkpoints" / "4")  # as if killed after the step-2 save
+    before_cut = checkpoint.RunCheckpoints(out / "checkpoints").json_item(2, "epoch_stats")["seconds"]
     pretrain(out, "--epochs", "1", "--steps_per_epoch", "4", "--save_every_steps", "2")
     resumed = lines(out)[-1]
     np.testing.assert_allclose(resumed["train_loss"], straight["train_loss"], rtol=1e-6)
-    assert resumed["seconds"] >= straight["seconds"] * 0.5  # the cut epoch's time counts too
+    assert resumed["seconds"] > before_cut > 0  # the cut part's time counts too
+
+
+def test_epoch_stats_carry_the_seconds_before_a_resume():
+    saved = EpochStats(good=2.0, start=time.perf_counter() - 3.0).as_json()
+    resumed = EpochStats.from_json(saved)
+    assert saved["seconds"] >= 3.0 and resumed.seconds() >= saved["seconds"]
+    assert int(resumed.first_diverged) == -1  # no divergence carried in by the field order
 
 
 @pytest.mark.slow

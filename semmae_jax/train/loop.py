@@ -100,7 +100,8 @@ class EpochStats:
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> EpochStats:
-        return cls({k: jnp.float32(v) for k, v in saved["sums"].items()}, jnp.float32(saved["good"]), saved["seconds"])
+        return cls({k: jnp.float32(v) for k, v in saved["sums"].items()}, jnp.float32(saved["good"]),
+                   elapsed=saved["seconds"])
 
 
 @dataclasses.dataclass
