@@ -1,17 +1,21 @@
 """One MAE pretraining step (forward, backward, AdamW update), JAX vs PyTorch, side by side.
 
-    python bench/step.py --model mae_vit_base_patch16 --batch 8 [--steps 5] [--dtype float32]
+    python bench/step.py --model mae_vit_base_patch16 --batch 8 [--steps 5] [--dtype float32] [--trace DIR]
 
 JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random
 masking, its AdamW; `bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape
 with `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and
-noise. Both use all the machine's cores. Prints images/s for each and the ratio.
+noise. Both use all the machine's cores. Prints the CPU (model, cores, vector extensions),
+images/s for each and the ratio; `--trace DIR` also traces two JAX steps and prints where their
+time goes, by kind of XLA op (`bench/op_times.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
+import re
 import sys
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import jax
 import numpy as np
 import torch
 
+from bench import op_times
 from bench.common import job_step, pretrain_job, stepper, time_calls
 from convert.arch import full_config
 from convert.references import hf_mae
@@ -30,13 +35,18 @@ from semmae_jax.models import create_model
 BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)  # main_pretrain.py's, as `pretrain`'s defaults
 
 
-def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str) -> float:
-    """Seconds per step of `main.py pretrain`'s own step (random masking) on one batch."""
+def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str, trace: str | None = None) -> float:
+    """Seconds per step of `main.py pretrain`'s own step (random masking) on one batch (and, with
+    `trace`, where two more steps' time goes)."""
     mesh = sharding.make_mesh("data:-1")
     state, step, built = job_step(pretrain_job(name, "--dtype", dtype, "--setting", "0"), mesh, images.shape[0])
     labels = -np.ones((images.shape[0], built.model.num_patches), np.int32)
     batch = jax.device_put({"image": images, "part_labels": labels}, sharding.batch_sharding(mesh))
-    return time_calls(stepper(step, state, batch), steps).step_s
+    call = stepper(step, state, batch)
+    seconds = time_calls(call, steps).step_s
+    if trace:
+        print(op_times.table(op_times.op_kinds(op_times.trace_calls(call, 2, trace), 2)))
+    return seconds
 
 
 def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
@@ -57,19 +67,36 @@ def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
     return time_calls(run, steps, wait=lambda _: None).step_s
 
 
+def cpu_description() -> str:
+    """'MODEL (family F, model M), N cores, VECTOR EXTENSIONS': what a CPU figure depends on most
+    (read from Linux's /proc/cpuinfo; a virtual machine may name only the vendor's line)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+
+    def field(name: str) -> str:
+        found = re.search(rf"^{name}\s*:\s*(.*)$", info, re.M)
+        return found.group(1).strip() if found else ""
+
+    flags = set(field("flags").split())
+    vector = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
+              if f in flags]
+    return (f"{field('model name') or platform.processor() or 'unknown CPU'} (family {field('cpu family') or '?'}, "
+            f"model {field('model') or '?'}), {os.cpu_count()} cores, {' '.join(vector) or 'no AVX2'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mae_vit_base_patch16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--trace", default=None, help="also trace two JAX steps into this directory")
     args = parser.parse_args(argv)
     size = create_model(args.model).img_size
     images = np.random.default_rng(0).standard_normal((args.batch, size, size, 3), np.float32)
-    jax_s = jax_step_time(args.model, images, args.steps, args.dtype)
+    jax_s = jax_step_time(args.model, images, args.steps, args.dtype, args.trace)
     torch_s = torch_step_time(args.model, images, args.steps)
     print(f"model {args.model}, batch {args.batch}, {args.steps} timed steps, {jax.devices()[0].platform}, "
-          f"{os.cpu_count()} cores, JAX dtype {args.dtype}")
+          f"JAX dtype {args.dtype}; {cpu_description()}")
     print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)")
     print(f"PyTorch {args.batch / torch_s:8.2f} images/s  ({torch_s * 1e3:.0f} ms/step)")
     print(f"ratio JAX / PyTorch: {torch_s / jax_s:.2f}x")

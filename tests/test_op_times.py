@@ -1,0 +1,43 @@
+"""`bench/op_times.py`: a profiler trace summed per kind of XLA op, host spans left out."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bench import op_times
+
+
+def _trace(path, events):
+    path.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    return path
+
+
+def test_op_kinds_sum_per_kind_per_call_and_leave_host_spans_out(tmp_path):
+    events = [
+        {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 9000},  # host span holding the ops
+        {"ph": "X", "name": "$api.py:2479 block_until_ready", "dur": 9000},
+        {"ph": "X", "name": "ynn_fusion.535", "dur": 3000},
+        {"ph": "X", "name": "ynn_fusion.12", "dur": 1000},
+        {"ph": "X", "name": "copy_bitcast_fusion.3", "dur": 1000},
+        {"ph": "X", "name": "wrapped_is-finite", "dur": 1000},
+        {"ph": "i", "name": "ynn_fusion.1", "dur": 5000},  # not a span
+    ]
+    kinds = op_times.op_kinds(_trace(tmp_path / "t.json.gz", events), calls=2)
+    assert [(k.kind, k.ms_per_call, k.ops_per_call, k.share) for k in kinds] == [
+        ("ynn_fusion", 2.0, 1.0, pytest.approx(4 / 6)), ("copy_bitcast_fusion", 0.5, 0.5, pytest.approx(1 / 6)),
+        ("wrapped_is-finite", 0.5, 0.5, pytest.approx(1 / 6))]
+    assert "(1 other kinds)" in op_times.table(kinds, shown=2)
+
+
+def test_a_real_trace_names_the_steps_ops(tmp_path):
+    step = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+    x = jnp.ones((64, 64))
+    step(x).block_until_ready()
+    kinds = op_times.op_kinds(op_times.trace_calls(lambda: step(x), 2, tmp_path / "trace"), 2)
+    assert kinds and sum(k.share for k in kinds) == pytest.approx(1.0)
+    assert all(k.kind[0].islower() and not k.kind[-1].isdigit() for k in kinds)
