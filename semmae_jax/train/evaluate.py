@@ -212,6 +212,12 @@ class EpochEvaluation:
     best: BestKeeper
     log: RunLog
 
+    @classmethod
+    def keeping_best(cls, validation: Validation, variables: Callable[[Any], Any], model_name: str,
+                     log: RunLog) -> EpochEvaluation:
+        """The hook with the run's best params kept in `<output_dir>/best`."""
+        return cls(validation, variables, BestKeeper(log.output_dir / "best", model_name, log), log)
+
     def __call__(self, epoch: int, state: Any, first_batch: Any) -> dict[str, float]:
         result = self.validation(self.variables(state))
         self.log.print(self.best.offer(result, state.params, int(state.step), epoch))

@@ -188,10 +188,9 @@ class FinetuneJob(Job):
         return make_finetune_step(recipe.model, tx, self.config)
 
     def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
-        return evaluate.EpochEvaluation(
+        return evaluate.EpochEvaluation.keeping_best(
             validation(self.config, recipe.data, recipe.model, recipe.mesh, recipe.shardings.params),
-            lambda state: {"params": state.params},
-            evaluate.BestKeeper(recipe.log.output_dir / "best", self.config.model, recipe.log), recipe.log)
+            lambda state: {"params": state.params}, self.config.model, recipe.log)
 
     def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
         return hook.last

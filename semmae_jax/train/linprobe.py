@@ -140,9 +140,8 @@ class LinprobeJob(Job):
                                      "head": {"params": shardings.params, **shardings.model_state}})
 
     def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
-        return evaluate.EpochEvaluation(
-            self._validation(recipe), _variables,
-            evaluate.BestKeeper(recipe.log.output_dir / "best", self.config.model, recipe.log), recipe.log)
+        return evaluate.EpochEvaluation.keeping_best(self._validation(recipe), _variables, self.config.model,
+                                                     recipe.log)
 
     def only_evaluates(self) -> bool:
         return self.config.eval
