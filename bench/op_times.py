@@ -26,6 +26,10 @@ _NUMBER = re.compile(r"(\.\d+)+$")
 _OP = re.compile(r"^[a-z][\w\-]*(\.\d+)*$")  # HLO instruction names; host spans are capitalised or `$frames`
 
 
+MATMULS = ("ynn_fusion", "xnn_fusion", "onednn_fusion", "dot_general", "dot", "convolution")  # XLA:CPU's matmul ops
+WALL_STATES = ("matmuls only", "matmuls beside other ops", "other ops only", "no op")
+
+
 @dataclasses.dataclass(frozen=True)
 class OpKind:
     kind: str
@@ -43,19 +47,42 @@ def trace_calls(call: Callable[[], Any], calls: int, directory: str | Path) -> P
     return max(Path(directory).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
 
 
-def op_kinds(perfetto_file: str | Path, calls: int) -> list[OpKind]:
-    """The ops of a trace grouped by kind, most time first, per call."""
+def op_spans(perfetto_file: str | Path) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, kind) of every XLA op in a trace, host spans left out."""
     events = json.loads(gzip.decompress(Path(perfetto_file).read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
+    return [(e.get("ts", 0), e.get("ts", 0) + e.get("dur", 0), _NUMBER.sub("", e["name"])) for e in events
+            if e.get("ph") == "X" and _OP.match(e.get("name", ""))]
+
+
+def op_kinds(perfetto_file: str | Path, calls: int) -> list[OpKind]:
+    """The ops of a trace grouped by kind, most time first, per call."""
     micros: collections.Counter[str] = collections.Counter()
     counts: collections.Counter[str] = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and _OP.match(event.get("name", "")):
-            kind = _NUMBER.sub("", event["name"])
-            micros[kind] += event.get("dur", 0)
-            counts[kind] += 1
+    for start, end, kind in op_spans(perfetto_file):
+        micros[kind] += end - start
+        counts[kind] += 1
     total = sum(micros.values()) or 1
     return [OpKind(kind, us / 1e3 / calls, counts[kind] / calls, us / total) for kind, us in micros.most_common()]
+
+
+def wall_split(perfetto_file: str | Path, calls: int, matmuls: tuple[str, ...] = MATMULS) -> dict[str, float]:
+    """Wall-clock ms per call by what was running: matmuls only, matmuls beside other ops, other
+    ops only, nothing (between the first op and the last). Op time summed over threads cannot say
+    whether a core sat idle; this can: time with only elementwise ops running is time in which a
+    matmul library could not use every core."""
+    edges = sorted((t, +1 if i == 0 else -1, kind in matmuls) for start, end, kind in op_spans(perfetto_file)
+                   for i, t in enumerate((start, end)))
+    running = {True: 0, False: 0}
+    wall: collections.Counter[str] = collections.Counter()
+    last = edges[0][0] if edges else 0.0
+    for t, change, is_matmul in edges:
+        state = ("matmuls only" if not running[False] else "matmuls beside other ops") if running[True] else (
+            "other ops only" if running[False] else "no op")
+        wall[state] += t - last
+        running[is_matmul] += change
+        last = t
+    return {state: wall[state] / 1e3 / calls for state in WALL_STATES}
 
 
 def table(kinds: list[OpKind], shown: int = 12) -> str:

@@ -1,13 +1,15 @@
 """One MAE pretraining step (forward, backward, AdamW update), JAX vs PyTorch, side by side.
 
-    python bench/step.py --model mae_vit_base_patch16 --batch 8 [--steps 5] [--dtype float32] [--trace DIR]
+    python bench/step.py --model mae_vit_base_patch16 --batch 8 [--steps 5] [--dtype float32] [--trace DIR] [--gemm]
 
 JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random
 masking, its AdamW; `bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape
 with `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and
 noise. Both use all the machine's cores. Prints the CPU (model, cores, vector extensions),
 images/s for each and the ratio; `--trace DIR` also traces two JAX steps and prints where their
-time goes, by kind of XLA op (`bench/op_times.py`).
+time goes, by kind of XLA op, and how much of the wall time ran matmuls, other ops only (elementwise
+loops, copies) or nothing (`bench/op_times.py`); `--gemm` times the step's largest matmuls alone,
+JAX against PyTorch.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str, trace: 
     call = stepper(step, state, batch)
     seconds = time_calls(call, steps).step_s
     if trace:
-        print(op_times.table(op_times.op_kinds(op_times.trace_calls(call, 2, trace), 2)))
+        traced = op_times.trace_calls(call, 2, trace)
+        print(op_times.table(op_times.op_kinds(traced, 2)))
+        print("wall time per step by what ran: " + ", ".join(
+            f"{state} {ms:.0f} ms" for state, ms in op_times.wall_split(traced, 2).items()))
     return seconds
 
 
@@ -65,6 +70,27 @@ def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
         opt.step()
 
     return time_calls(run, steps, wait=lambda _: None).step_s
+
+
+# The step's largest matmuls for mae_vit_base_patch16, batch 8 (M = tokens x batch): the encoder's
+# (50 tokens) and decoder's (197) qkv and MLP, as [M, K] @ [K, N].
+GEMMS = ((400, 768, 2304), (400, 768, 3072), (400, 3072, 768), (1576, 512, 1536), (1576, 512, 2048), (1576, 2048, 512))
+
+
+def gemm_rates(shapes: tuple[tuple[int, int, int], ...] = GEMMS, calls: int = 20) -> list[tuple[str, float, float]]:
+    """(shape, JAX GFLOP/s, PyTorch GFLOP/s) of one float32 matmul each, alone: what the matmul
+    kernels do outside the step, on all cores."""
+    torch.set_num_threads(os.cpu_count())
+    matmul = jax.jit(jax.numpy.matmul)
+
+    def rates(m: int, k: int, n: int) -> tuple[str, float, float]:
+        a, b = (np.random.default_rng(0).standard_normal(shape, np.float32) for shape in ((m, k), (k, n)))
+        jax_a, jax_b, torch_a, torch_b = jax.device_put(a), jax.device_put(b), torch.from_numpy(a), torch.from_numpy(b)
+        jax_s = time_calls(lambda: matmul(jax_a, jax_b), calls).step_s
+        torch_s = time_calls(lambda: torch_a @ torch_b, calls, wait=lambda _: None).step_s
+        return f"[{m}, {k}] @ [{k}, {n}]", 2 * m * k * n / jax_s / 1e9, 2 * m * k * n / torch_s / 1e9
+
+    return [rates(*shape) for shape in shapes]
 
 
 def cpu_description() -> str:
@@ -90,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--trace", default=None, help="also trace two JAX steps into this directory")
+    parser.add_argument("--gemm", action="store_true", help="also time the step's largest matmuls alone (GFLOP/s)")
     args = parser.parse_args(argv)
     size = create_model(args.model).img_size
     images = np.random.default_rng(0).standard_normal((args.batch, size, size, 3), np.float32)
@@ -100,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)")
     print(f"PyTorch {args.batch / torch_s:8.2f} images/s  ({torch_s * 1e3:.0f} ms/step)")
     print(f"ratio JAX / PyTorch: {torch_s / jax_s:.2f}x")
+    if args.gemm:
+        for shape, jax_rate, torch_rate in gemm_rates():
+            print(f"matmul {shape:24s} JAX {jax_rate:6.1f} GFLOP/s  PyTorch {torch_rate:6.1f} GFLOP/s  "
+                  f"{jax_rate / torch_rate:.2f}x")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,26 @@ def test_op_kinds_sum_per_kind_per_call_and_leave_host_spans_out(tmp_path):
     assert "(1 other kinds)" in op_times.table(kinds, shown=2)
 
 
+def test_wall_split_says_what_ran_when(tmp_path):
+    """0-4 ms a matmul alone, 4-6 beside a copy, 6-7 the copy alone, 7-9 nothing, 9-10 an add: per
+    call (2), halved."""
+    events = [
+        {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 10000},
+        {"ph": "X", "name": "ynn_fusion.1", "ts": 0, "dur": 6000},
+        {"ph": "X", "name": "copy_bitcast_fusion.3", "ts": 4000, "dur": 3000},
+        {"ph": "X", "name": "add_fusion.2", "ts": 9000, "dur": 1000},
+    ]
+    split = op_times.wall_split(_trace(tmp_path / "t.json.gz", events), calls=2)
+    assert split == {"matmuls only": 2.0, "matmuls beside other ops": 1.0, "other ops only": 1.0, "no op": 1.0}
+
+
 def test_a_real_trace_names_the_steps_ops(tmp_path):
     step = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
     x = jnp.ones((64, 64))
     step(x).block_until_ready()
-    kinds = op_times.op_kinds(op_times.trace_calls(lambda: step(x), 2, tmp_path / "trace"), 2)
+    traced = op_times.trace_calls(lambda: step(x), 2, tmp_path / "trace")
+    kinds = op_times.op_kinds(traced, 2)
     assert kinds and sum(k.share for k in kinds) == pytest.approx(1.0)
     assert all(k.kind[0].islower() and not k.kind[-1].isdigit() for k in kinds)
+    split = op_times.wall_split(traced, 2)
+    assert split["matmuls only"] + split["matmuls beside other ops"] > 0
