@@ -68,8 +68,11 @@ def run_eval(capsys, *flags: str) -> dict[str, float]:
 
 
 def test_eval_of_a_timm_pth_matches_timm_and_torchvision(timm_checkpoint, demo_root, capsys, tmp_path):
+    """Also: `--eval` reads the validation split alone (the data here has no training split)."""
     path, model = timm_checkpoint
-    ours = run_eval(capsys, "--resume", str(path), "--data_path", str(demo_root), "--batch_size", "4",
+    (tmp_path / "val_only").mkdir()
+    (tmp_path / "val_only" / "val").symlink_to(demo_root / "val")
+    ours = run_eval(capsys, "--resume", str(path), "--data_path", str(tmp_path / "val_only"), "--batch_size", "4",
                     "--output_dir", str(tmp_path))
     acc1, acc5, loss = torch_eval(model, demo_root / "val")
     images = 128

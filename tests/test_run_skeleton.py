@@ -93,3 +93,10 @@ def test_linprobe_eval_scores_the_runs_checkpoint_and_reports_as_every_eval(demo
     assert sum(v["images"] for v in per_class.values()) > 0
     assert sum(v["images"] * v["acc1"] for v in per_class.values()) / sum(
         v["images"] for v in per_class.values()) == pytest.approx(last["test_acc1"], abs=1e-3)
+    # Another output directory scores the run named by --resume (its directory), not its own.
+    elsewhere = [*flags[:-1], str(tmp_path / "elsewhere"), "--eval", "--resume", str(out)]
+    cli_main(elsewhere)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("* Acc@1"))
+    assert float(line.split()[2]) == pytest.approx(last["test_acc1"], abs=1e-3)
+    with pytest.raises(SystemExit, match=r"error: .*no training checkpoint of a run to evaluate"):
+        cli_main([*flags[:-1], str(tmp_path / "empty"), "--eval"])

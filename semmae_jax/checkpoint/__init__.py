@@ -13,7 +13,7 @@ state too. `load_params` reads the params of either, from the root or from one s
 
 from semmae_jax.checkpoint.foreign import ResumeTarget, StatedModel, WeightsReader
 from semmae_jax.checkpoint.manager import RunCheckpoints, load_item, load_params, save_params
-from semmae_jax.checkpoint.resume import RunIdentity, resume
+from semmae_jax.checkpoint.resume import RunIdentity, restore_latest, resume
 from semmae_jax.checkpoint.train_state import save_state
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "WeightsReader",
     "load_item",
     "load_params",
+    "restore_latest",
     "resume",
     "save_params",
     "save_state",

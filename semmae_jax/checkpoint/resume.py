@@ -83,6 +83,18 @@ def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: Wei
     return continued
 
 
+def restore_latest(directory: str, like: Any) -> Any:
+    """The latest training state of the run whose checkpoints are at `directory` (or under its
+    `checkpoints/`), restored into the shardings of `like`: what `--eval` scores of a run."""
+    run = _another_run(directory) or _another_run(f"{str(directory).rstrip('/')}/checkpoints")
+    if run is None:
+        raise ValueError(f"{directory}: no training checkpoint of a run to evaluate (a run directory or its checkpoints)")
+    try:
+        return restore_state(run, run.latest_step(), like)
+    finally:
+        run.close()
+
+
 def _another_run(path: str) -> RunCheckpoints | None:
     """The checkpoints of another run's directory holding a training state, or None (a weights file, ...)."""
     if is_local(path) and not output_path(path, "--resume").is_dir():

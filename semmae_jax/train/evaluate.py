@@ -201,11 +201,20 @@ def report(result: EvalResult, log: RunLog, class_names: Sequence[str] | None = 
         result.write_per_class(log.output_dir / "per_class_accuracy.json", class_names)
 
 
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What `--eval` scores: the validation split, the variables it scores and the class names
+    the weights carry (for the per-class lines), as a job's `evaluation` hook builds them."""
+
+    validation: Validation
+    variables: Any
+    class_names: Sequence[str] | None = None
+
+
 @dataclasses.dataclass
 class EpochEvaluation:
     """A classification job's epoch-end hook: score the state on the validation split and keep
-    the best params. The skeleton hands it to the job's `result`, which reads `last` (or, for
-    `--eval`, calls `once`)."""
+    the best params. The skeleton hands it to the job's `result`, which reads `last`."""
 
     validation: Validation
     variables: Callable[[Any], Any]  # TrainState -> the variables `validation` scores
@@ -227,12 +236,6 @@ class EpochEvaluation:
     def last(self) -> EvalResult | None:
         """The latest epoch's figures (None before the first epoch end)."""
         return self.validation.results[-1] if self.validation.results else None
-
-    def once(self, state: Any) -> EvalResult:
-        """Score `state` without training (`--eval`), reported as every `--eval` reports."""
-        result = self.validation(self.variables(state))
-        report(result, self.log)
-        return result
 
     def close(self) -> None:
         self.best.close()

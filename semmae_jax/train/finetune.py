@@ -9,7 +9,6 @@ drop path, RandAugment and random erasing, mixup / cutmix with label smoothing.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import flops, sharding
+from semmae_jax import flops
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.key_paths import flat_by_path, summarize
@@ -28,7 +27,7 @@ from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.train import erasing, evaluate, mixup, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
-from semmae_jax.train.skeleton import Job, Recipe, train
+from semmae_jax.train.skeleton import Job, Recipe, evaluate_weights, train
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
@@ -80,8 +79,8 @@ def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`); `reader` reads
     `.pth` checkpoints (`--finetune`, `--resume`, with an original run's AdamW state)."""
     config = parse(argv)
-    job = evaluate_checkpoint if config.eval else (lambda c, r: train(FinetuneJob(c, r)))
-    config_lib.one_line_errors("main.py finetune", job, config, reader)
+    config_lib.one_line_errors("main.py finetune", lambda c: (evaluate_weights if c.eval else train)(FinetuneJob(c, reader)),
+                               config)
 
 
 def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
@@ -195,30 +194,25 @@ class FinetuneJob(Job):
     def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
         return hook.last
 
-
-def evaluate_checkpoint(config: FinetuneConfig, reader: WeightsReader | None) -> evaluate.EvalResult:
-    """`--eval --resume CKPT`: the checkpoint must be exactly this classifier (keys and shapes)."""
-    if not config.resume or config.resume == "auto" or reader is None:
-        raise ValueError("--eval needs --resume CHECKPOINT (a .pth, an orbax checkpoint or a run directory)")
-    config.start_runtime()
-    from semmae_jax import data
-
-    mesh = sharding.make_mesh(config.mesh)
-    source, stated = reader.weights(config.resume, config.input_size)
-    model = build_classifier(config, **stated.fields)
-    example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
-    with contextlib.closing(RunLog(config.output_dir, config.log_dir)) as log, jax.set_mesh(mesh):
+    def evaluation(self, data: Any, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
+        """`--eval --resume CKPT`: the checkpoint must be exactly this classifier (keys and shapes),
+        built with the numerics fields the checkpoint states."""
+        c = self.config
+        if not c.resume or c.resume == "auto" or self.reader is None:
+            raise ValueError("--eval needs --resume CHECKPOINT (a .pth, an orbax checkpoint or a run directory)")
+        source, stated = self.reader.weights(c.resume, c.input_size)
+        model = build_classifier(c, **stated.fields)
         if stated.fields:
-            log.print(f"model fields stated by {config.resume}: {stated.fields}")
-        plan = plan_state(model, lambda params: optax.identity(), example, mesh, config.seed)
+            log.print(f"model fields stated by {c.resume}: {stated.fields}")
+        example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
+        plan = plan_state(model, lambda params: optax.identity(), example, mesh, c.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params, source)
         if missing or unused:
-            raise ValueError(f"{config.resume} does not fit {config.model} (--nb_classes {config.nb_classes}, "
-                             f"global_pool {config.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
-        names = stated.class_names if stated.class_names and len(stated.class_names) == config.nb_classes else None
-        result = validation(config, data, model, mesh, plan.shardings.params, names)({"params": params})
-        evaluate.report(result, log, names)
-    return result
+            raise ValueError(f"{c.resume} does not fit {c.model} (--nb_classes {c.nb_classes}, "
+                             f"global_pool {c.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
+        names = stated.class_names if stated.class_names and len(stated.class_names) == c.nb_classes else None
+        return evaluate.Evaluation(validation(c, data, model, mesh, plan.shardings.params, names), {"params": params},
+                                   names)
 
 
 def _mismatch(missing: list[str], unused: list[str], model_params: Any) -> str:

@@ -19,16 +19,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from semmae_jax import checkpoint, flops
 from semmae_jax import config as config_lib
-from semmae_jax import flops
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
 from semmae_jax.key_paths import summarize
+from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
-from semmae_jax.train.skeleton import Job, Recipe, train
+from semmae_jax.train.skeleton import Job, Recipe, evaluate_weights, recipe, train
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
@@ -54,7 +55,8 @@ def parse(argv: Sequence[str]) -> LinprobeConfig:
 
 def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py linprobe ...`; `reader` reads the `--finetune` checkpoint."""
-    config_lib.one_line_errors("main.py linprobe", lambda c: train(LinprobeJob(c, reader)), parse(argv))
+    config_lib.one_line_errors("main.py linprobe", lambda c: (evaluate_weights if c.eval else train)(LinprobeJob(c, reader)),
+                               parse(argv))
 
 
 def make_probe_step(encoder: nn.Module, head: ProbeHead, tx: optax.GradientTransformation) -> Step:
@@ -105,18 +107,21 @@ class LinprobeJob(Job):
         return None  # the state is a probe: --resume takes a linprobe run directory
 
     def start(self, state: TrainState, recipe: Recipe) -> TrainState:
-        """The frozen encoder: every encoder parameter must come from `--finetune`."""
+        return state.replace(frozen=self._frozen_encoder(recipe.mesh, recipe.log))
+
+    def _frozen_encoder(self, mesh: jax.sharding.Mesh, log: RunLog) -> Any:
+        """The encoder's params, placed on `mesh`: every one must come from `--finetune`."""
         c = self.config
         if not c.finetune or self.reader is None:
             raise ValueError("linear probing needs --finetune PRETRAINED (an orbax checkpoint or a .pth)")
         images = jax.ShapeDtypeStruct((1, self.encoder.img_size, self.encoder.img_size, 3), jnp.float32)
-        plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), recipe.mesh, c.seed)
+        plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), mesh, c.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params,
                                                    self.reader.params(c.finetune, None, self.encoder.img_size))
         if missing:
             raise ValueError(f"{c.finetune} lacks encoder parameters {missing} of {c.model}")
-        recipe.log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
-        return state.replace(frozen=params)
+        log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
+        return params
 
     def flops_per_image(self, recipe: Recipe) -> float:
         """The frozen encoder's forward (no backward through it) and the head's forward + backward."""
@@ -125,29 +130,36 @@ class LinprobeJob(Job):
     def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
         return make_probe_step(self.encoder, recipe.model, tx)
 
-    def _validation(self, recipe: Recipe) -> evaluate.Validation:
-        c, encoder, head = self.config, self.encoder, recipe.model
-        val = recipe.data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+    def _validation(self, data: Any, mesh: jax.sharding.Mesh, shardings: TrainState) -> evaluate.Validation:
+        """The validation split scored by the probe on the frozen encoder, for states placed as `shardings`."""
+        c, encoder, head = self.config, self.encoder, self.build_model()
+        val = data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
         evaluate.check_classes(val.num_classes, c.nb_classes)
 
         def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
             return head.apply(variables["head"], encoder.apply({"params": variables["encoder"]}, images), train=False)
 
-        shardings = recipe.shardings
-        return evaluate.Validation.build(
-            recipe.data, val, recipe.data.EvalTransform(encoder.img_size), c.batch_size, c.num_workers, logits_fn,
-            c.nb_classes, recipe.mesh, {"encoder": shardings.frozen,
-                                     "head": {"params": shardings.params, **shardings.model_state}})
+        return evaluate.Validation.build(data, val, data.EvalTransform(encoder.img_size), c.batch_size, c.num_workers,
+                                         logits_fn, c.nb_classes, mesh, _variables(shardings))
 
     def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
-        return evaluate.EpochEvaluation.keeping_best(self._validation(recipe), _variables, self.config.model,
-                                                     recipe.log)
-
-    def only_evaluates(self) -> bool:
-        return self.config.eval
+        return evaluate.EpochEvaluation.keeping_best(self._validation(recipe.data, recipe.mesh, recipe.shardings),
+                                                     _variables, self.config.model, recipe.log)
 
     def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
-        return hook.once(state) if self.config.eval else hook.last
+        return hook.last
+
+    def evaluation(self, data: Any, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
+        """`--eval`: the probe of `--resume` (a linprobe run; default: this output dir's run) on the
+        frozen encoder of `--finetune`."""
+        c = self.config
+        built = recipe(self, self.build_model(), c.batch_size * jax.device_count(), 1, mesh)
+        plan = plan_state(built.model, built.make_tx, self.example_inputs(built), mesh, c.seed)
+        run = c.resume if c.resume not in (None, "auto", "scratch") else str(c.checkpoint_dir)
+        probe = checkpoint.restore_latest(run, plan.abstract).replace(frozen=self._frozen_encoder(mesh, log))
+        log.print(f"scoring the probe of {run} (step {int(probe.step)})")
+        return evaluate.Evaluation(self._validation(data, mesh, jax.tree.map(lambda x: x.sharding, probe)),
+                                   _variables(probe))
 
 
 def _variables(state: TrainState) -> dict[str, Any]:

@@ -9,6 +9,8 @@ each phase once and in this order:
 
 A *run* is one output directory and what lives in it (its lock, log, checkpoints and
 saved config); the `Recipe` is what the skeleton builds for the job's hooks.
+`evaluate_weights(job)` is every job's `--eval`: runtime -> mesh and log -> the job's
+`evaluation` (weights and validation split) -> report.
 
 Closing (checkpoint manager, TensorBoard writer) happens on every way out, errors
 included (`contextlib.ExitStack`). `--accum_iter` means the same in every job: the
@@ -36,7 +38,7 @@ from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, RunIdentity, Wei
 from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
 from semmae_jax.run_lock import run_lock
-from semmae_jax.train import optim
+from semmae_jax.train import evaluate, optim
 from semmae_jax.train.instruments import Instruments, Stopwatch
 from semmae_jax.train.loop import Cadence, Trainer
 from semmae_jax.train.state import TrainState, create_state
@@ -125,9 +127,9 @@ class Job(abc.ABC):
         """Model FLOPs of one image's training step (`semmae_jax.flops`), for TFLOP/s and MFU; None: not counted."""
         return None
 
-    def only_evaluates(self) -> bool:
-        """True to restore and hand the state to `result` without training (`--eval`)."""
-        return False
+    def evaluation(self, data: Any, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
+        """`--eval`: the weights to score and the validation split (`evaluate_weights` scores them)."""
+        raise ValueError(f"main.py {self.name} has no --eval")
 
     def result(self, state: TrainState, recipe: Recipe, hook: Any) -> Any:
         """What `train` returns (pretraining: the state; fine-tuning: the last evaluation), from
@@ -177,17 +179,32 @@ def train(job: Job) -> Any:
             hook = job.epoch_end_hook(built)
             if hasattr(hook, "close"):
                 closing.callback(hook.close)
-            if not job.only_evaluates():
-                step = jitted_step(job, built, tx, built.shardings)  # jitted step
-                trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
-                                  length=built.length, cadence=built.cadence,
-                                  checkpoints=checkpoints, config=job.saved_config(), log=log,
-                                  instruments=Instruments.for_run(config, log, global_batch,
-                                                                  job.flops_per_image(built), watch),
-                                  on_epoch_end=hook,
-                                  max_nonfinite_steps=config.max_nonfinite_steps)
-                state = trainer.run(state)
+            step = jitted_step(job, built, tx, built.shardings)  # jitted step
+            trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
+                              length=built.length, cadence=built.cadence,
+                              checkpoints=checkpoints, config=job.saved_config(), log=log,
+                              instruments=Instruments.for_run(config, log, global_batch,
+                                                              job.flops_per_image(built), watch),
+                              on_epoch_end=hook,
+                              max_nonfinite_steps=config.max_nonfinite_steps)
+            state = trainer.run(state)
             return job.result(state, built, hook)
+
+
+def evaluate_weights(job: Job) -> evaluate.EvalResult:
+    """`--eval`, for every job that has it: score the weights `job.evaluation` names on the
+    validation split and report as `main_finetune.py --eval` does (`evaluate.report`); no
+    training split is opened, nothing is trained or saved but the report."""
+    config = job.config
+    config.start_runtime()
+    from semmae_jax import data  # TensorFlow starts here, after jax.distributed
+
+    mesh = sharding.make_mesh(config.mesh)
+    with contextlib.closing(RunLog(config.output_dir, config.log_dir)) as log, jax.set_mesh(mesh):
+        scored = job.evaluation(data, mesh, log)
+        result = scored.validation(scored.variables)
+        evaluate.report(result, log, scored.class_names)
+    return result
 
 
 def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mesh: jax.sharding.Mesh,
