@@ -381,7 +381,7 @@ def test_finetune_from_a_hub_mae_directory_starts_from_its_encoder(tmp_path, dem
                    "--output_dir", str(tmp_path / "run")])  # fmt: skip
     hub = flatten(convert.read_checkpoint(tmp_path / "hub").params)
     step = max((tmp_path / "run" / "checkpoints").iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
-    tuned = flatten(checkpoint.load_item(step, "params"))
+    tuned = flatten(checkpoint.open_step(step).host_arrays("params"))
     encoder = [p for p in tuned if p.split("/")[0] in ("cls_token", "pos_embed", "patch_embed") or p.startswith("blocks_")]
     assert len(encoder) == len([p for p in hub if p.split("/")[0] in ("cls_token", "pos_embed", "patch_embed")
                                 or p.startswith("blocks_")])  # fmt: skip

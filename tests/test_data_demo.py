@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
+from data_helpers import pretrain_batches
 from PIL import Image
 
-from semmae_jax.data import demo, pretrain_batches
+from semmae_jax.data import demo
 from semmae_jax.data.sources import image_folder
 
 

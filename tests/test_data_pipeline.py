@@ -8,11 +8,11 @@ say which file sits in which slot whatever the crop and flip.
 import jax
 import numpy as np
 import pytest
+from data_helpers import pretrain_batches
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from semmae_jax.data import pretrain_batches
 from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
 from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader

@@ -59,7 +59,7 @@ def test_divergence_keeps_every_checkpoint_finite_and_resumes_with_a_sane_lr(tmp
     assert aside and [int(s) for s in named.group(3).split(",")] == aside
     for directory in [out / "checkpoints" / str(s) for s in steps(out)] + list((out / "checkpoints").glob("*.diverged")):
         params, _ = checkpoint.load_params(directory)  # nothing non-finite was ever saved
-        assert all_finite(params) and all_finite(checkpoint.load_item(directory, "opt_state")), directory
+        assert all_finite(params) and all_finite(checkpoint.open_step(directory).host_arrays("opt_state")), directory
     pretrain(out, "--epochs", "4", "--warmup_epochs", "4", "--blr", "1e-4", "--save_every_steps", "1")  # sane lr
     assert steps(out)[-1] == 8 and np.isfinite(lines(out)[-1]["train_loss"])
 

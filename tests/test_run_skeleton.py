@@ -57,7 +57,7 @@ def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(jo
     out, flags = tmp_path / "run", _job_flags(job, tmp_path)
     cli_main([*flags, *SHARED, "--data_path", str(demo_root), "--output_dir", str(out)])
     assert checkpoint.RunCheckpoints(out / "checkpoints").latest_step() == STEPS * EPOCHS  # micro-batches seen
-    opt_state = checkpoint.load_item(out / "checkpoints", "opt_state")
+    opt_state = checkpoint.open_step(out / "checkpoints").host_arrays("opt_state")
     counts = {path: int(value) for path, value in flat_by_path(opt_state).items()
               if path.endswith(("/count", "gradient_step"))}
     updates = STEPS * EPOCHS // ACCUM

@@ -12,7 +12,7 @@ state too. `load_params` reads the params of either, from the root or from one s
 """
 
 from semmae_jax.checkpoint.foreign import ResumeTarget, StatedModel, WeightsReader
-from semmae_jax.checkpoint.manager import RunCheckpoints, load_item, load_params, save_params
+from semmae_jax.checkpoint.manager import RunCheckpoints, load_params, open_step, save_params
 from semmae_jax.checkpoint.resume import RunIdentity, restore_latest, resume
 from semmae_jax.checkpoint.train_state import save_state
 
@@ -22,8 +22,8 @@ __all__ = [
     "RunIdentity",
     "StatedModel",
     "WeightsReader",
-    "load_item",
     "load_params",
+    "open_step",
     "restore_latest",
     "resume",
     "save_params",

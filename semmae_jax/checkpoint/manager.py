@@ -216,11 +216,6 @@ def open_step(path: PathLike) -> StepReader:
     return step
 
 
-def load_item(path: PathLike, name: str) -> Any:
-    """One array item (`params`, `opt_state`, ...) of a checkpoint root or step, as host numpy arrays."""
-    return open_step(path).host_arrays(name)
-
-
 def load_params(path: PathLike) -> tuple[Any, dict[str, Any]]:
     """Params as host numpy arrays (and the JSON meta, empty if none) from a checkpoint
     root or step directory, whatever devices or processes saved them.

@@ -3,7 +3,6 @@
 Names are resolved lazily so that `semmae_jax.data.part_maps` and `demo` can be used
 without paying for TensorFlow's start-up.
 
-    pretrain_batches(data_path, part_path=None, *, batch_size, img_size=224, patch_size=16, seed=0)
     open_source(data_path, split, *, dataset='folder'|'tfds:NAME', tfds_data_dir, part_path, missing_parts)
     TrainLoader(source, *, batch_size, transform, seed, num_workers, process_index, process_count)
         .steps_per_epoch, .epoch_batches(epoch, start_step=0), .skipped
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
     from semmae_jax.data.datasets import open_source
     from semmae_jax.data.demo import demo_data
     from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
-    from semmae_jax.data.pipeline import EvalLoader, TrainLoader, eval_batches, pretrain_batches
+    from semmae_jax.data.pipeline import EvalLoader, TrainLoader, eval_batches
     from semmae_jax.data.sources import image_folder
     from semmae_jax.data.transforms import EvalTransform, TrainTransform, WholeImageTransform
 
@@ -34,7 +33,6 @@ _EXPORTS = {
     "EvalLoader": "pipeline",
     "TrainLoader": "pipeline",
     "eval_batches": "pipeline",
-    "pretrain_batches": "pipeline",
     "image_folder": "sources",
     "open_source": "datasets",
     "EvalTransform": "transforms",
@@ -48,7 +46,6 @@ __all__ = [  # noqa: RUF022  (grouped as _EXPORTS)
     "EvalLoader",
     "TrainLoader",
     "eval_batches",
-    "pretrain_batches",
     "image_folder",
     "open_source",
     "EvalTransform",

@@ -27,17 +27,15 @@ Guarantees, and how they are kept:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from semmae_jax.data.part_maps import UNLABELLED
-from semmae_jax.data.sources import Shard, Source, Stream, image_folder
+from semmae_jax.data.sources import Shard, Source, Stream
 from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import EvalTransform, TrainTransform, Transform, normalize, part_map_problem
 
@@ -292,36 +290,3 @@ def eval_batches(
         process_count=process_count,
     )
     return loader.batches()
-
-
-def pretrain_batches(
-    data_path: str | Path,
-    part_path: str | Path | None = None,
-    *,
-    batch_size: int,
-    img_size: int = 224,
-    patch_size: int = 16,
-    seed: int = 0,
-) -> Iterator[dict[str, np.ndarray]]:
-    """Endless single-process pretraining batches from an image folder: epoch 0, 1, ...
-
-    Yields {'image': float32 [B, img_size, img_size, 3] normalised, 'part_labels':
-    int32 [B, L]} with L = (img_size / patch_size)^2, -1 where a patch has no part (all
-    -1 without `part_path`). Each epoch is one pass in the order of (seed, epoch). The
-    folder is listed (and errors raised) on the call, not on the first `next`.
-    """
-    loader = TrainLoader(
-        image_folder(data_path, "train", part_path),
-        batch_size=batch_size,
-        transform=TrainTransform(img_size=img_size, patch_size=patch_size),
-        seed=seed,
-        process_index=0,
-        process_count=1,
-    )
-    return _endless(loader)
-
-
-def _endless(loader: TrainLoader) -> Iterator[dict[str, np.ndarray]]:
-    for epoch in itertools.count():
-        for batch in loader.epoch_batches(epoch):
-            yield {"image": normalize(batch["image"]).numpy(), "part_labels": batch["part_labels"]}
