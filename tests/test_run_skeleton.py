@@ -100,3 +100,16 @@ def test_linprobe_eval_scores_the_runs_checkpoint_and_reports_as_every_eval(demo
     assert float(line.split()[2]) == pytest.approx(last["test_acc1"], abs=1e-3)
     with pytest.raises(SystemExit, match=r"error: .*no training checkpoint of a run to evaluate"):
         cli_main([*flags[:-1], str(tmp_path / "empty"), "--eval"])
+
+
+@pytest.mark.slow
+def test_resume_from_another_run_continues_its_state(demo_root, tmp_path, capsys):
+    """`--resume OTHER_RUN/checkpoints` starts a new output dir from the other run's last step
+    (params, optimizer state, position): only the epochs after it are trained and logged."""
+    flags = [*_job_flags("pretrain", tmp_path), *SHARED, "--data_path", str(demo_root)]
+    first, second = tmp_path / "first", tmp_path / "second"
+    cli_main([*flags, "--output_dir", str(first)])
+    capsys.readouterr()
+    cli_main([*flags, "--epochs", str(EPOCHS + 1), "--output_dir", str(second), "--resume", str(first / "checkpoints")])
+    assert f"resuming from {first / 'checkpoints'} (step {EPOCHS * STEPS}:" in capsys.readouterr().out
+    assert [line["epoch"] for line in epoch_lines(second)] == [EPOCHS]

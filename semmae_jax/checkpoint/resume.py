@@ -66,11 +66,8 @@ def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: Wei
         return state
     other = _another_run(resume_from)
     if other is not None:
-        step = other.latest_step()
-        log.print(f"resuming from {resume_from} (step {step}: params, optimizer state and position)")
-        restored = restore_state(other, step, state)
-        other.close()
-        return restored
+        log.print(f"resuming from {resume_from} (step {other.latest_step()}: params, optimizer state and position)")
+        return _restore_latest_of(other, state)
     if reader is None or target is None:
         raise ValueError(f"--resume {resume_from}: not a run checkpoint directory")
     params = reader.params(resume_from, target.model_name, target.img_size)
@@ -89,6 +86,11 @@ def restore_latest(directory: str, like: Any) -> Any:
     run = _another_run(directory) or _another_run(f"{str(directory).rstrip('/')}/checkpoints")
     if run is None:
         raise ValueError(f"{directory}: no training checkpoint of a run to evaluate (a run directory or its checkpoints)")
+    return _restore_latest_of(run, like)
+
+
+def _restore_latest_of(run: RunCheckpoints, like: Any) -> Any:
+    """`run`'s latest step restored into the shardings of `like`; `run` closed on every way out."""
     try:
         return restore_state(run, run.latest_step(), like)
     finally:
