@@ -27,7 +27,7 @@ from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.train import erasing, evaluate, mixup, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
-from semmae_jax.train.skeleton import Job, Recipe, evaluate_weights, train
+from semmae_jax.train.skeleton import Job, Recipe, train_or_evaluate
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
@@ -79,8 +79,7 @@ def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py finetune ...` (and `main.py eval ...`, which adds `--eval`); `reader` reads
     `.pth` checkpoints (`--finetune`, `--resume`, with an original run's AdamW state)."""
     config = parse(argv)
-    config_lib.one_line_errors("main.py finetune", lambda c: (evaluate_weights if c.eval else train)(FinetuneJob(c, reader)),
-                               config)
+    config_lib.one_line_errors("main.py finetune", lambda c: train_or_evaluate(FinetuneJob(c, reader)), config)
 
 
 def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:

@@ -29,7 +29,7 @@ from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
-from semmae_jax.train.skeleton import Job, Recipe, evaluate_weights, recipe, train
+from semmae_jax.train.skeleton import Job, Recipe, recipe, train_or_evaluate
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
@@ -55,8 +55,7 @@ def parse(argv: Sequence[str]) -> LinprobeConfig:
 
 def main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
     """`python main.py linprobe ...`; `reader` reads the `--finetune` checkpoint."""
-    config_lib.one_line_errors("main.py linprobe", lambda c: (evaluate_weights if c.eval else train)(LinprobeJob(c, reader)),
-                               parse(argv))
+    config_lib.one_line_errors("main.py linprobe", lambda c: train_or_evaluate(LinprobeJob(c, reader)), parse(argv))
 
 
 def make_probe_step(encoder: nn.Module, head: ProbeHead, tx: optax.GradientTransformation) -> Step:

@@ -191,6 +191,11 @@ def train(job: Job) -> Any:
             return job.result(state, built, hook)
 
 
+def train_or_evaluate(job: Job) -> Any:
+    """`evaluate_weights(job)` under `--eval`, else `train(job)`: the classification jobs' entry."""
+    return evaluate_weights(job) if job.config.eval else train(job)
+
+
 def evaluate_weights(job: Job) -> evaluate.EvalResult:
     """`--eval`, for every job that has it: score the weights `job.evaluation` names on the
     validation split and report as `main_finetune.py --eval` does (`evaluate.report`); no
