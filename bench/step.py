@@ -5,7 +5,9 @@
 JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random
 masking, its AdamW; `bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape
 with `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and
-noise. Both use all the machine's cores. Prints the CPU (model, cores, vector extensions),
+noise. Both use all the machine's cores and run in one process that, as every `main.py` command,
+has restarted with malloc on transparent huge pages (`semmae_jax.host_memory`; run with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to time both without). Prints the CPU (model, cores, vector extensions),
 images/s for each and the ratio; `--trace DIR` also traces two JAX steps and prints where their
 time goes, by kind of XLA op, and how much of the wall time ran matmuls, other ops only (elementwise
 loops, copies) or nothing (`bench/op_times.py`); `--gemm` times the step's largest matmuls alone,
@@ -31,7 +33,7 @@ from bench import op_times
 from bench.common import job_step, pretrain_job, stepper, time_calls
 from convert.arch import full_config
 from convert.references import hf_mae
-from semmae_jax import sharding
+from semmae_jax import host_memory, sharding
 from semmae_jax.models import create_model
 
 BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)  # main_pretrain.py's, as `pretrain`'s defaults
@@ -118,12 +120,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace", default=None, help="also trace two JAX steps into this directory")
     parser.add_argument("--gemm", action="store_true", help="also time the step's largest matmuls alone (GFLOP/s)")
     args = parser.parse_args(argv)
+    if argv is None:
+        host_memory.restart_with_huge_pages()
     size = create_model(args.model).img_size
     images = np.random.default_rng(0).standard_normal((args.batch, size, size, 3), np.float32)
     jax_s = jax_step_time(args.model, images, args.steps, args.dtype, args.trace)
     torch_s = torch_step_time(args.model, images, args.steps)
     print(f"model {args.model}, batch {args.batch}, {args.steps} timed steps, {jax.devices()[0].platform}, "
-          f"JAX dtype {args.dtype}; {cpu_description()}")
+          f"JAX dtype {args.dtype}; {cpu_description()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)")
     print(f"PyTorch {args.batch / torch_s:8.2f} images/s  ({torch_s * 1e3:.0f} ms/step)")
     print(f"ratio JAX / PyTorch: {torch_s / jax_s:.2f}x")

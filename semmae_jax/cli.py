@@ -13,6 +13,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from semmae_jax import host_memory
+
 # command -> ("module:function(argv)", one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("semmae_jax.train.pretrain:main", "MAE / SemMAE pretraining (no flags: the embedded demo)"),
@@ -46,6 +48,10 @@ READS_CHECKPOINTS = frozenset({"pretrain", "finetune", "eval", "linprobe", "part
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run `argv`'s command; with no `argv` (a program's own command line) first restart the
+    process with malloc on huge pages (`host_memory`), once."""
+    if argv is None:
+        host_memory.restart_with_huge_pages()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
