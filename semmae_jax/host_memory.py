@@ -55,3 +55,10 @@ def restart_with_huge_pages(environ: MutableMapping[str, str] = os.environ) -> N
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def describe(environ: MutableMapping[str, str] = os.environ) -> str:
+    """What this process's malloc runs on, for a run's log: 'huge pages' or '4 KiB pages'."""
+    values = dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
+    on = values.get(TUNABLE, "0") != "0" and huge_pages_available()
+    return f"malloc on {'huge' if on else '4 KiB'} pages (GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES', '')!r})"

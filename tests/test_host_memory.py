@@ -69,3 +69,12 @@ def test_only_a_programs_own_command_line_restarts(monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert restarts == [True]
+
+
+def test_a_runs_log_says_what_malloc_runs_on(monkeypatch):
+    monkeypatch.setattr(host_memory, "huge_pages_available", lambda: True)
+    assert host_memory.describe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}).startswith("malloc on huge pages")
+    assert host_memory.describe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}).startswith("malloc on 4 KiB pages")
+    assert host_memory.describe({}).startswith("malloc on 4 KiB pages")
+    monkeypatch.setattr(host_memory, "huge_pages_available", lambda: False)
+    assert host_memory.describe({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}).startswith("malloc on 4 KiB pages")

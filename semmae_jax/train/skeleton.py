@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from semmae_jax import checkpoint, sharding
+from semmae_jax import checkpoint, host_memory, sharding
 from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, RunIdentity, WeightsReader
 from semmae_jax.distributed import is_primary
 from semmae_jax.metrics_log import RunLog
@@ -162,7 +162,7 @@ def train(job: Job) -> Any:
         log.print(f"{job.name} {getattr(config, 'model', '')}: global batch {global_batch} over "
                   f"{jax.device_count()} devices x accum_iter {config.accum_iter} = effective batch "
                   f"{built.effective_batch}; lr {built.length.peak_lr:.3e}; mesh {dict(mesh.shape)}; "
-                  f"{built.length.steps_per_epoch} steps per epoch, {config.epochs} epochs")
+                  f"{built.length.steps_per_epoch} steps per epoch, {config.epochs} epochs; {host_memory.describe()}")
         if described := job.describe(built):
             log.print(described)
         with jax.set_mesh(mesh):
