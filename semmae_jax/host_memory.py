@@ -26,10 +26,14 @@ TUNABLE = "glibc.malloc.hugetlb"
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
+def parse_tunables(tunables: str) -> dict[str, str]:
+    """'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2' -> {name: value}."""
+    return dict(item.partition("=")[::2] for item in tunables.split(":") if item)
+
+
 def with_huge_pages(tunables: str) -> str | None:
     """`GLIBC_TUNABLES` with malloc's huge pages turned on, or None where it names them already."""
-    names = [item.split("=")[0] for item in tunables.split(":") if item]
-    if TUNABLE in names:
+    if TUNABLE in parse_tunables(tunables):
         return None
     return ":".join([*filter(None, tunables.split(":")), f"{TUNABLE}=1"])
 
@@ -59,6 +63,5 @@ def restart_with_huge_pages(environ: MutableMapping[str, str] = os.environ) -> N
 
 def describe(environ: MutableMapping[str, str] = os.environ) -> str:
     """What this process's malloc runs on, for a run's log: 'huge pages' or '4 KiB pages'."""
-    values = dict(item.partition("=")[::2] for item in environ.get("GLIBC_TUNABLES", "").split(":") if item)
-    on = values.get(TUNABLE, "0") != "0" and huge_pages_available()
+    on = parse_tunables(environ.get("GLIBC_TUNABLES", "")).get(TUNABLE, "0") != "0" and huge_pages_available()
     return f"malloc on {'huge' if on else '4 KiB'} pages (GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES', '')!r})"
