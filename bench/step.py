@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     jax_s = jax_step_time(args.model, images, args.steps, args.dtype, args.trace)
     torch_s = torch_step_time(args.model, images, args.steps)
     print(f"model {args.model}, batch {args.batch}, {args.steps} timed steps, {jax.devices()[0].platform}, "
-          f"JAX dtype {args.dtype}; {cpu_description()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
+          f"JAX dtype {args.dtype}; {cpu_description()}; {host_memory.describe()}")
     print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)")
     print(f"PyTorch {args.batch / torch_s:8.2f} images/s  ({torch_s * 1e3:.0f} ms/step)")
     print(f"ratio JAX / PyTorch: {torch_s / jax_s:.2f}x")
