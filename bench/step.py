@@ -8,7 +8,8 @@ with `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch
 noise. Both use all the machine's cores and run in one process that, as every `main.py` command,
 has restarted with malloc on transparent huge pages (`semmae_jax.host_memory`; run with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to time both without). Prints the CPU (model, cores, vector extensions),
-images/s for each and the ratio; `--trace DIR` also traces two JAX steps and prints where their
+images/s for each and the ratio, and the ceiling the cores set: the step's model FLOPs at the rate of a
+large square matmul, the most any implementation could reach (`ceiling`); `--trace DIR` also traces two JAX steps and prints where their
 time goes, by kind of XLA op, and how much of the wall time ran matmuls, other ops only (elementwise
 loops, copies) or nothing (`bench/op_times.py`); `--gemm` times the step's largest matmuls alone,
 JAX against PyTorch.
@@ -33,7 +34,7 @@ from bench import op_times
 from bench.common import job_step, pretrain_job, stepper, time_calls
 from convert.arch import full_config
 from convert.references import hf_mae
-from semmae_jax import host_memory, sharding
+from semmae_jax import flops, host_memory, sharding
 from semmae_jax.models import create_model
 
 BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)  # main_pretrain.py's, as `pretrain`'s defaults
@@ -79,20 +80,40 @@ def torch_step_time(name: str, images: np.ndarray, steps: int) -> float:
 GEMMS = ((400, 768, 2304), (400, 768, 3072), (400, 3072, 768), (1576, 512, 1536), (1576, 512, 2048), (1576, 2048, 512))
 
 
-def gemm_rates(shapes: tuple[tuple[int, int, int], ...] = GEMMS, calls: int = 20) -> list[tuple[str, float, float]]:
-    """(shape, JAX GFLOP/s, PyTorch GFLOP/s) of one float32 matmul each, alone: what the matmul
+# A square matmul large enough that a good kernel runs at the cores' arithmetic peak.
+PEAK_GEMM = (2048, 2048, 2048)
+
+
+def gemm_rates(shapes: tuple[tuple[int, int, int], ...] = GEMMS, calls: int = 20,
+               dtype: str = "float32") -> list[tuple[str, float, float]]:
+    """(shape, JAX GFLOP/s, PyTorch GFLOP/s) of one `dtype` matmul each, alone: what the matmul
     kernels do outside the step, on all cores."""
     torch.set_num_threads(os.cpu_count())
     matmul = jax.jit(jax.numpy.matmul)
 
     def rates(m: int, k: int, n: int) -> tuple[str, float, float]:
         a, b = (np.random.default_rng(0).standard_normal(shape, np.float32) for shape in ((m, k), (k, n)))
-        jax_a, jax_b, torch_a, torch_b = jax.device_put(a), jax.device_put(b), torch.from_numpy(a), torch.from_numpy(b)
+        jax_a, jax_b = (jax.device_put(x).astype(dtype) for x in (a, b))
+        torch_a, torch_b = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
         jax_s = time_calls(lambda: matmul(jax_a, jax_b), calls).step_s
         torch_s = time_calls(lambda: torch_a @ torch_b, calls, wait=lambda _: None).step_s
         return f"[{m}, {k}] @ [{k}, {n}]", 2 * m * k * n / jax_s / 1e9, 2 * m * k * n / torch_s / 1e9
 
     return [rates(*shape) for shape in shapes]
+
+
+def ceiling(name: str, batch: int, dtype: str, jax_s: float, torch_s: float) -> str:
+    """What the cores allow: the step's model FLOPs (`flops.train_flops`, matmuls only) at the rate
+    of the faster framework's large square matmul take `floor` seconds, so no implementation of the
+    step, however its other work is arranged, beats PyTorch's by more than torch_s / floor here."""
+    _, jax_rate, torch_rate = gemm_rates((PEAK_GEMM,), calls=10, dtype=dtype)[0]
+    peak = max(jax_rate, torch_rate)
+    step_gflop = flops.train_flops(create_model(name)) * batch / 1e9
+    floor_s = step_gflop / peak
+    return (f"ceiling: {dtype} {PEAK_GEMM} matmul {peak:.0f} GFLOP/s (JAX {jax_rate:.0f}, PyTorch {torch_rate:.0f}); "
+            f"the step's {step_gflop:.1f} GFLOP take {floor_s * 1e3:.0f} ms at that rate, so at most "
+            f"{torch_s / floor_s:.2f}x PyTorch here; the steps run at JAX {step_gflop / jax_s:.0f} "
+            f"({step_gflop / jax_s / peak:.0%}), PyTorch {step_gflop / torch_s:.0f} GFLOP/s ({step_gflop / torch_s / peak:.0%})")
 
 
 def cpu_description() -> str:
@@ -131,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)")
     print(f"PyTorch {args.batch / torch_s:8.2f} images/s  ({torch_s * 1e3:.0f} ms/step)")
     print(f"ratio JAX / PyTorch: {torch_s / jax_s:.2f}x")
+    print(ceiling(args.model, args.batch, args.dtype, jax_s, torch_s))
     if args.gemm:
         for shape, jax_rate, torch_rate in gemm_rates():
             print(f"matmul {shape:24s} JAX {jax_rate:6.1f} GFLOP/s  PyTorch {torch_rate:6.1f} GFLOP/s  "
