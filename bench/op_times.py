@@ -27,7 +27,7 @@ _OP = re.compile(r"^[a-z][\w\-]*(\.\d+)*$")  # HLO instruction names; host spans
 
 
 MATMULS = ("ynn_fusion", "xnn_fusion", "onednn_fusion", "dot_general", "dot", "convolution")  # XLA:CPU's matmul ops
-WALL_STATES = ("matmuls only", "matmuls beside other ops", "other ops only", "no op")
+WALL_STATES = ("matmuls only", "matmuls beside other ops", "one other op only", "other ops side by side", "no op")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +67,20 @@ def op_kinds(perfetto_file: str | Path, calls: int) -> list[OpKind]:
 
 
 def wall_split(perfetto_file: str | Path, calls: int, matmuls: tuple[str, ...] = MATMULS) -> dict[str, float]:
-    """Wall-clock ms per call by what was running: matmuls only, matmuls beside other ops, other
-    ops only, nothing (between the first op and the last). Op time summed over threads cannot say
-    whether a core sat idle; this can: time with only elementwise ops running is time in which a
-    matmul library could not use every core."""
+    """Wall-clock ms per call by what was running: matmuls only, matmuls beside other ops, one
+    other op alone, several other ops side by side, nothing (between the first op and the last).
+    Op time summed over threads cannot say whether a core sat idle; this can: while one
+    elementwise op runs alone, every other core waits (XLA:CPU splits few of them over threads)."""
     edges = sorted((t, +1 if i == 0 else -1, kind in matmuls) for start, end, kind in op_spans(perfetto_file)
                    for i, t in enumerate((start, end)))
     running = {True: 0, False: 0}
     wall: collections.Counter[str] = collections.Counter()
     last = edges[0][0] if edges else 0.0
     for t, change, is_matmul in edges:
-        state = ("matmuls only" if not running[False] else "matmuls beside other ops") if running[True] else (
-            "other ops only" if running[False] else "no op")
+        if running[True]:
+            state = "matmuls beside other ops" if running[False] else "matmuls only"
+        else:
+            state = {0: "no op", 1: "one other op only"}.get(running[False], "other ops side by side")
         wall[state] += t - last
         running[is_matmul] += change
         last = t

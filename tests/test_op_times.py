@@ -35,16 +35,18 @@ def test_op_kinds_sum_per_kind_per_call_and_leave_host_spans_out(tmp_path):
 
 
 def test_wall_split_says_what_ran_when(tmp_path):
-    """0-4 ms a matmul alone, 4-6 beside a copy, 6-7 the copy alone, 7-9 nothing, 9-10 an add: per
-    call (2), halved."""
+    """0-4 ms a matmul alone, 4-6 beside a copy, 6-7 the copy alone, 7-9 nothing, 9-10 an add
+    alone, 10-12 the add beside a select, 12-13 the select alone: per call (2), halved."""
     events = [
         {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 10000},
         {"ph": "X", "name": "ynn_fusion.1", "ts": 0, "dur": 6000},
         {"ph": "X", "name": "copy_bitcast_fusion.3", "ts": 4000, "dur": 3000},
-        {"ph": "X", "name": "add_fusion.2", "ts": 9000, "dur": 1000},
+        {"ph": "X", "name": "add_fusion.2", "ts": 9000, "dur": 3000},
+        {"ph": "X", "name": "select_fusion.7", "ts": 10000, "dur": 3000},
     ]
     split = op_times.wall_split(_trace(tmp_path / "t.json.gz", events), calls=2)
-    assert split == {"matmuls only": 2.0, "matmuls beside other ops": 1.0, "other ops only": 1.0, "no op": 1.0}
+    assert split == {"matmuls only": 2.0, "matmuls beside other ops": 1.0, "one other op only": 1.5,
+                     "other ops side by side": 1.0, "no op": 1.0}
 
 
 def test_a_real_trace_names_the_steps_ops(tmp_path):
