@@ -16,7 +16,7 @@ import dataclasses
 import gzip
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,25 +66,46 @@ def op_kinds(perfetto_file: str | Path, calls: int) -> list[OpKind]:
     return [OpKind(kind, us / 1e3 / calls, counts[kind] / calls, us / total) for kind, us in micros.most_common()]
 
 
+def _stretches(perfetto_file: str | Path) -> Iterator[tuple[float, collections.Counter[str]]]:
+    """(µs, how many ops of each kind run) for each stretch of a trace between two op starts or ends,
+    from the first op to the last. The counter is the same object throughout: read it at once."""
+    edges = sorted((t, +1 if i == 0 else -1, kind) for start, end, kind in op_spans(perfetto_file)
+                   for i, t in enumerate((start, end)))
+    running: collections.Counter[str] = collections.Counter()
+    last = edges[0][0] if edges else 0.0
+    for t, change, kind in edges:
+        yield t - last, running
+        running[kind] += change
+        last = t
+
+
 def wall_split(perfetto_file: str | Path, calls: int, matmuls: tuple[str, ...] = MATMULS) -> dict[str, float]:
     """Wall-clock ms per call by what was running: matmuls only, matmuls beside other ops, one
     other op alone, several other ops side by side, nothing (between the first op and the last).
     Op time summed over threads cannot say whether a core sat idle; this can: while one
     elementwise op runs alone, every other core waits (XLA:CPU splits few of them over threads)."""
-    edges = sorted((t, +1 if i == 0 else -1, kind in matmuls) for start, end, kind in op_spans(perfetto_file)
-                   for i, t in enumerate((start, end)))
-    running = {True: 0, False: 0}
     wall: collections.Counter[str] = collections.Counter()
-    last = edges[0][0] if edges else 0.0
-    for t, change, is_matmul in edges:
-        if running[True]:
-            state = "matmuls beside other ops" if running[False] else "matmuls only"
+    for micros, running in _stretches(perfetto_file):
+        matmul = sum(n for kind, n in running.items() if kind in matmuls)
+        other = sum(running.values()) - matmul
+        if matmul:
+            state = "matmuls beside other ops" if other else "matmuls only"
         else:
-            state = {0: "no op", 1: "one other op only"}.get(running[False], "other ops side by side")
-        wall[state] += t - last
-        running[is_matmul] += change
-        last = t
+            state = {0: "no op", 1: "one other op only"}.get(other, "other ops side by side")
+        wall[state] += micros
     return {state: wall[state] / 1e3 / calls for state in WALL_STATES}
+
+
+def alone_by_kind(perfetto_file: str | Path, calls: int, matmuls: tuple[str, ...] = MATMULS) -> list[tuple[str, float]]:
+    """(kind, ms per call) for the time one op of each kind other than a matmul ran with nothing
+    beside it, most first: which ops leave the other cores idle."""
+    alone: collections.Counter[str] = collections.Counter()
+    for micros, running in _stretches(perfetto_file):
+        if sum(running.values()) == 1:
+            (kind,) = (kind for kind, n in running.items() if n)
+            if kind not in matmuls:
+                alone[kind] += micros
+    return [(kind, micros / 1e3 / calls) for kind, micros in alone.most_common()]
 
 
 def table(kinds: list[OpKind], shown: int = 12) -> str:

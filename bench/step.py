@@ -12,7 +12,7 @@ extensions), images/s for each and the ratio, and the ceiling the cores set: the
 at the rate of a large square matmul, the most any implementation could reach (`ceiling`);
 `--trace DIR` also traces two JAX steps and prints where their time goes, by kind of XLA op, and how much of
 the wall time ran matmuls, other ops only (elementwise loops, copies; one alone leaves the other
-cores idle) or nothing (`bench/op_times.py`); `--gemm` times the step's largest matmuls alone,
+cores idle, and which kinds did) or nothing (`bench/op_times.py`); `--gemm` times the step's largest matmuls alone,
 JAX against PyTorch.
 """
 
@@ -55,6 +55,8 @@ def jax_step_time(name: str, images: np.ndarray, steps: int, dtype: str, trace: 
         print(op_times.table(op_times.op_kinds(traced, 2)))
         print("wall time per step by what ran: " + ", ".join(
             f"{state} {ms:.0f} ms" for state, ms in op_times.wall_split(traced, 2).items()))
+        print("one other op alone (the other cores idle), by kind: " + ", ".join(
+            f"{kind} {ms:.0f} ms" for kind, ms in op_times.alone_by_kind(traced, 2)[:6]))
     return seconds
 
 

@@ -49,6 +49,23 @@ def test_wall_split_says_what_ran_when(tmp_path):
                      "other ops side by side": 1.0, "no op": 1.0}
 
 
+def test_alone_by_kind_counts_only_an_op_with_nothing_beside_it(tmp_path):
+    """A copy alone 0-2 ms and 8-9, an add alone 3-4; the copy beside a matmul 4-5, two adds side by
+    side 5-7 and a matmul alone 9-10 are not counted: per call (2), halved, most first."""
+    events = [
+        {"ph": "X", "name": "copy_bitcast_fusion.1", "ts": 0, "dur": 2000},
+        {"ph": "X", "name": "add_fusion.2", "ts": 3000, "dur": 1000},
+        {"ph": "X", "name": "ynn_fusion.3", "ts": 4000, "dur": 1000},
+        {"ph": "X", "name": "copy_bitcast_fusion.4", "ts": 4000, "dur": 1000},
+        {"ph": "X", "name": "add_fusion.5", "ts": 5000, "dur": 2000},
+        {"ph": "X", "name": "add_fusion.6", "ts": 5000, "dur": 2000},
+        {"ph": "X", "name": "copy_bitcast_fusion.7", "ts": 8000, "dur": 1000},
+        {"ph": "X", "name": "ynn_fusion.8", "ts": 9000, "dur": 1000},
+    ]
+    alone = op_times.alone_by_kind(_trace(tmp_path / "t.json.gz", events), calls=2)
+    assert alone == [("copy_bitcast_fusion", 1.5), ("add_fusion", 0.5)]
+
+
 def test_a_real_trace_names_the_steps_ops(tmp_path):
     step = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
     x = jnp.ones((64, 64))
