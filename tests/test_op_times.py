@@ -34,15 +34,19 @@ def test_op_kinds_sum_per_kind_per_call_and_leave_host_spans_out(tmp_path):
     assert "(1 other kinds)" in op_times.table(kinds, shown=2)
 
 
+def _span(name, start_ms, ms):
+    return {"ph": "X", "name": name, "ts": start_ms * 1000, "dur": ms * 1000}
+
+
 def test_wall_split_says_what_ran_when(tmp_path):
     """0-4 ms a matmul alone, 4-6 beside a copy, 6-7 the copy alone, 7-9 nothing, 9-10 an add
     alone, 10-12 the add beside a select, 12-13 the select alone: per call (2), halved."""
     events = [
-        {"ph": "X", "name": "ThunkExecutor::Execute", "ts": 0, "dur": 10000},
-        {"ph": "X", "name": "ynn_fusion.1", "ts": 0, "dur": 6000},
-        {"ph": "X", "name": "copy_bitcast_fusion.3", "ts": 4000, "dur": 3000},
-        {"ph": "X", "name": "add_fusion.2", "ts": 9000, "dur": 3000},
-        {"ph": "X", "name": "select_fusion.7", "ts": 10000, "dur": 3000},
+        _span("ThunkExecutor::Execute", 0, 10),
+        _span("ynn_fusion.1", 0, 6),
+        _span("copy_bitcast_fusion.3", 4, 3),
+        _span("add_fusion.2", 9, 3),
+        _span("select_fusion.7", 10, 3),
     ]
     split = op_times.wall_split(_trace(tmp_path / "t.json.gz", events), calls=2)
     assert split == {"matmuls only": 2.0, "matmuls beside other ops": 1.0, "one other op only": 1.5,
@@ -53,14 +57,14 @@ def test_alone_by_kind_counts_only_an_op_with_nothing_beside_it(tmp_path):
     """A copy alone 0-2 ms and 8-9, an add alone 3-4; the copy beside a matmul 4-5, two adds side by
     side 5-7 and a matmul alone 9-10 are not counted: per call (2), halved, most first."""
     events = [
-        {"ph": "X", "name": "copy_bitcast_fusion.1", "ts": 0, "dur": 2000},
-        {"ph": "X", "name": "add_fusion.2", "ts": 3000, "dur": 1000},
-        {"ph": "X", "name": "ynn_fusion.3", "ts": 4000, "dur": 1000},
-        {"ph": "X", "name": "copy_bitcast_fusion.4", "ts": 4000, "dur": 1000},
-        {"ph": "X", "name": "add_fusion.5", "ts": 5000, "dur": 2000},
-        {"ph": "X", "name": "add_fusion.6", "ts": 5000, "dur": 2000},
-        {"ph": "X", "name": "copy_bitcast_fusion.7", "ts": 8000, "dur": 1000},
-        {"ph": "X", "name": "ynn_fusion.8", "ts": 9000, "dur": 1000},
+        _span("copy_bitcast_fusion.1", 0, 2),
+        _span("add_fusion.2", 3, 1),
+        _span("ynn_fusion.3", 4, 1),
+        _span("copy_bitcast_fusion.4", 4, 1),
+        _span("add_fusion.5", 5, 2),
+        _span("add_fusion.6", 5, 2),
+        _span("copy_bitcast_fusion.7", 8, 1),
+        _span("ynn_fusion.8", 9, 1),
     ]
     alone = op_times.alone_by_kind(_trace(tmp_path / "t.json.gz", events), calls=2)
     assert alone == [("copy_bitcast_fusion", 1.5), ("add_fusion", 0.5)]
