@@ -2,18 +2,18 @@
 
     python bench/step.py --model mae_vit_base_patch16 --batch 8 [--steps 5] [--dtype float32] [--trace DIR] [--gemm]
 
-JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random
-masking, its AdamW; `bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape
-with `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and
-noise. Both use all the machine's cores and run in one process that, as every `main.py` command,
-has restarted with malloc on transparent huge pages (`semmae_jax.host_memory`; run with
+JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random masking, its AdamW;
+`bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape with
+`torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and noise. Both use all
+the machine's cores and run in one process that, as every `main.py` command, has restarted with
+malloc on transparent huge pages (`semmae_jax.host_memory`; run with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to time both without). Prints the CPU (model, cores, vector
 extensions), images/s for each and the ratio, and the ceiling the cores set: the step's model FLOPs
 at the rate of a large square matmul, the most any implementation could reach (`ceiling`);
-`--trace DIR` also traces two JAX steps and prints where their time goes, by kind of XLA op, and how much of
-the wall time ran matmuls, other ops only (elementwise loops, copies; one alone leaves the other
-cores idle, and which kinds did) or nothing (`bench/op_times.py`); `--gemm` times the step's largest matmuls alone,
-JAX against PyTorch.
+`--trace DIR` also traces two JAX steps and prints where their time goes, by kind of XLA op, and
+how much of the wall time ran matmuls, other ops only (elementwise loops, copies; one alone leaves
+the other cores idle, and which kinds did) or nothing (`bench/op_times.py`); `--gemm` times the
+step's largest matmuls alone, JAX against PyTorch.
 """
 
 from __future__ import annotations
