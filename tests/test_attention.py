@@ -1,7 +1,8 @@
 """The attention option: 'xla' gives float64 attention's numbers whether or not the weights are
-asked for, the weights come out where asked for, and 'cudnn' is refused with the reason where it
-cannot run."""
+asked for, the weights come out where asked for, 'cudnn' is refused with the reason where it
+cannot run, and its training steps lower for an H200 whatever the token count."""
 
+import re
 from types import SimpleNamespace
 
 import flax.linen as nn
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from semmae_jax.models import create_model
-from semmae_jax.models.layers import Attention, check_attention
+from semmae_jax.models.layers import Attention, check_attention, fused_attention
 
 H200 = SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
 A100 = SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100")
@@ -84,3 +85,55 @@ def test_cudnn_conditions_accept_what_cudnn_takes():
         check_attention("cudnn", jnp.bfloat16, head_dim, H200)
     check_attention("cudnn", jnp.float16, 256, H200)
     check_attention("xla", jnp.float32, 12)
+
+
+@pytest.mark.parametrize("length", [17, 18])
+def test_fused_attention_pads_odd_lengths_without_changing_values_or_gradients(length):
+    """cuDNN refuses odd lengths in training, so `fused_attention` pads one masked token; run here
+    with the same function's 'xla' implementation, the padded call must be the plain attention."""
+    q, k, v = (jax.random.normal(key, (2, length, 4, 8)) for key in jax.random.split(jax.random.key(0), 3))
+    cotangent = jax.random.normal(jax.random.key(1), q.shape)
+
+    def plain(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+    def padded(q, k, v):
+        return fused_attention(q, k, v, implementation="xla")
+
+    out, pullback = jax.vjp(padded, q, k, v)
+    expected, expected_pullback = jax.vjp(plain, q, k, v)
+    assert out.shape == expected.shape
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    for grad, expected_grad in zip(pullback(cotangent), expected_pullback(cotangent), strict=True):
+        np.testing.assert_allclose(grad, expected_grad, rtol=0, atol=1e-5)
+    if length % 2:  # the padded call is the one that reaches cuDNN: even length, padding mask
+        jaxpr = str(jax.make_jaxpr(padded)(q, k, v))
+        assert f"{length + 1},4,8]" in jaxpr
+
+
+@pytest.mark.parametrize("name", ["mae_vit_test_patch4", "vit_test_patch4"])
+def test_cudnn_training_steps_lower_for_an_h200_with_odd_token_counts(name, monkeypatch):
+    """The training gradient of each model with attention='cudnn', lowered for CUDA on this CPU
+    with JAX's cuDNN checks answered as on an H200 (cuDNN 9.14, compute capability 9.0). Their
+    token counts are odd (65, and 17 kept by the mask), as every ViT's: without the padding in
+    `fused_attention`, JAX refuses them ("Unsupported sequence length Q 197, KV 197" on the H200)."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
+
+    from semmae_jax.models import layers
+
+    monkeypatch.setattr(cudnn_checks, "check_cudnn_version", lambda: 91400)
+    monkeypatch.setattr(cudnn_checks, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(cudnn_checks, "is_cuda_compute_capability_equal", lambda capability: False)
+    monkeypatch.setattr(layers, "check_attention", lambda *args: check_attention(*args[:3], H200))
+    images = jnp.zeros((2, 32, 32, 3))
+    rngs = {"params": jax.random.key(0), "mask": jax.random.key(1), "dropout": jax.random.key(2)}
+    params = create_model(name, dtype="bfloat16").init(rngs, images)["params"]
+    model = create_model(name, attention="cudnn", dtype="bfloat16")
+
+    def loss(params):
+        if name.startswith("mae_"):
+            return model.apply({"params": params}, images, rngs=rngs)[0]
+        return model.apply({"params": params}, images, train=True, rngs=rngs).astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    assert set(re.findall(r"custom_call @(\S+?)\(", lowered)) == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}
