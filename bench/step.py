@@ -148,11 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         host_memory.restart_with_huge_pages()
     size = create_model(args.model).img_size
     images = np.random.default_rng(0).standard_normal((args.batch, size, size, 3), np.float32)
-    jax_s = jax_step_time(args.model, images, args.steps, args.dtype, args.trace)
-    torch_s = torch_step_time(args.model, images, args.steps)
+    # Each line as soon as it is known, so that a run stopped part-way still says what it measured, and where.
     print(f"model {args.model}, batch {args.batch}, {args.steps} timed steps, {jax.devices()[0].platform}, "
-          f"JAX dtype {args.dtype}; {cpu_description()}; {host_memory.describe()}")
-    print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)")
+          f"JAX dtype {args.dtype}; {cpu_description()}; {host_memory.describe()}", flush=True)
+    jax_s = jax_step_time(args.model, images, args.steps, args.dtype, args.trace)
+    print(f"JAX     {args.batch / jax_s:8.2f} images/s  ({jax_s * 1e3:.0f} ms/step)", flush=True)
+    torch_s = torch_step_time(args.model, images, args.steps)
     print(f"PyTorch {args.batch / torch_s:8.2f} images/s  ({torch_s * 1e3:.0f} ms/step)")
     print(f"ratio JAX / PyTorch: {torch_s / jax_s:.2f}x")
     print(ceiling(args.model, args.batch, args.dtype, jax_s, torch_s))
