@@ -167,9 +167,10 @@ class Attention(nn.Module):
     MAE ViT-B training step ran 6 % faster than with `jax.nn.dot_product_attention`'s
     [B, L, heads, head_dim] einsums, paired in one process); 'cudnn' is that function's
     cuDNN flash attention (NVIDIA GPUs in bfloat16/float16; the [heads, L, L] scores are
-    never stored; odd lengths padded by one masked token, `fused_attention`). When the caller asks for the `intermediates` collection (stage 1's
-    raw-attention baseline, attention pictures), the weights are sown as `attention`
-    whatever the implementation: a fused kernel has none to give.
+    never stored; an odd L is padded by one masked token, `fused_attention`). When the
+    caller asks for the `intermediates` collection (stage 1's raw-attention baseline,
+    attention pictures), the weights are sown as `attention` whatever the implementation:
+    a fused kernel has none to give.
     """
 
     num_heads: int
