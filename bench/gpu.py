@@ -1,6 +1,7 @@
 """The GPU suite: one command, one GPU, every figure side by side in one run.
 
     python bench/gpu.py --out results/gpu.json [--budget_s 420] [--cache_dir DIR] [--steps 10]
+    python bench/gpu.py --rows 'cudnn|ViT-H' ...   # only these rows (with the ceilings, the batches they take)
     python bench/gpu.py --smoke --out /tmp/gpu_smoke.json   # every code path, on CPU, test models
 
 Needs jax, flax, optax, orbax-checkpoint, torch, transformers and timm; no TensorFlow and no
@@ -42,6 +43,7 @@ import functools
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +128,23 @@ def plan() -> list[Row]:
         Row(compiled, "torch", L16, compile=True, batch_of="pretrain ViT-L/16 xla", vs=("torch ViT-L/16",)),
     ]
     return rows + pretrain_rows("ViT-H/14", H14, 0)
+
+
+def select(rows: list[Row], pattern: str | None) -> list[Row]:
+    """The rows whose names `pattern` (a regular expression) finds, in the plan's order, with what
+    they need: the ceilings (MFU is computed from them) and the rows they take their batch from.
+    A lease too short for the whole suite can measure, say, only `--rows 'cudnn|ViT-H'`."""
+    if pattern is None:
+        return rows
+    by_name, chosen = {row.name: row for row in rows}, {"ceilings"}
+    for row in rows:
+        if re.search(pattern, row.name):
+            while row is not None and row.name not in chosen:
+                chosen.add(row.name)
+                row = by_name.get(row.batch_of) if row.batch_of else None
+    if chosen == {"ceilings"}:
+        raise SystemExit(f"bench/gpu.py: --rows {pattern!r} names no row; the rows: " + "; ".join(by_name))
+    return [row for row in rows if row.name in chosen]
 
 
 # ---------------------------------------------------------------- one row (child process)
@@ -370,6 +389,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=None, help="persistent compilation cache (JAX and inductor)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--smoke", action="store_true", help="every code path on CPU with the test models")
+    parser.add_argument("--rows", default=None, help="only the rows whose names this regular expression finds "
+                        "(with the ceilings and the rows whose batch they take)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -382,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
         args.cache_dir = str(Path(tempfile.gettempdir()) / "semmae_jax_gpu_smoke_cache")
     if args.child is not None:
         return child(json.loads(args.child), settings)
-    suite = Suite(plan(), settings, args)
+    suite = Suite(select(plan(), args.rows), settings, args)
     suite.run()
     suite.write()
     print_table(suite.report())

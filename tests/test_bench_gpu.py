@@ -148,3 +148,18 @@ def test_a_process_that_dies_is_that_rows_error_and_a_spent_budget_skips_the_res
     suite.run()
     assert "the process ended without a result: last line of the child" in suite.results["a"]["error"]
     assert suite.skipped == ["b", "c"] and len(calls) == 2
+
+
+def test_rows_selects_by_name_with_the_ceilings_and_the_rows_whose_batch_they_take():
+    rows = gpu.plan()
+
+    def names(pattern):
+        return [row.name for row in gpu.select(rows, pattern)]
+
+    assert names("remat") == ["ceilings", "pretrain ViT-L/16 xla", "pretrain ViT-L/16 xla remat"]
+    assert names("setting 0$|torch.compile") == ["ceilings", "pretrain ViT-L/16 xla", "pretrain SemMAE ViT-B/8 xla",
+                                                 "pretrain SemMAE ViT-B/8 xla setting 0", "torch.compile ViT-L/16"]
+    assert names("cudnn") == ["ceilings"] + [row.name for row in rows if row.attention == "cudnn"]
+    assert gpu.select(rows, None) == rows
+    with pytest.raises(SystemExit, match=r"--rows 'ViT-Z' names no row; the rows: ceilings; pretrain ViT-L/16 xla;"):
+        gpu.select(rows, "ViT-Z")
