@@ -133,7 +133,7 @@ def plan() -> list[Row]:
 def select(rows: list[Row], pattern: str | None) -> list[Row]:
     """The rows whose names `pattern` (a regular expression) finds, in the plan's order, with what
     they need: the ceilings (MFU is computed from them) and the rows they take their batch from.
-    A lease too short for the whole suite can measure, say, only `--rows 'cudnn|ViT-H'`."""
+    A GPU session too short for the whole suite can measure, say, only `--rows 'cudnn|ViT-H'`."""
     if pattern is None:
         return rows
     by_name, chosen = {row.name: row for row in rows}, {"ceilings"}
