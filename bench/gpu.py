@@ -136,9 +136,13 @@ def select(rows: list[Row], pattern: str | None) -> list[Row]:
     A GPU session too short for the whole suite can measure, say, only `--rows 'cudnn|ViT-H'`."""
     if pattern is None:
         return rows
+    try:
+        finds = re.compile(pattern).search
+    except re.error as error:
+        raise SystemExit(f"bench/gpu.py: --rows {pattern!r} is not a regular expression: {error}") from None
     by_name, chosen = {row.name: row for row in rows}, {"ceilings"}
     for row in rows:
-        if re.search(pattern, row.name):
+        if finds(row.name):
             while row is not None and row.name not in chosen:
                 chosen.add(row.name)
                 row = by_name.get(row.batch_of) if row.batch_of else None

@@ -163,3 +163,5 @@ def test_rows_selects_by_name_with_the_ceilings_and_the_rows_whose_batch_they_ta
     assert gpu.select(rows, None) == rows
     with pytest.raises(SystemExit, match=r"--rows 'ViT-Z' names no row; the rows: ceilings; pretrain ViT-L/16 xla;"):
         gpu.select(rows, "ViT-Z")
+    with pytest.raises(SystemExit, match=r"--rows 'ViT-\[' is not a regular expression: unterminated"):
+        gpu.select(rows, "ViT-[")
