@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,15 +35,59 @@ def failure_reason(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def quiet_failures() -> Iterator[None]:
-    """Keep orbax's log records of a failed read out of the terminal: the caller reports it in one line."""
+def reading(what: str) -> Iterator[None]:
+    """Read a checkpoint with any failure kept to one line: `CheckpointDamaged("<what>: <reason>")`.
+
+    The noise of a failed read is kept out of the terminal: orbax's log records, and the
+    errors of the reads orbax abandons. Orbax restores on an event loop that it closes as
+    soon as one read fails; every tensorstore read still in flight then completes into the
+    closed loop (Python prints each `RuntimeError: Event loop is closed` as a traceback,
+    dozens for one truncated file), and the tasks that failed beside the first log their own
+    error when collected ("Task exception was never retrieved"). Both arrive late, from other
+    threads or at exit, and say nothing the one line does not, so they are dropped for the
+    rest of the process (`_drop_abandoned_read_errors`; the second only once a read failed).
+    """
+    _drop_abandoned_read_errors()
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
     try:
         yield
+    except CheckpointDamaged:
+        raise
+    except Exception as error:  # any failure to read a step that exists means its files are damaged
+        _drop_abandoned_task_errors()
+        raise CheckpointDamaged(f"{what}: {failure_reason(error)}") from error
     finally:
         absl.setLevel(level)
+
+
+def _drop_abandoned_read_errors() -> None:
+    """Wrap `sys.unraisablehook` (whichever is current) so that it drops asyncio's
+    "Event loop is closed" raised in a callback, and passes everything else on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_abandoned_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+
+
+class _AbandonedTasks(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
+
+
+def _drop_abandoned_task_errors() -> None:
+    """Keep asyncio's "Task exception was never retrieved" records of the abandoned reads out."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedTasks())
 
 
 @jax.jit

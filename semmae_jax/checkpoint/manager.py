@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from semmae_jax.checkpoint.integrity import failure_reason, quiet_failures
+from semmae_jax.checkpoint.integrity import failure_reason, reading
 from semmae_jax.distributed import is_primary, sync
 from semmae_jax.key_paths import flat_by_path
 from semmae_jax.storage import PathLike, is_local, output_path
@@ -164,11 +164,13 @@ def _shapes(metadata: Any) -> dict[str, tuple[int, ...]]:
 
 class StepReader:
     """One step directory read on its own (orbax's `Checkpointer` over the same item handlers):
-    a step of any root, also one set aside as `<step>.damaged` for inspection."""
+    a step of any root, also one set aside as `<step>.damaged` for inspection. A step whose
+    files cannot be read is `CheckpointDamaged`, in one line naming the directory."""
 
     def __init__(self, directory: PathLike) -> None:
         self.directory = output_path(directory, "checkpoint step")
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers())) as checkpointer:
+        with reading(f"checkpoint {self.directory} is damaged: its metadata cannot be read"), \
+                ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers())) as checkpointer:
             self._items = dict(checkpointer.metadata(self.directory).item_metadata)
 
     def item_names(self) -> set[str]:
@@ -176,11 +178,21 @@ class StepReader:
 
     def host_arrays(self, name: str) -> Any:
         """One array item as host numpy arrays, whatever devices or processes saved it."""
-        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), self._items[name].tree)
-        return self._restore(name, ocp.args.PyTreeRestore(restore_args=restore_args))
+        with self._reading(name):
+            metadata = self._items[name]
+            if metadata is None:
+                raise ValueError("orbax finds no metadata of it")
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
+            return self._restore(name, ocp.args.PyTreeRestore(restore_args=restore_args))
 
     def json_item(self, name: str) -> dict[str, Any] | None:
-        return self._restore(name, ocp.args.JsonRestore()) if name in self._items else None
+        if name not in self._items:
+            return None
+        with self._reading(name):
+            return self._restore(name, ocp.args.JsonRestore())
+
+    def _reading(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return reading(f"checkpoint {self.directory} is damaged: its item '{name}' cannot be read")
 
     def _restore(self, name: str, args: ocp.args.CheckpointArgs) -> Any:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers())) as checkpointer:
@@ -201,19 +213,27 @@ def open_step(path: PathLike) -> StepReader:
     location = output_path(path, "checkpoint")
     if not location.is_dir():
         raise FileNotFoundError(f"checkpoint {location} does not exist (expected an orbax checkpoint directory)")
-    root = RunCheckpoints(location, async_save=False, create=False)
-    latest = next((step for step in reversed(root.all_steps()) if PARAMS in root.item_names(step)), None)
-    root.close()
-    if latest is not None:
-        return StepReader(root.step_path(latest))
-    try:
-        with quiet_failures():
-            step = StepReader(location)
-    except (FileNotFoundError, ValueError):
-        step = None
-    if step is None or PARAMS not in step.item_names():
+    step = _latest_with_params(location)
+    if step is not None:
+        return step
+    step = StepReader(location)
+    if PARAMS not in step.item_names():
         raise FileNotFoundError(f"{location} holds no checkpoint: no '{PARAMS}' item and no numbered step with one")
     return step
+
+
+def _latest_with_params(root: epath.Path) -> StepReader | None:
+    """The latest step of `root` that holds params; a damaged one is an error, not skipped for an older one."""
+    if not root.is_dir():
+        return None
+    checkpoints = RunCheckpoints(root, async_save=False, create=False)
+    step_paths = [checkpoints.step_path(step) for step in reversed(checkpoints.all_steps())]
+    checkpoints.close()
+    for step_path in step_paths:
+        step = StepReader(step_path)
+        if PARAMS in step.item_names():
+            return step
+    return None
 
 
 def load_params(path: PathLike) -> tuple[Any, dict[str, Any]]:

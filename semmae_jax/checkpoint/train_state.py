@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from semmae_jax.checkpoint.integrity import CheckpointDamaged, checksums, failure_reason, quiet_failures, verify
+from semmae_jax.checkpoint.integrity import checksums, reading, verify
 from semmae_jax.checkpoint.manager import RunCheckpoints
 from semmae_jax.key_paths import flat_by_path
 
@@ -52,12 +52,10 @@ def restore_state(checkpoints: RunCheckpoints, step: int, like: Any) -> Any:
     """
     target = abstract_items(abstract_like(like))
     _check_saved_shapes(checkpoints, step, target)
-    try:
-        with quiet_failures():
-            arrays = checkpoints.restore(step, target)
-    except Exception as error:  # any failure to read a step that exists means its files are damaged
-        raise CheckpointDamaged(f"step {step}: {failure_reason(error)}") from error
-    verify(step, arrays, checkpoints.json_item(step, "checksums"))
+    with reading(f"step {step}"):
+        arrays = checkpoints.restore(step, target)
+        saved_checksums = checkpoints.json_item(step, "checksums")
+    verify(step, arrays, saved_checksums)
     train = arrays["train_state"]
     return like.replace(step=train["step"], params=arrays["params"], opt_state=arrays["opt_state"],
                         rng=jax.random.wrap_key_data(train["rng"]), model_state=arrays.get("model_state", {}))
@@ -65,11 +63,8 @@ def restore_state(checkpoints: RunCheckpoints, step: int, like: Any) -> Any:
 
 def _check_saved_shapes(checkpoints: RunCheckpoints, step: int, target: dict[str, Any]) -> None:
     """A saved state of other shapes is the user's change (another model), not damage: say so, touch nothing."""
-    try:
-        with quiet_failures():
-            saved = checkpoints.item_shapes(step, target)
-    except Exception as error:
-        raise CheckpointDamaged(f"step {step}: {failure_reason(error)}") from error
+    with reading(f"step {step}"):
+        saved = checkpoints.item_shapes(step, target)
     for name, tree in target.items():
         for path, leaf in flat_by_path(tree).items():
             shape = saved[name].get(path)
