@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 
@@ -143,6 +144,18 @@ def test_weights_from_a_damaged_step_are_refused_in_one_line_naming_it(two_epoch
                      "metadata cannot be read: OUT_OF_RANGE", run.stderr, re.MULTILINE), run.stderr
     for noise in ("Traceback", "Event loop is closed", "Task exception was never retrieved"):
         assert noise not in run.stderr
+
+
+@pytest.mark.slow
+def test_weights_are_read_from_a_run_directory_as_from_its_checkpoints_root(two_epochs):
+    """What `--finetune`, `eval --resume`, `visualize`, `features` read: a run directory is its latest step."""
+    assert str(checkpoint.open_step(two_epochs).directory) == str(two_epochs / "checkpoints" / "4")
+    by_run, _ = checkpoint.load_params(two_epochs)
+    by_step, _ = checkpoint.load_params(two_epochs / "checkpoints" / "2")
+    latest, _ = checkpoint.load_params(two_epochs / "checkpoints" / "4")
+    leaves = [np.asarray(x) for x in jax.tree.leaves(by_run)]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(latest), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(by_step), strict=True))
 
 
 def test_a_failed_read_drops_only_the_noise_of_the_reads_orbax_abandons(monkeypatch, caplog):

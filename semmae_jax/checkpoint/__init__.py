@@ -8,7 +8,7 @@
 * `foreign`: the protocol through which the jobs read other frameworks' files.
 
 A converted release holds `params` and `meta`; a training run's steps hold the training
-state too. `load_params` reads the params of either, from the root or from one step.
+state too. `load_params` reads the params of either, from the root, its run directory or one step.
 """
 
 from semmae_jax.checkpoint.foreign import ResumeTarget, StatedModel, WeightsReader

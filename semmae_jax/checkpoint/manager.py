@@ -33,6 +33,7 @@ PARAMS = "params"
 META = "meta"
 ARRAY_ITEMS = (PARAMS, "opt_state", "train_state", "model_state")
 JSON_ITEMS = (META, "progress", "config", "checksums", "epoch_stats")
+RUN_CHECKPOINTS = "checkpoints"  # a run directory's checkpoint root: `<output_dir>/checkpoints`
 _ITEM_NAMES = frozenset(ARRAY_ITEMS + JSON_ITEMS)
 _NAME_FORMAT = ocp.step.standard_name_format()  # steps named by their number: `<root>/<step>`
 
@@ -209,16 +210,19 @@ def save_params(directory: PathLike, params: Any, meta: dict[str, Any] | None = 
 
 
 def open_step(path: PathLike) -> StepReader:
-    """The step that `path` names: a root's latest step with params, or one step directory."""
+    """The step that `path` names: the latest step with params of a checkpoint root or of a run
+    directory (its `checkpoints/`, `RUN_CHECKPOINTS`), or one step directory."""
     location = output_path(path, "checkpoint")
     if not location.is_dir():
         raise FileNotFoundError(f"checkpoint {location} does not exist (expected an orbax checkpoint directory)")
-    step = _latest_with_params(location)
-    if step is not None:
-        return step
+    for root in (location, location / RUN_CHECKPOINTS):
+        step = _latest_with_params(root)
+        if step is not None:
+            return step
     step = StepReader(location)
     if PARAMS not in step.item_names():
-        raise FileNotFoundError(f"{location} holds no checkpoint: no '{PARAMS}' item and no numbered step with one")
+        raise FileNotFoundError(f"{location} holds no checkpoint: no '{PARAMS}' item and no numbered step with one, "
+                                f"neither in it nor in its {RUN_CHECKPOINTS}/")
     return step
 
 

@@ -63,8 +63,7 @@ def encoder(reader: WeightsReader, checkpoint: str, input_size: int | None) -> t
     """(headless ViT, its params) of `checkpoint`'s encoder; a run's output dir is read at its checkpoints/."""
     from semmae_jax.parts.backbone import backbone_model
 
-    run = Path(checkpoint) / "checkpoints"
-    params, name, overrides = reader.backbone(str(run if run.is_dir() else checkpoint), input_size)
+    params, name, overrides = reader.backbone(checkpoint, input_size)
     return backbone_model(name, overrides), params
 
 

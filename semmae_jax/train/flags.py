@@ -12,6 +12,7 @@ import dataclasses
 from etils import epath
 
 from semmae_jax import distributed, sharding
+from semmae_jax.checkpoint.manager import RUN_CHECKPOINTS
 from semmae_jax.config import field
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from semmae_jax.storage import output_path
@@ -160,4 +161,4 @@ class TrainFlags(DistributedFlags):
     @property
     def checkpoint_dir(self) -> epath.Path:
         """Where the run's checkpoints go: local, or any epath location (`gs://bucket/run/checkpoints`)."""
-        return output_path(self.output_dir) / "checkpoints"
+        return output_path(self.output_dir) / RUN_CHECKPOINTS

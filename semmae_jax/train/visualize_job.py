@@ -88,15 +88,13 @@ def load_model(reader: WeightsReader, checkpoint: str, input_size: int | None,
     """(MAE model, params) of `checkpoint`; a checkpoint without a decoder is refused."""
     from semmae_jax.models import create_model, model_family
 
-    run = Path(checkpoint) / "checkpoints"
-    path = str(run if run.is_dir() else checkpoint)
-    params, name, overrides = reader.model(path, input_size)
+    params, name, overrides = reader.model(checkpoint, input_size)
     if model_family(name) != "mae":
         raise ValueError(f"{checkpoint} holds {name}, a model without a decoder: visualize needs a pretraining "
                          "checkpoint (an MAE / SemMAE run, its .pth, or a ViTMAEForPreTraining directory)")
     stated = overrides.pop("norm_pix_loss", None)
-    if stated is None and Path(path).is_dir():
-        stated = _saved_config(path).get("norm_pix_loss")
+    if stated is None and Path(checkpoint).is_dir():
+        stated = _saved_config(checkpoint).get("norm_pix_loss")
     return create_model(name, **overrides, norm_pix_loss=bool(stated if norm_pix_loss is None else norm_pix_loss)), params
 
 
