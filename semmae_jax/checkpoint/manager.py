@@ -242,7 +242,7 @@ def _latest_with_params(root: epath.Path) -> StepReader | None:
 
 def load_params(path: PathLike) -> tuple[Any, dict[str, Any]]:
     """Params as host numpy arrays (and the JSON meta, empty if none) from a checkpoint
-    root or step directory, whatever devices or processes saved them.
+    root, a run directory or a step directory (`open_step`), whatever devices or processes saved them.
 
     Callers place them on their own mesh (`jax.device_put` with their shardings).
     """
