@@ -97,7 +97,7 @@ def _data_files(step_dir: Path, item: str) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage", ["truncated", "deleted", "missing item", "flipped bytes"])
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "missing item", "flipped bytes", "garbled config"])
 def test_a_damaged_latest_step_falls_back_to_the_previous_one(damage, two_epochs, tmp_path, capsys, monkeypatch):
     out = _damaged_copy(two_epochs, tmp_path)
     latest = out / "checkpoints" / "4"
@@ -108,6 +108,8 @@ def test_a_damaged_latest_step_falls_back_to_the_previous_one(damage, two_epochs
         files[0].unlink()
     elif damage == "missing item":
         shutil.rmtree(latest / "opt_state")
+    elif damage == "garbled config":  # a JSON item: the saved flags that resuming compares first
+        (latest / "config" / "metadata").write_text("{garbage")
     else:
         for file in files:  # flip 8 bytes in the middle of every array file (some may hold unused bytes)
             with open(file, "r+b") as f:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from semmae_jax.checkpoint.foreign import ResumeTarget, WeightsReader
-from semmae_jax.checkpoint.integrity import CheckpointDamaged
+from semmae_jax.checkpoint.integrity import CheckpointDamaged, reading
 from semmae_jax.checkpoint.manager import RunCheckpoints
 from semmae_jax.checkpoint.train_state import holds_training_state, restore_state
 from semmae_jax.key_paths import flat_by_path
@@ -122,9 +122,11 @@ def _check_fits(params: Any, model_params: Any, source: str) -> None:
 def _latest_readable(state: Any, run: RunCheckpoints, log: RunLog, identity: RunIdentity | None) -> Any | None:
     """This run's newest step that reads back intact (older ones tried in turn), or None."""
     for step in sorted(run.all_steps(), reverse=True):
-        if identity is not None:
-            identity.check(run.json_item(step, "config"), run.directory, log)
         try:
+            if identity is not None:
+                with reading(f"step {step}"):
+                    saved_config = run.json_item(step, "config")
+                identity.check(saved_config, run.directory, log)  # other flags: the user's change, not damage
             restored = restore_state(run, step, state)
         except CheckpointDamaged as error:
             moved = run.set_aside(step)
