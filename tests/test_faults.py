@@ -20,6 +20,7 @@ import pytest
 
 from semmae_jax import checkpoint
 from semmae_jax.checkpoint.integrity import CheckpointDamaged, reading
+from semmae_jax.checkpoint.train_state import holds_training_state
 from semmae_jax.cli import main as cli_main
 from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.run_lock import LOCK_NAME
@@ -146,6 +147,18 @@ def test_weights_from_a_damaged_step_are_refused_in_one_line_naming_it(two_epoch
                      "metadata cannot be read: OUT_OF_RANGE", run.stderr, re.MULTILINE), run.stderr
     for noise in ("Traceback", "Event loop is closed", "Task exception was never retrieved"):
         assert noise not in run.stderr
+
+
+@pytest.mark.slow
+def test_another_runs_damaged_latest_step_is_named_as_such(two_epochs, tmp_path):
+    """`--resume OTHER_RUN` and `linprobe --eval --resume RUN` first ask whether it holds a training state."""
+    out = _damaged_copy(two_epochs, tmp_path)
+    os.truncate(_data_files(out / "checkpoints" / "4", "params")[0], 10)
+    run = checkpoint.RunCheckpoints(out / "checkpoints", async_save=False, create=False)
+    with pytest.raises(CheckpointDamaged, match=rf"^checkpoint {re.escape(str(out))}/checkpoints/4 is damaged: its "
+                       "metadata cannot be read: OUT_OF_RANGE"):
+        holds_training_state(run)
+    run.close()
 
 
 @pytest.mark.slow
