@@ -129,8 +129,9 @@ class RunCheckpoints:
             return None
 
     def item_names(self, step: int) -> set[str]:
-        """The items `step` holds."""
-        return set(self._manager.item_metadata(step)) & _ITEM_NAMES
+        """The items `step` holds (`CheckpointDamaged` where its metadata cannot be read)."""
+        with _reading_metadata(self.step_path(step)):
+            return set(self._manager.item_metadata(step)) & _ITEM_NAMES
 
     def item_shapes(self, step: int, names: Iterable[str]) -> dict[str, dict[str, tuple[int, ...]]]:
         """{item: {'blocks_0/attn/qkv/kernel': shape, ...}} of array items of `step`, from one read of its metadata."""
@@ -158,6 +159,10 @@ class RunCheckpoints:
         self._manager.close()
 
 
+def _reading_metadata(step_path: epath.Path) -> contextlib.AbstractContextManager[None]:
+    return reading(f"checkpoint {step_path} is damaged: its metadata cannot be read")
+
+
 def _shapes(metadata: Any) -> dict[str, tuple[int, ...]]:
     return {path: tuple(leaf.shape) for path, leaf in flat_by_path(metadata.tree).items()
             if getattr(leaf, "shape", None) is not None}
@@ -170,8 +175,8 @@ class StepReader:
 
     def __init__(self, directory: PathLike) -> None:
         self.directory = output_path(directory, "checkpoint step")
-        with reading(f"checkpoint {self.directory} is damaged: its metadata cannot be read"), \
-                ocp.Checkpointer(ocp.CompositeCheckpointHandler(**_handlers())) as checkpointer:
+        handler = ocp.CompositeCheckpointHandler(**_handlers())
+        with _reading_metadata(self.directory), ocp.Checkpointer(handler) as checkpointer:
             self._items = dict(checkpointer.metadata(self.directory).item_metadata)
 
     def item_names(self) -> set[str]:

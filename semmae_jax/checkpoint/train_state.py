@@ -76,7 +76,4 @@ def _check_saved_shapes(checkpoints: RunCheckpoints, step: int, target: dict[str
 def holds_training_state(checkpoints: RunCheckpoints) -> bool:
     """Is the latest step of `checkpoints` a training state (has an optimizer state)?"""
     latest = checkpoints.latest_step()
-    if latest is None:
-        return False
-    with reading(f"checkpoint {checkpoints.step_path(latest)} is damaged: its metadata cannot be read"):
-        return "opt_state" in checkpoints.item_names(latest)
+    return latest is not None and "opt_state" in checkpoints.item_names(latest)
