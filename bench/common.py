@@ -27,7 +27,7 @@ STEPS_PER_EPOCH = 1000
 
 def pretrain_job(model: str, *flags: str) -> Job:
     """`main.py pretrain --model MODEL --input_size (the model's own) FLAGS...`."""
-    from semmae_jax.train.pretrain import PretrainJob, parse
+    from semmae_jax.jobs.pretrain import PretrainJob, parse
 
     return PretrainJob(parse(["--model", model, "--input_size", str(create_model(model).img_size), *flags]))
 
@@ -35,7 +35,7 @@ def pretrain_job(model: str, *flags: str) -> Job:
 def finetune_job(model: str, *flags: str) -> Job:
     """`main.py finetune --model MODEL --input_size (the model's own) FLAGS...` (its defaults: layer
     decay, drop path, label smoothing)."""
-    from semmae_jax.train.finetune import FinetuneJob, parse
+    from semmae_jax.jobs.finetune import FinetuneJob, parse
 
     return FinetuneJob(parse(["--model", model, "--input_size", str(create_model(model).img_size), *flags]))
 

@@ -18,7 +18,7 @@ device); each row is printed when done, the JSON is rewritten after every row, a
 3. fine-tuning steps (MAE's ViT-B recipe: erasing, mixup/cutmix, drop path, layer decay) of
    ViT-B/16 and ViT-B/8 (785 tokens), xla vs cudnn;
 4. ViT-L/16 with remat; masking setting 3 vs 0 (ViT-B/16 and ViT-B/8); ViT-B/16 without the
-   default XLA GPU flags (`semmae_jax.distributed.GPU_XLA_FLAGS`); ViT-L/16 under torch.compile;
+   default XLA GPU flags (`semmae_jax.runtime.distributed.GPU_XLA_FLAGS`); ViT-L/16 under torch.compile;
 5. ViT-H/14: xla, cudnn, PyTorch.
 
 Every JAX row takes the largest per-device batch up to 512 whose compiled step fits (halving;
@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from semmae_jax import flops  # noqa: E402 (after the path)
-from semmae_jax.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags  # noqa: E402
+from semmae_jax.runtime.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags  # noqa: E402
 
 L16, B16, B8, H14 = "mae_vit_large_patch16", "mae_vit_base_patch16", "mae_vit_base_patch8", "mae_vit_huge_patch14"
 # The defaults switched off, for the row that measures them (they are all boolean switches).

@@ -1,5 +1,5 @@
 """The PyTorch reference of `bench/gpu.py`: transformers' `ViTMAEForPreTraining` of the same
-shape as the JAX model (`convert.references.hf_mae`), SDPA attention, bf16 autocast over
+shape as the JAX model (`convert.parity.references.hf_mae`), SDPA attention, bf16 autocast over
 float32 parameters, `torch.optim.AdamW` with MAE's betas, the same batch; optionally under
 `torch.compile`. Runs in its own child process, so JAX holds no device memory beside it.
 """
@@ -14,7 +14,7 @@ import torch
 
 from bench.common import time_calls
 from convert.arch import full_config
-from convert.references import hf_mae
+from convert.parity.references import hf_mae
 
 BETAS, WEIGHT_DECAY, LR = (0.9, 0.95), 0.05, 1e-4
 

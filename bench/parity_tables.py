@@ -24,8 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from convert import cli, parity, references  # noqa: E402  (before TensorFlow: see convert.references)
+from convert import cli  # noqa: E402  (before TensorFlow: see convert.parity.references)
 from convert.arch import full_config  # noqa: E402
+from convert.parity import forward as parity  # noqa: E402
+from convert.parity import references  # noqa: E402
 from convert.safe_load import save_torch_checkpoint  # noqa: E402
 from tests.torch_helpers import numpy_state_dict, pth_layout, random_hf, randomize_  # noqa: E402
 

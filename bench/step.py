@@ -6,7 +6,7 @@ JAX runs `main.py pretrain`'s own jitted step, built by the job's recipe (random
 `bench/common.py`); PyTorch runs transformers' `ViTMAEForPreTraining` of the same shape with
 `torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.05)` on the same batch and noise. Both use all
 the machine's cores and run in one process that, as every `main.py` command, has restarted with
-malloc on transparent huge pages (`semmae_jax.host_memory`; run with
+malloc on transparent huge pages (`semmae_jax.runtime.host_memory`; run with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to time both without). Prints the CPU (model, cores, vector
 extensions), images/s for each and the ratio, and the ceiling the cores set: the step's model FLOPs
 at the rate of a large square matmul, the most any implementation could reach (`ceiling`);
@@ -34,9 +34,10 @@ import torch
 from bench import op_times
 from bench.common import job_step, pretrain_job, stepper, time_calls
 from convert.arch import full_config
-from convert.references import hf_mae
-from semmae_jax import flops, host_memory, sharding
+from convert.parity.references import hf_mae
+from semmae_jax import flops, sharding
 from semmae_jax.models import create_model
+from semmae_jax.runtime import host_memory
 
 BLR, WEIGHT_DECAY, BETAS = 1.5e-4, 0.05, (0.9, 0.95)  # main_pretrain.py's, as `pretrain`'s defaults
 

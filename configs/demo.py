@@ -7,7 +7,7 @@ the first epoch to ~0.46 in the last, and `output_demo/` holds a checkpoint, `lo
 `reconstruction_epoch*.png` (input | part map | masked input | reconstruction).
 """
 
-from semmae_jax.train.pretrain import PretrainConfig
+from semmae_jax.jobs.pretrain import PretrainConfig
 
 
 def get_config() -> PretrainConfig:

@@ -8,7 +8,7 @@ path) at the demo's scale; no mixup (4 classes, 512 images). See docs/converting
 accuracy it reaches and its parity with PyTorch.
 """
 
-from semmae_jax.train.finetune import FinetuneConfig
+from semmae_jax.jobs.finetune import FinetuneConfig
 
 
 def get_config() -> FinetuneConfig:

@@ -9,7 +9,7 @@ The original ran 4 nodes x 8 GPUs at 32 images per GPU (effective batch 1024, lr
 (the release's reference), 83.6 from MAE's.
 """
 
-from semmae_jax.train.finetune import FinetuneConfig
+from semmae_jax.jobs.finetune import FinetuneConfig
 
 
 def get_config() -> FinetuneConfig:

@@ -8,7 +8,7 @@ keep it at 4096 with `--accum_iter` on fewer devices. MAE's fine-tuned top-1 on
 ImageNet-1k: 83.6.
 """
 
-from semmae_jax.train.pretrain import PretrainConfig
+from semmae_jax.jobs.pretrain import PretrainConfig
 
 
 def get_config() -> PretrainConfig:

@@ -10,7 +10,7 @@ docs/benchmarks.md's memory table). MAE's fine-tuned top-1 on ImageNet-1k: 86.9.
 import dataclasses
 
 from configs.mae_vit_base_patch16 import get_config as base_config
-from semmae_jax.train.pretrain import PretrainConfig
+from semmae_jax.jobs.pretrain import PretrainConfig
 
 
 def get_config() -> PretrainConfig:

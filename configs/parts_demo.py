@@ -9,7 +9,7 @@ learned parts ahead of k-means and raw attention in mIoU and ARI (docs/stage1.md
 true parts are a background and five body parts.
 """
 
-from semmae_jax.train.parts import PartsConfig
+from semmae_jax.jobs.parts import PartsConfig
 
 
 def get_config() -> PartsConfig:

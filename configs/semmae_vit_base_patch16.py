@@ -13,7 +13,7 @@ reference; paper 83.4).
 import dataclasses
 
 from configs.mae_vit_base_patch16 import get_config as mae_config
-from semmae_jax.train.pretrain import PretrainConfig
+from semmae_jax.jobs.pretrain import PretrainConfig
 
 
 def get_config() -> PretrainConfig:

@@ -11,7 +11,7 @@ Note: the original's patch-8 data fed only 196 of the 784 grid positions per ima
 import dataclasses
 
 from configs.semmae_vit_base_patch16 import get_config as base_config
-from semmae_jax.train.pretrain import PretrainConfig
+from semmae_jax.jobs.pretrain import PretrainConfig
 
 
 def get_config() -> PretrainConfig:

@@ -13,26 +13,26 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from semmae_jax import host_memory
+from semmae_jax.runtime import host_memory
 
 # command -> ("module:function(argv)", one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("semmae_jax.train.pretrain:main", "MAE / SemMAE pretraining (no flags: the embedded demo)"),
-    "finetune": ("semmae_jax.train.finetune:main", "fine-tune (or --eval) a ViT classifier"),
-    "eval": ("semmae_jax.train.finetune:eval_main", "shorthand for `finetune --eval`"),
-    "linprobe": ("semmae_jax.train.linprobe:main", "linear probing of a pretrained encoder (LARS, BatchNorm head)"),
-    "launch": ("semmae_jax.launch:main", "run a command as N local processes joined by jax.distributed"),
+    "pretrain": ("semmae_jax.jobs.pretrain:main", "MAE / SemMAE pretraining (no flags: the embedded demo)"),
+    "finetune": ("semmae_jax.jobs.finetune:main", "fine-tune (or --eval) a ViT classifier"),
+    "eval": ("semmae_jax.jobs.finetune:eval_main", "shorthand for `finetune --eval`"),
+    "linprobe": ("semmae_jax.jobs.linprobe:main", "linear probing of a pretrained encoder (LARS, BatchNorm head)"),
+    "launch": ("semmae_jax.jobs.launch:main", "run a command as N local processes joined by jax.distributed"),
     "convert": ("convert.cli:main", "PyTorch .pth <-> orbax checkpoint conversion (to-flax, to-torch)"),
-    "parity": ("convert.parity:main", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
-    "parts train": ("semmae_jax.train.parts:train_main", "stage 1: learn semantic parts on a frozen ViT"),
-    "parts export": ("semmae_jax.train.parts_tools:export_main", "stage 1: write a PNG part map per image (resumable)"),
-    "parts show": ("semmae_jax.train.parts_tools:show_main", "stage 1: a picture of images with their learned parts"),
-    "parts eval": ("semmae_jax.train.parts_tools:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
-    "visualize": ("semmae_jax.train.visualize_job:main", "a checkpoint's reconstructions and SemMAE's masks of given images"),
-    "features": ("semmae_jax.train.features_job:features_main", "encoder features of a dataset split as an .npz"),
-    "knn": ("semmae_jax.train.features_job:knn_main", "weighted k-NN accuracy of encoder features (DINO's protocol)"),
-    "prepare": ("semmae_jax.data.packed:main", "pack an image folder (and its part maps) into TFRecord shards for --data_path"),
-    "parts import-semmae": ("semmae_jax.data.import_semmae:main", "the original's released part data -> PNG part maps"),
+    "parity": ("convert.parity.forward:main", "compare a checkpoint's outputs in JAX and in the PyTorch reference"),
+    "parts train": ("semmae_jax.jobs.parts:train_main", "stage 1: learn semantic parts on a frozen ViT"),
+    "parts export": ("semmae_jax.jobs.parts_tools:export_main", "stage 1: write a PNG part map per image (resumable)"),
+    "parts show": ("semmae_jax.jobs.parts_tools:show_main", "stage 1: a picture of images with their learned parts"),
+    "parts eval": ("semmae_jax.jobs.parts_tools:eval_main", "stage 1: mIoU / ARI of the parts and two baselines"),
+    "visualize": ("semmae_jax.jobs.visualize:main", "a checkpoint's reconstructions and SemMAE's masks of given images"),
+    "features": ("semmae_jax.jobs.features:features_main", "encoder features of a dataset split as an .npz"),
+    "knn": ("semmae_jax.jobs.features:knn_main", "weighted k-NN accuracy of encoder features (DINO's protocol)"),
+    "prepare": ("semmae_jax.jobs.prepare:main", "pack an image folder (and its part maps) into TFRecord shards for --data_path"),
+    "parts import-semmae": ("semmae_jax.jobs.parts_import:main", "the original's released part data -> PNG part maps"),
 }
 
 

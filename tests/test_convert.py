@@ -21,8 +21,9 @@ import torch
 from torch_helpers import assert_same_bits, payloads
 
 import convert
-from convert import cli, references
+from convert import cli
 from convert.arch import Architecture, infer_architecture, key_mismatches
+from convert.parity import references
 from convert.safe_load import numpy_to_tensor, tensor_to_numpy
 from convert.table import flatten, unflatten
 from semmae_jax import checkpoint

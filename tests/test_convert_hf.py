@@ -22,9 +22,11 @@ import torch
 from torch_helpers import HF_CLASSES, assert_same_bits, images, masking_noise, nchw, payloads, run_jax, tiny_hf
 
 import convert
-from convert import cli, parity, references
+from convert import cli
 from convert.arch import full_config
-from convert.backbones import backbone_params
+from convert.parity import forward as parity
+from convert.parity import references
+from convert.reader.backbones import backbone_params
 from convert.table import flatten
 from semmae_jax import checkpoint
 from semmae_jax import cli as main_cli

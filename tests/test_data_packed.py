@@ -15,6 +15,7 @@ from semmae_jax.data.pipeline import EvalLoader, TrainLoader
 from semmae_jax.data.sources import Shard
 from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import EvalTransform, TrainTransform
+from semmae_jax.jobs import prepare as prepare_job
 
 TRANSFORM = TrainTransform(img_size=32, patch_size=8)
 
@@ -113,7 +114,7 @@ def test_max_size_reencodes_large_images_and_keeps_the_rest(folders, tmp_path):
 
 def test_prepare_time_and_index_are_reported(folders, tmp_path, capsys):
     root, _ = folders
-    packed.main(["--data_path", str(root), "--out", str(tmp_path / "p"), "--images_per_shard", "16"])
+    prepare_job.main(["--data_path", str(root), "--out", str(tmp_path / "p"), "--images_per_shard", "16"])
     printed = capsys.readouterr().out
     assert "train: 30 images in 2 shards" in printed and "val: 7 images in 1 shards" in printed
     index = json.loads((tmp_path / "p" / "packed.json").read_text())
@@ -135,4 +136,4 @@ def test_bad_packed_input_gets_one_clear_line(folders, tmp_path):
     with pytest.raises(ValueError, match=r"train\.records\.npz is missing or damaged"):
         open_source(broken)
     with pytest.raises(SystemExit):
-        packed.main(["--data_path", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])
+        prepare_job.main(["--data_path", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")])

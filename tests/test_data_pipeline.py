@@ -14,11 +14,11 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from semmae_jax.data.global_arrays import global_batch, prefetch_to_device
+from semmae_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader
 from semmae_jax.data.sources import image_folder
 from semmae_jax.data.transforms import EvalTransform, TrainTransform, normalize
-from semmae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 TRANSFORM = TrainTransform(img_size=16, patch_size=8)
 

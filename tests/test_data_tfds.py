@@ -8,10 +8,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from semmae_jax.data.datasets import open_source
+from semmae_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from semmae_jax.data.part_maps import write_part_map
 from semmae_jax.data.pipeline import EvalLoader, TrainLoader
 from semmae_jax.data.transforms import EvalTransform, TrainTransform
-from semmae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 NAME = "semmae_tiny_shapes"
 TRAIN, TEST = 26, 11

@@ -16,7 +16,7 @@ import scipy.stats
 import torch
 from timm.data import random_erasing as timm_re
 
-from semmae_jax.train.erasing import ErasingConfig, _erasing_box, random_erasing
+from semmae_jax.data.erasing import ErasingConfig, _erasing_box, random_erasing
 
 MAE = ErasingConfig()  # --reprob 0.25 --remode pixel --recount 1
 FLAT = jnp.full((2000, 32, 40, 3), 7.0)  # one shape for the tests of MAE's setting: one compilation

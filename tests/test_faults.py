@@ -22,8 +22,8 @@ from semmae_jax import checkpoint
 from semmae_jax.checkpoint.integrity import CheckpointDamaged, reading
 from semmae_jax.checkpoint.train_state import holds_training_state
 from semmae_jax.cli import main as cli_main
-from semmae_jax.metrics_log import epoch_lines
-from semmae_jax.run_lock import LOCK_NAME
+from semmae_jax.runtime.run_lock import LOCK_NAME
+from semmae_jax.runtime.run_log import epoch_lines
 from semmae_jax.train.loop import EpochStats
 
 pytestmark = pytest.mark.usefixtures("demo_root")

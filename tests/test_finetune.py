@@ -17,12 +17,12 @@ from torch_helpers import randomize_
 from torchvision import transforms
 
 from convert.arch import full_config
-from convert.references import timm_classifier
+from convert.parity.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
-from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model
+from semmae_jax.runtime.run_log import epoch_lines
 from semmae_jax.train.state import merge_pretrained
 
 pytestmark = pytest.mark.usefixtures("demo_root")

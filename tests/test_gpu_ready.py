@@ -7,14 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from semmae_jax import distributed
-from semmae_jax.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags, gpu_expected, with_gpu_xla_flags
+from semmae_jax.runtime import distributed
+from semmae_jax.runtime.distributed import GPU_XLA_FLAGS, apply_gpu_xla_flags, gpu_expected, with_gpu_xla_flags
 
 REPO = Path(__file__).resolve().parent.parent
 STEP_MODULES = ("semmae_jax.models", "semmae_jax.masking", "semmae_jax.sharding", "semmae_jax.train.state",
-                "semmae_jax.train.steps", "semmae_jax.train.optim", "semmae_jax.distributed",
+                "semmae_jax.train.steps", "semmae_jax.train.optim", "semmae_jax.runtime.distributed",
                 # the jobs' recipes, which bench/gpu.py times (the input pipeline is imported inside `run`)
-                "semmae_jax.train.skeleton", "semmae_jax.train.pretrain", "semmae_jax.train.finetune", "bench.gpu_jax")
+                "semmae_jax.train.skeleton", "semmae_jax.jobs.pretrain", "semmae_jax.jobs.finetune", "bench.gpu_jax")
 LHS = "--xla_gpu_enable_latency_hiding_scheduler"
 
 

@@ -1,4 +1,4 @@
-"""The command line's restart with malloc on transparent huge pages (`semmae_jax.host_memory`)."""
+"""The command line's restart with malloc on transparent huge pages (`semmae_jax.runtime.host_memory`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from semmae_jax import cli, host_memory
+from semmae_jax import cli
+from semmae_jax.runtime import host_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import ctypes, os, re
 from pathlib import Path
-from semmae_jax import host_memory
+from semmae_jax.runtime import host_memory
 host_memory.restart_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

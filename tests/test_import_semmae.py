@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semmae_jax.data.import_semmae import import_tree, main
 from semmae_jax.data.part_maps import read_part_map
+from semmae_jax.jobs.parts_import import main
+from semmae_jax.parts.semmae_records import import_tree
 
 GRID, ROWS = 28, 196
 

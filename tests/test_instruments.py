@@ -19,8 +19,8 @@ import pytest
 from semmae_jax import flops
 from semmae_jax.cli import main as cli_main
 from semmae_jax.data.pipeline import TrainLoader
-from semmae_jax.metrics_log import RunLog, epoch_lines
 from semmae_jax.models import create_model
+from semmae_jax.runtime.run_log import RunLog, epoch_lines
 from semmae_jax.train.instruments import PARTS, Instruments, Profile, Stopwatch
 
 SLEEP = 0.25  # seconds the slowed input sleeps before each batch

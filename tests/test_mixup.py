@@ -16,7 +16,7 @@ import torch
 from timm.data import mixup as timm_mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from semmae_jax.train.mixup import (
+from semmae_jax.data.mixup import (
     MixParams,
     MixupConfig,
     label_smoothing_cross_entropy,

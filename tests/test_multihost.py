@@ -19,11 +19,11 @@ from run_dirs import committed_steps
 from torch_helpers import randomize_
 
 from convert.arch import full_config
-from convert.references import timm_classifier
+from convert.parity.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
-from semmae_jax.metrics_log import epoch_lines
+from semmae_jax.runtime.run_log import epoch_lines
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "2", "--steps_per_epoch", "2",

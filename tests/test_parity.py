@@ -14,8 +14,10 @@ import torch
 from torch_helpers import images, masking_noise, nchw, numpy_state_dict, pth_layout, randomize_, run_jax
 
 import semmae_jax.data
-from convert import parity, references, torch_to_flax
+from convert import torch_to_flax
 from convert.arch import Architecture, full_config
+from convert.parity import forward as parity
+from convert.parity import references
 from convert.safe_load import save_torch_checkpoint
 from convert.table import unflatten
 from semmae_jax.models import create_model

@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch_helpers import randomize_
 
-from convert import references, torch_to_flax
+from convert import torch_to_flax
 from convert.arch import Architecture, full_config
-from convert.backbones import backbone_params, backbone_state_dict
+from convert.parity import references
+from convert.reader.backbones import backbone_params, backbone_state_dict
 from convert.safe_load import numpy_to_tensor
 from convert.table import ConversionError
 from semmae_jax import checkpoint

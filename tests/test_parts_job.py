@@ -23,9 +23,9 @@ import pytest
 from convert.reader import ConverterReader
 from semmae_jax import checkpoint
 from semmae_jax.data.part_maps import NO_PART, read_part_map
-from semmae_jax.metrics_log import epoch_lines
+from semmae_jax.jobs import parts, parts_tools
 from semmae_jax.models import create_model
-from semmae_jax.train import parts, parts_tools
+from semmae_jax.runtime.run_log import epoch_lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("demo_root")]
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, tm
 
 def test_two_processes_export_one_share_each(run_dir, tmp_path):
     """`jax.distributed` with 2 processes: each writes its own contiguous share, together every map once."""
-    from semmae_jax.launch import free_port
+    from semmae_jax.runtime.launch import free_port
 
     port, out = free_port(), tmp_path / "maps"
     code = "import sys, torchvision; from semmae_jax import cli; cli.main(sys.argv[1:])"

@@ -18,7 +18,7 @@ from run_dirs import committed_steps
 from semmae_jax import checkpoint, sharding
 from semmae_jax.cli import main as cli_main
 from semmae_jax.key_paths import flat_by_path
-from semmae_jax.metrics_log import epoch_lines
+from semmae_jax.runtime.run_log import epoch_lines
 
 pytestmark = pytest.mark.usefixtures("demo_root")
 REPO = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def test_bad_flags_are_clear_errors(tmp_path):
 
 def test_the_originals_command_line_is_accepted(tmp_path, demo_root):
     """main_pretrain_setting3.py's flags as the SemMAE README writes them, on an image folder."""
-    from semmae_jax.train.pretrain import parse
+    from semmae_jax.jobs.pretrain import parse
 
     root = demo_root
     config = parse(["--output_dir", str(tmp_path), "--log_dir", str(tmp_path), "--batch_size", "128",

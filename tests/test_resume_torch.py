@@ -19,13 +19,13 @@ import pytest
 import torch
 
 import convert
-from convert.adam_continuation import with_adam_moments
 from convert.core import POSITION_TABLES
-from convert.optimizer import torch_adam_state
+from convert.reader.adam_continuation import with_adam_moments
+from convert.reader.optimizer import torch_adam_state
 from convert.safe_load import numpy_to_tensor, tensor_to_numpy
 from semmae_jax.cli import main as cli_main
-from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model, frozen_param_names
+from semmae_jax.runtime.run_log import epoch_lines
 from semmae_jax.train import optim
 
 MODEL, CLASSIFIER, SIZE, LR, EPOCH, LAYER_DECAY = "mae_vit_test_patch4", "vit_test_patch4", 32, 1e-3, 4, 0.75

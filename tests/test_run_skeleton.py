@@ -19,8 +19,8 @@ import pytest
 from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
 from semmae_jax.key_paths import flat_by_path
-from semmae_jax.metrics_log import epoch_lines
 from semmae_jax.models import create_model
+from semmae_jax.runtime.run_log import epoch_lines
 
 STEPS, EPOCHS, ACCUM = 4, 2, 2  # micro-batches per epoch; 8 micro-batches = 4 updates
 SHARED = ["--batch_size", "1", "--steps_per_epoch", str(STEPS), "--epochs", str(EPOCHS), "--warmup_epochs", "2",

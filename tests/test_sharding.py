@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from semmae_jax import sharding
-from semmae_jax.train.pretrain import PretrainJob, parse
+from semmae_jax.jobs.pretrain import PretrainJob, parse
 from semmae_jax.train.skeleton import fresh_state, jitted_step, recipe
 
 MESHES = {"one device": None, "data 8": "data:8", "data 4 x fsdp 2": "data:4,fsdp:2", "2 x 2 x 2": "data:2,fsdp:2,tensor:2"}

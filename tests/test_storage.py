@@ -12,10 +12,11 @@ from etils.epath import gpath
 from etils.epath import testing as epath_testing
 from orbax.checkpoint._src.path import gcs_utils
 
-from semmae_jax import checkpoint, run_lock
+from semmae_jax import checkpoint
 from semmae_jax.cli import main as cli_main
-from semmae_jax.metrics_log import RunLog
-from semmae_jax.storage import output_path
+from semmae_jax.runtime import run_lock
+from semmae_jax.runtime.run_log import RunLog
+from semmae_jax.runtime.storage import output_path
 
 BUCKET = "gs://bucket"
 

@@ -8,7 +8,8 @@ import re
 import optax
 import pytest
 
-from convert import train_parity, train_sides  # before anything imports TensorFlow (triton, see conftest)
+from convert.parity import sides as train_sides
+from convert.parity import training as train_parity  # before anything imports TensorFlow (triton, see conftest)
 from semmae_jax import training_length
 from semmae_jax.key_paths import map_with_path
 from semmae_jax.train import optim

@@ -17,13 +17,13 @@ from PIL import Image
 from torch_helpers import randomize_
 
 from convert.arch import full_config
+from convert.parity.references import timm_classifier
 from convert.reader import ConverterReader
-from convert.references import timm_classifier
 from convert.safe_load import save_torch_checkpoint
-from semmae_jax import visualize
 from semmae_jax.cli import main as cli_main
-from semmae_jax.features import load_features
-from semmae_jax.knn import knn_accuracy, knn_classify
+from semmae_jax.inference import visualize
+from semmae_jax.inference.features import load_features
+from semmae_jax.inference.knn import knn_accuracy, knn_classify
 from semmae_jax.models import patchify
 
 pytestmark = pytest.mark.usefixtures("demo_root")
@@ -83,7 +83,7 @@ def test_features_equal_timms_forward_features_on_the_same_pth(timm_pth, demo_ro
 def test_rows_of_several_processes_map_to_the_examples_they_hold():
     """2 processes, 5 examples, 2 rows each a batch: process 0 reads 0..2, process 1 reads 3..4
     (`eval_share`); batch 0 is [0, 1 | 3, 4], batch 1 is [2, pad | pad, pad]."""
-    from semmae_jax.features import row_ids
+    from semmae_jax.inference.features import row_ids
 
     np.testing.assert_array_equal(row_ids(5, 2, 2), [0, 1, 3, 4, 2, -1, -1, -1])
     np.testing.assert_array_equal(row_ids(7, 2, 3), [0, 1, 3, 4, 5, 6, 2, -1, -1, -1, -1, -1])
@@ -145,7 +145,7 @@ def test_knn_bad_input_is_one_line(tmp_path):
 
 
 def test_visualize_reconstructs_the_demo_model_and_draws_the_masks(demo_run, demo_root, tmp_path):
-    from semmae_jax.train import visualize_job
+    from semmae_jax.jobs import visualize as visualize_job
 
     images = [str(p) for p in sorted((demo_root / "val").rglob("*_0001.jpg"))[:2]]
     maps = [str(demo_root / "parts" / Path(p).relative_to(demo_root).with_suffix(".png")) for p in images]

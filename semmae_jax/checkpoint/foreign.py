@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Protocol
 
-from semmae_jax.metrics_log import RunLog
+from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.training_length import TrainingLength
 
 

@@ -25,9 +25,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from semmae_jax.checkpoint.integrity import failure_reason, reading
-from semmae_jax.distributed import is_primary, sync
 from semmae_jax.key_paths import flat_by_path
-from semmae_jax.storage import PathLike, is_local, output_path
+from semmae_jax.runtime.distributed import is_primary, sync
+from semmae_jax.runtime.storage import PathLike, is_local, output_path
 
 PARAMS = "params"
 META = "meta"

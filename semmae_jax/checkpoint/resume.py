@@ -19,8 +19,8 @@ from semmae_jax.checkpoint.integrity import CheckpointDamaged, reading
 from semmae_jax.checkpoint.manager import RunCheckpoints
 from semmae_jax.checkpoint.train_state import holds_training_state, restore_state
 from semmae_jax.key_paths import flat_by_path
-from semmae_jax.metrics_log import RunLog
-from semmae_jax.storage import is_local, output_path
+from semmae_jax.runtime.run_log import RunLog
+from semmae_jax.runtime.storage import is_local, output_path
 
 
 @dataclasses.dataclass(frozen=True)

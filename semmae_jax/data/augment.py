@@ -18,7 +18,7 @@ constant folding may reassociate the translation sum and move a few pixels by on
 
 `finetune_augment` turns the original's `--aa` flag into `TrainTransform`'s
 `pixel_augment` hook. Random erasing (`--reprob`) acts on the normalised batch, on the
-device: `semmae_jax.train.erasing`.
+device: `semmae_jax.data.erasing`.
 
 One deliberate difference: timm's Posterize at 0 bits (`PosterizeIncreasing` at
 magnitude 10) is refused by recent Pillow (`ValueError`); older Pillow, as MAE ran it,
@@ -36,9 +36,9 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from semmae_jax.data.imagenet import IMAGENET_MEAN
 from semmae_jax.data.tf_runtime import tf
 from semmae_jax.data.transforms import Augment
-from semmae_jax.imagenet import IMAGENET_MEAN
 
 Resample = Literal["bilinear", "bicubic", "random"]
 LevelFn = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]  # (magnitude float64, negate bool) -> op argument
@@ -522,7 +522,7 @@ def finetune_augment(
 
     Returns:
         RandAugment on uint8 pixels, or None. (Random erasing, `--reprob`, acts on the
-        normalised batch: `semmae_jax.train.erasing`.)
+        normalised batch: `semmae_jax.data.erasing`.)
     """
     if not aa or aa == "none":
         return None

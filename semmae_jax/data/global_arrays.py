@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from semmae_jax.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
+from semmae_jax.data.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
 from semmae_jax.sharding import BATCH_AXES
 
 

@@ -37,9 +37,9 @@ from typing import Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
+from semmae_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from semmae_jax.data.part_maps import NO_PART, UNLABELLED
 from semmae_jax.data.tf_runtime import tf
-from semmae_jax.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # An augmentation stage: (image, stateless seed [2]) -> image of the same shape.

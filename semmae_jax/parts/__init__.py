@@ -6,7 +6,7 @@
     fit_kmeans, kmeans_parts, attention_parts                                 # the baselines
     part_scores                                                               # mIoU / ARI vs truth
 
-The jobs: `semmae_jax.train.parts` (train) and `semmae_jax.train.parts_tools` (export, show, eval).
+The jobs: `semmae_jax.jobs.parts` (train) and `semmae_jax.jobs.parts_tools` (export, show, eval).
 """
 
 from semmae_jax.parts.backbone import BackboneFeatures, backbone_features, backbone_model, last_cls_attention

@@ -9,7 +9,7 @@ timm's `forward_features` for the same weights.
 
 Checkpoint files are not read here (the library never imports `convert`): a job gets the
 encoder's params, with the registered model name and overrides they came from, from a
-loader (`convert.backbones.backbone_params`).
+loader (`convert.reader.backbones.backbone_params`).
 """
 
 from __future__ import annotations

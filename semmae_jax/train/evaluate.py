@@ -24,8 +24,8 @@ from tqdm import tqdm
 from semmae_jax import sharding
 from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.data.global_arrays import prefetch_to_device
-from semmae_jax.distributed import is_primary
-from semmae_jax.metrics_log import RunLog
+from semmae_jax.runtime.distributed import is_primary
+from semmae_jax.runtime.run_log import RunLog
 
 LogitsFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> logits [B, C]
 NAMED_CLASSES_SHOWN = 20  # per-class lines printed by `eval`; beyond, only the weakest

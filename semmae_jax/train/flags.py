@@ -11,11 +11,12 @@ import dataclasses
 
 from etils import epath
 
-from semmae_jax import distributed, sharding
+from semmae_jax import sharding
 from semmae_jax.checkpoint.manager import RUN_CHECKPOINTS
 from semmae_jax.config import field
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
-from semmae_jax.storage import output_path
+from semmae_jax.runtime import distributed
+from semmae_jax.runtime.storage import output_path
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,8 +36,8 @@ from typing import Any
 import jax
 
 from semmae_jax import flops
-from semmae_jax.distributed import is_primary
-from semmae_jax.metrics_log import RunLog
+from semmae_jax.runtime.distributed import is_primary
+from semmae_jax.runtime.run_log import RunLog
 
 PARTS = {"startup": "start-up", "compile": "compilation", "restore": "restore", "steps": "productive steps",
          "input_wait": "input wait", "save": "checkpoint saves", "eval": "evaluation", "trace": "tracing"}

@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from semmae_jax.checkpoint import RunCheckpoints, save_state
 from semmae_jax.data.global_arrays import prefetch_to_device
-from semmae_jax.distributed import is_primary
-from semmae_jax.metrics_log import RunLog
+from semmae_jax.runtime.distributed import is_primary
+from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train.instruments import Instruments
 from semmae_jax.train.preemption import Preemption
 from semmae_jax.train.state import TrainState

@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from semmae_jax import checkpoint, host_memory, sharding
+from semmae_jax import checkpoint, sharding
 from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, RunIdentity, WeightsReader
-from semmae_jax.distributed import is_primary
-from semmae_jax.metrics_log import RunLog
-from semmae_jax.run_lock import run_lock
+from semmae_jax.runtime import host_memory
+from semmae_jax.runtime.distributed import is_primary
+from semmae_jax.runtime.run_lock import run_lock
+from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.instruments import Instruments, Stopwatch
 from semmae_jax.train.loop import Cadence, Trainer

@@ -2,7 +2,7 @@
 moments and its position in the run placed into the optax state, as the original's `--resume`.
 
 The optax-state surgery lives here, beside the reading of the torch optimizer
-(`convert/optimizer.py`): it is about another framework's file, not this project's
+(`convert/reader/optimizer.py`): it is about another framework's file, not this project's
 checkpoints.
 """
 
@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from convert.optimizer import TorchAdamState
+from convert.reader.optimizer import TorchAdamState
 from semmae_jax.checkpoint import ResumeTarget
-from semmae_jax.metrics_log import RunLog
+from semmae_jax.runtime.run_log import RunLog
 
 
 def continue_adam_run(state: Any, adam: TorchAdamState, path: str, target: ResumeTarget, log: RunLog) -> Any:

@@ -22,10 +22,11 @@ from semmae_jax import config as config_lib
 from semmae_jax import flops
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
+from semmae_jax.data import erasing, mixup
 from semmae_jax.key_paths import flat_by_path, summarize
-from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
-from semmae_jax.train import erasing, evaluate, mixup, optim
+from semmae_jax.runtime.run_log import RunLog
+from semmae_jax.train import evaluate, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
 from semmae_jax.train.skeleton import Job, Recipe, train_or_evaluate
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state

@@ -23,8 +23,10 @@ import numpy as np
 from PIL import Image
 
 from semmae_jax import config as config_lib
-from semmae_jax import masking, visualize
+from semmae_jax import masking
 from semmae_jax.checkpoint import WeightsReader
+from semmae_jax.inference import visualize
+from semmae_jax.runtime.storage import save_png
 
 
 class Views(NamedTuple):
@@ -186,7 +188,7 @@ def draw(args: argparse.Namespace, reader: WeightsReader) -> Views:
     images, labels = load_images(args.images, args.part_map, model.img_size, model.patch_size)
     v = views(model, params, images, labels if args.part_map else None, mask_ratio=args.mask_ratio,
               setting=args.setting, alphas=args.alpha, seed=args.seed)
-    visualize.save_png(args.out, figure(v, model.patch_size, model.norm_pix_loss, args.alpha, args.setting))
+    save_png(args.out, figure(v, model.patch_size, model.norm_pix_loss, args.alpha, args.setting))
     print(f"wrote {args.out}: {len(images)} image(s) at {model.img_size}x{model.img_size}, {int(v.mask[0].sum())} of "
           f"{v.mask.shape[1]} patches removed" + (", norm_pix_loss" if model.norm_pix_loss else ""))
     return v

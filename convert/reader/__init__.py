@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from convert.adam_continuation import continue_adam_run
-from convert.backbones import backbone_params
 from convert.core import params_from_checkpoint, read_checkpoint
-from convert.optimizer import torch_adam_state
+from convert.reader.adam_continuation import continue_adam_run
+from convert.reader.backbones import backbone_params
+from convert.reader.optimizer import torch_adam_state
 from semmae_jax.checkpoint import ResumeTarget, StatedModel
-from semmae_jax.metrics_log import RunLog
+from semmae_jax.runtime.run_log import RunLog
 
 # Model fields that change what a model computes from the same params, read from checkpoints.
 NUMERICS_FIELDS = ("layer_norm_eps", "qkv_bias")

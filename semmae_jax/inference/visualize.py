@@ -6,13 +6,11 @@ Pure numpy + PIL, so it runs anywhere the logs are written.
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import numpy as np
-from etils import epath
 from PIL import Image
 
-from semmae_jax.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
+from semmae_jax.data.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
 from semmae_jax.models.mae import patchify, unpatchify
 
 # Distinct colours for part ids 0..; "no part" is drawn black.
@@ -136,11 +134,3 @@ def titled_rows(rows: list[tuple[list[str], list[np.ndarray]]], caption: list[st
         draw.text((3, top + 1), line, fill="black")
         top += TEXT_BAND
     return np.asarray(canvas)
-
-
-def save_png(path: str | Path | epath.Path, image: np.ndarray) -> None:
-    """Write a uint8 HWC picture, locally or to any epath location (a run's `gs://` output dir)."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        Image.fromarray(image).save(f, format="PNG")

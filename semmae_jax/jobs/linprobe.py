@@ -24,9 +24,9 @@ from semmae_jax import config as config_lib
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
 from semmae_jax.key_paths import summarize
-from semmae_jax.metrics_log import RunLog
 from semmae_jax.models import create_model
 from semmae_jax.models.vit import ProbeHead
+from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
 from semmae_jax.train.skeleton import Job, Recipe, recipe, train_or_evaluate

@@ -20,8 +20,8 @@ from typing import Any
 from semmae_jax import config as config_lib
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
-from semmae_jax.features import POOLS, Features, extract, load_features, save_features
-from semmae_jax.knn import KnnResult, knn_accuracy
+from semmae_jax.inference.features import POOLS, Features, extract, load_features, save_features
+from semmae_jax.inference.knn import KnnResult, knn_accuracy
 from semmae_jax.train.flags import DistributedFlags
 
 
@@ -94,7 +94,7 @@ def features(config: ExtractFlags, reader: WeightsReader, split: str) -> Feature
 
 
 def extract_features(config: FeaturesConfig, reader: WeightsReader) -> Features:
-    from semmae_jax.distributed import is_primary
+    from semmae_jax.runtime.distributed import is_primary
 
     if not config.out:
         raise ValueError("--out is required: the .npz to write")
@@ -108,7 +108,7 @@ def extract_features(config: FeaturesConfig, reader: WeightsReader) -> Features:
 
 def score_knn(config: KnnConfig, reader: WeightsReader) -> KnnResult:
     """Score the val features by k-NN against the train features (read, or extracted first)."""
-    from semmae_jax.distributed import is_primary
+    from semmae_jax.runtime.distributed import is_primary
 
     if config.checkpoint and (config.train or config.val):
         raise ValueError("give --checkpoint (features are extracted) or --train and --val (.npz files), not both")

@@ -24,11 +24,12 @@ import numpy as np
 from tqdm import tqdm
 
 from semmae_jax import config as config_lib
-from semmae_jax import distributed, sharding, visualize
+from semmae_jax import sharding
 from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.config import field
 from semmae_jax.data.demo import data_or_demo
 from semmae_jax.data.part_maps import NO_PART, part_map_path, write_part_map
+from semmae_jax.inference import visualize
 from semmae_jax.parts import (
     PartModel,
     assign_parts,
@@ -39,6 +40,8 @@ from semmae_jax.parts import (
     last_cls_attention,
     part_scores,
 )
+from semmae_jax.runtime import distributed
+from semmae_jax.runtime.storage import save_png
 from semmae_jax.train.flags import DistributedFlags
 
 
@@ -219,7 +222,7 @@ def show(args: ViewConfig) -> Path:
     truth = batch["part_labels"][: len(ids)]
     label_sets = [learned[: len(ids)]] + ([truth] if (truth >= 0).any() else [])
     out = Path(args.out or Path(args.checkpoint) / f"parts_{args.split}.png")
-    visualize.save_png(out, visualize.parts_panel(batch["image"][: len(ids)], label_sets))
+    save_png(out, visualize.parts_panel(batch["image"][: len(ids)], label_sets))
     print(f"wrote {out}: {len(ids)} images of {data_path} ({args.split}): image | learned parts"
           + (" | true parts" if len(label_sets) > 1 else ""))
     return out

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 from etils import epath
 
-from semmae_jax.storage import PathLike, is_local, output_path
+from semmae_jax.runtime.storage import PathLike, is_local, output_path
 
 LOCK_NAME = "RUN.lock"
 

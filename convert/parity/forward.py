@@ -2,7 +2,7 @@
 
     python main.py parity --checkpoint X.pth|HF_DIR [--model NAME] [--data_path DIR]
                           [--batch_size N] [--img_size N] [--norm_pix_loss]
-    python main.py parity --train pretrain|finetune|linprobe ...   (training: `convert.train_parity`)
+    python main.py parity --train pretrain|finetune|linprobe ...   (training: `convert.parity.training`)
 
 The user's check that a converted release behaves as it did in PyTorch. The checkpoint
 (a `.pth`, an orbax directory, a transformers directory or `.safetensors`) is converted
@@ -39,7 +39,7 @@ from typing import Any
 
 # timm and transformers (through `references`) load triton, which crashes the process when
 # loaded after TensorFlow; the data pipeline imports TensorFlow, so this import comes first.
-from convert import references  # isort: skip
+from convert.parity import references  # isort: skip
 
 import jax
 import numpy as np
@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(arg == "--train" or arg.startswith("--train=") for arg in argv):
-        from convert import train_parity  # training-trajectory parity: its own flags
+        from convert.parity import training as train_parity  # training-trajectory parity: its own flags
 
         return train_parity.main(argv)
     args = parser().parse_args(argv)

@@ -26,9 +26,10 @@ import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import sharding, visualize
+from semmae_jax import sharding
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
+from semmae_jax.inference import visualize
 from semmae_jax.parts import (
     LossWeights,
     PartModel,

@@ -22,9 +22,10 @@ import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import flops, masking, sharding, visualize
+from semmae_jax import flops, masking, sharding
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
+from semmae_jax.inference import visualize
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
 from semmae_jax.train.flags import ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags

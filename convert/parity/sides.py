@@ -1,6 +1,6 @@
 """The two sides of `parity --train`: N optimizer updates of a job's recipe in JAX, as the job
 builds it (`semmae_jax.train.skeleton.recipe`, the job's own step), and in the PyTorch reference
-(`convert.torch_recipes`), from the same weights over the same batches.
+(`convert.parity.torch_recipes`), from the same weights over the same batches.
 
 Both sides end with their parameters in the original's `.pth` layout (torch keys), where
 they are compared group by group.
@@ -9,7 +9,7 @@ they are compared group by group.
 from __future__ import annotations
 
 # timm and transformers load triton, which crashes the process when loaded after TensorFlow.
-from convert import torch_recipes  # isort: skip
+from convert.parity import torch_recipes  # isort: skip
 
 import dataclasses
 import math
@@ -26,7 +26,7 @@ import torch
 from convert.arch import infer_architecture
 from convert.core import flax_to_torch
 from convert.hf_files import read_hf
-from convert.references import reference_from_params
+from convert.parity.references import reference_from_params
 from convert.safe_load import tensor_to_numpy
 from semmae_jax import masking, sharding
 from semmae_jax.train.skeleton import Job, jitted_step, recipe

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from etils import epath
+from PIL import Image
 
 PathLike = str | os.PathLike
 
@@ -40,3 +42,10 @@ def output_path(path: PathLike, flag: str = "--output_dir") -> epath.Path:
         raise ValueError(f"{flag} {text}: no file system backend can open it ({reason}); give a local folder or "
                          "a URL epath serves (gs://...)") from error
     return location
+
+def save_png(path: PathLike, image: np.ndarray) -> None:
+    """Write a uint8 HWC picture, locally or to any epath location (a run's `gs://` output dir)."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        Image.fromarray(image).save(f, format="PNG")

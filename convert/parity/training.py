@@ -6,7 +6,7 @@
 The same initial weights (the job's own initialisation, or `--checkpoint`'s, converted to the
 PyTorch side), the same batches (seeded normal images; for MAE the noise the JAX step drew),
 N optimizer updates of the job's recipe in JAX, built by the job's own code, and in a PyTorch
-reference written as the original scripts train (`convert.torch_recipes`). Every flag other
+reference written as the original scripts train (`convert.parity.torch_recipes`). Every flag other
 than the ones below is the job's own (`main.py pretrain|finetune|linprobe --help`), with its
 name and default. Printed: per update the loss and lr on each side and the loss's relative
 difference; at the end the largest parameter difference of each group (a module's matrices
@@ -21,7 +21,7 @@ JAX run with the port's default shows the difference's effect over the same upda
 from __future__ import annotations
 
 # timm and transformers load triton, which crashes the process when loaded after TensorFlow.
-from convert import train_sides  # isort: skip
+from convert.parity import sides as train_sides  # isort: skip
 
 import argparse
 import dataclasses
@@ -36,7 +36,7 @@ from convert.cli import exit_on_error
 from convert.core import read_checkpoint
 from semmae_jax import config as config_lib
 from semmae_jax import sharding
-from semmae_jax.train import finetune, linprobe, pretrain
+from semmae_jax.jobs import finetune, linprobe, pretrain
 from semmae_jax.train.skeleton import Job
 
 JOBS: dict[str, tuple[type, type[Job]]] = {

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from semmae_jax.distributed import is_primary
-from semmae_jax.storage import PathLike, output_path
-from semmae_jax.visualize import save_png
+from semmae_jax.runtime.distributed import is_primary
+from semmae_jax.runtime.storage import PathLike, output_path, save_png
 
 
 def epoch_lines(output_dir: PathLike) -> list[dict[str, Any]]:

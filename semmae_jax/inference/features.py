@@ -126,7 +126,7 @@ def all_names(source: Any) -> list[str]:
 def _progress(batches: Iterator[dict[str, np.ndarray]], total: int) -> Iterator[dict[str, np.ndarray]]:
     from tqdm import tqdm
 
-    from semmae_jax.distributed import is_primary
+    from semmae_jax.runtime.distributed import is_primary
 
     return tqdm(batches, total=total, desc="features", disable=not is_primary(), dynamic_ncols=True)
 
