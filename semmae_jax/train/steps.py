@@ -70,23 +70,24 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: 
     """One optimizer step on `grads`, applied only if it is finite: (the state one micro-batch later,
     metrics `nonfinite`: 1.0 where the step was refused, and `nonfinite_loss`: 1.0 where the loss or
     gradient itself was not finite, i.e. the params it started from had diverged already).
-    `changes`: other fields, e.g. model_state.
+    `changes`: other fields the step sets, e.g. model_state.
 
-    A non-finite loss, gradient or updated parameter leaves params, optimizer state and
-    `changes` as they were (only the step count moves on), so no state the loop can save
-    ever holds a NaN; the loop decides whether to stop (`--max_nonfinite_steps`).
+    The step is refused unless the loss, the gradient and every floating leaf it would write
+    (the new params, the new optimizer state, `changes`) are finite: a huge but finite
+    gradient overflows AdamW's second moment to inf while the params it moves stay finite.
+    A refused step leaves all of them as they were (only the step count moves on), so no
+    state the loop can save ever holds a NaN or inf; the loop decides whether to stop
+    (`--max_nonfinite_steps`). The choice is made leaf by leaf (`jnp.where`), so no second
+    copy of the whole state outlives the select.
     """
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state, **changes)
+    new = {"params": optax.apply_updates(state.params, updates), "opt_state": opt_state, **changes}
     inputs_finite = jnp.isfinite(loss) & _all_finite(grads)
-    finite = inputs_finite & _all_finite(new.params)
-    def pick(name: str) -> Any:
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), getattr(new, name), getattr(state, name))
-
-    kept = state.replace(step=state.step + 1, params=pick("params"), opt_state=pick("opt_state"),
-                         model_state=pick("model_state"))
-    return kept, {"nonfinite": 1.0 - finite.astype(jnp.float32),
-                  "nonfinite_loss": 1.0 - inputs_finite.astype(jnp.float32)}
+    finite = inputs_finite & _all_finite(new)
+    kept = {name: jax.tree.map(lambda a, b: jnp.where(finite, a, b), value, getattr(state, name))
+            for name, value in new.items()}
+    return state.replace(step=state.step + 1, **kept), {"nonfinite": 1.0 - finite.astype(jnp.float32),
+                                                        "nonfinite_loss": 1.0 - inputs_finite.astype(jnp.float32)}
 
 
 def _all_finite(tree: Any) -> jax.Array:
