@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from semmae_jax import sharding
 from semmae_jax.models import create_model
-from semmae_jax.train.skeleton import Job, Recipe, fresh_state, jitted_step, recipe
+from semmae_jax.runtime.batch_geometry import BatchGeometry
+from semmae_jax.train.skeleton import Job, Recipe, build_recipe, fresh_state, jitted_step
 from semmae_jax.train.state import TrainState, plan_state
 from semmae_jax.train.steps import Step
 
@@ -42,7 +44,7 @@ def finetune_job(model: str, *flags: str) -> Job:
 
 def job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[TrainState, Step, Recipe]:
     """(fresh sharded state, jitted step, recipe) of `job` for `global_batch` on `mesh`, as its run starts."""
-    built = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
+    built = build_recipe(job, job.build_model(), mesh_batch(job, mesh, global_batch), STEPS_PER_EPOCH, mesh)
     with jax.set_mesh(mesh):
         state, tx = fresh_state(job, built)
         return state, jitted_step(job, built, tx, built.shardings), built
@@ -50,10 +52,26 @@ def job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[Trai
 
 def abstract_job_step(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> tuple[Any, Step, Recipe]:
     """(abstract state, jitted step, recipe): the same step for models too large to materialise here."""
-    built = recipe(job, job.build_model(), global_batch, STEPS_PER_EPOCH, mesh)
+    built = build_recipe(job, job.build_model(), mesh_batch(job, mesh, global_batch), STEPS_PER_EPOCH, mesh)
     with jax.set_mesh(mesh):
         plan = plan_state(built.model, built.make_tx, job.example_inputs(built), mesh, job.config.seed)
         return plan.abstract, jitted_step(job, built, plan.tx, plan.shardings), built
+
+
+def mesh_batch(job: Job, mesh: jax.sharding.Mesh, global_batch: int) -> BatchGeometry:
+    """`global_batch` split over `mesh`'s devices (the benchmarks' meshes may be a subset of the host's)."""
+    return BatchGeometry.from_flags(0, global_batch, job.config.accum_iter, devices=mesh.size)
+
+
+def abstract_batch(job: Job, model: Any, batch: Any, mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch `job`'s step takes, as shapes placed on `mesh` (`batch` may be a symbolic size): images,
+    and part labels (pretraining) or class labels (fine-tuning)."""
+    placed = sharding.batch_sharding(mesh)
+    images = jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32, sharding=placed)
+    if job.name == "pretrain":
+        return {"image": images, "part_labels": jax.ShapeDtypeStruct((batch, model.num_patches), jnp.int32,
+                                                                     sharding=placed)}
+    return {"image": images, "label": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=placed)}
 
 
 def one_device_mesh() -> jax.sharding.Mesh:

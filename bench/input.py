@@ -107,7 +107,7 @@ def measure(batches: Iterable, batch_size: int, num_batches: int) -> tuple[float
 def ours(source: Source, batch_size: int, num_workers: int) -> tuple[float, float]:
     loader = TrainLoader(
         source,
-        batch_size=batch_size,
+        process_batch=batch_size,
         transform=TrainTransform(img_size=SIZE, patch_size=PATCH),
         num_workers=num_workers,
         process_index=0,

@@ -13,11 +13,10 @@ from semmae_jax.jobs.pretrain import PretrainConfig
 def get_config() -> PretrainConfig:
     return PretrainConfig(
         model="mae_vit_demo_patch8",
-        input_size=64,
         norm_pix_loss=True,
         setting=3,
         gamma=2.0,
-        batch_size=64,
+        global_batch_size=64,  # the same run on 1 or 8 devices (--batch_size would be per device)
         epochs=30,
         warmup_epochs=3,
         blr=4e-3,

@@ -14,10 +14,9 @@ from semmae_jax.jobs.finetune import FinetuneConfig
 def get_config() -> FinetuneConfig:
     return FinetuneConfig(
         model="vit_demo_patch8",
-        input_size=64,
         nb_classes=4,
         finetune="./output_demo/checkpoints",
-        batch_size=64,
+        global_batch_size=64,  # the same run on 1 or 8 devices (--batch_size would be per device)
         epochs=20,
         warmup_epochs=2,
         blr=5e-3,

@@ -16,7 +16,7 @@ def get_config() -> PartsConfig:
     return PartsConfig(
         num_parts=5,
         background=True,
-        batch_size=64,
+        global_batch_size=64,  # the same run on 1 or 8 devices (--batch_size would be per device)
         epochs=100,
         warmup_epochs=5,
         num_workers=4,

@@ -122,7 +122,9 @@ def load_preset(name_or_path: str, config_cls: type[C]) -> C:
 def apply_flags(config: C, flags: argparse.Namespace) -> C:
     """The preset with the given flags on top (unknown names were rejected by argparse)."""
     given = {k: v for k, v in vars(flags).items() if k in {f.name for f in dataclasses.fields(config)}}
-    return dataclasses.replace(config, **given)
+    # A field that follows another (`FOLLOWS`: the input size follows the model) is reset when only its leader is given.
+    reset = {name: None for name, leader in getattr(config, "FOLLOWS", {}).items() if leader in given and name not in given}
+    return dataclasses.replace(config, **reset, **given)
 
 
 def field(default: Any, help: str | None = None, **metadata: Any) -> Any:

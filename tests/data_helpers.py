@@ -20,7 +20,7 @@ def pretrain_batches(data_path: str | Path, part_path: str | Path | None = None,
     (img_size / patch_size)^2, -1 where a patch has no part (all -1 without `part_path`). The
     folder is listed (and errors raised) on the call, not on the first `next`.
     """
-    loader = TrainLoader(image_folder(data_path, "train", part_path), batch_size=batch_size,
+    loader = TrainLoader(image_folder(data_path, "train", part_path), process_batch=batch_size,
                          transform=TrainTransform(img_size=img_size, patch_size=patch_size), seed=seed,
                          process_index=0, process_count=1)
 

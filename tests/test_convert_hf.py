@@ -19,7 +19,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
-from torch_helpers import HF_CLASSES, assert_same_bits, images, masking_noise, nchw, payloads, run_jax, tiny_hf
+from torch_helpers import HF_CLASSES, assert_same_bits, images, jax_apply, masking_noise, nchw, payloads, tiny_hf
 
 import convert
 from convert import cli
@@ -65,18 +65,18 @@ def jax_and_transformers(hf_class: str, model, params, reference, config: dict) 
     with torch.no_grad():
         if hf_class == "ViTMAEForPreTraining":
             noise = masking_noise(config)
-            _, pred, mask = run_jax(model, params, x, mask_ratio=reference.config.mask_ratio, noise=noise)
+            _, pred, mask = jax_apply(model, params, x, mask_ratio=reference.config.mask_ratio, noise=noise)
             out = reference(nchw(x), noise=torch.from_numpy(noise))
             np.testing.assert_array_equal(mask, out.mask.numpy())
             return pred, out.logits.numpy()
         if hf_class == "ViTForImageClassification":
-            return run_jax(model, params, x), reference(nchw(x)).logits.numpy()
+            return jax_apply(model, params, x), reference(nchw(x)).logits.numpy()
         reference.config.mask_ratio = 0.0  # ViTMAEModel masks: keep every patch, in order
         noise = {"noise": torch.arange(masking_noise(config).shape[1], dtype=torch.float32).expand(len(x), -1)}
         out = reference(nchw(x), **(noise if hf_class == "ViTMAEModel" else {}))
-        tokens, expected = run_jax(model, params, x, method=model.tokens), out.last_hidden_state.numpy()
+        tokens, expected = jax_apply(model, params, x, method=model.tokens), out.last_hidden_state.numpy()
         if hf_class == "ViTModel":  # and its pooler: dense + tanh on the cls token
-            return (np.concatenate([tokens.reshape(len(x), -1), run_jax(model, params, x)], axis=1),
+            return (np.concatenate([tokens.reshape(len(x), -1), jax_apply(model, params, x)], axis=1),
                     np.concatenate([expected.reshape(len(x), -1), out.pooler_output.numpy()], axis=1))
         return tokens, expected
 

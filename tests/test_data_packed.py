@@ -46,7 +46,7 @@ def folders(tmp_path_factory):
 
 def batches(source, epoch=1, start_step=0, **kwargs):
     options = {"process_index": 0, "process_count": 1, **kwargs}
-    loader = TrainLoader(source, batch_size=4, transform=TRANSFORM, seed=5, **options)
+    loader = TrainLoader(source, process_batch=4, transform=TRANSFORM, seed=5, **options)
     return list(loader.epoch_batches(epoch, start_step))
 
 
@@ -77,7 +77,7 @@ def test_packed_process_shares_and_evaluation_match_the_folder(folders):
                     batches(open_source(root, part_path=root / "parts"), epoch=0, **shard))
     evaluated = []
     for source in (open_source(root, "val"), open_source(out, "val")):
-        loader = EvalLoader(source, batch_size=4, transform=EvalTransform(32), process_index=0, process_count=1)
+        loader = EvalLoader(source, process_batch=4, transform=EvalTransform(32), process_index=0, process_count=1)
         evaluated.append(list(loader.batches()))
     assert_same(*evaluated)
 

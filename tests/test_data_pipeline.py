@@ -48,7 +48,7 @@ def file_ids(batch) -> np.ndarray:
 
 def train_loader(root, batch_size, **kwargs) -> TrainLoader:
     options = {"process_index": 0, "process_count": 1, "transform": TRANSFORM, **kwargs}
-    return TrainLoader(image_folder(root), batch_size=batch_size, **options)
+    return TrainLoader(image_folder(root), process_batch=batch_size, **options)
 
 
 def assert_same_batches(ours, theirs):
@@ -87,7 +87,7 @@ def test_eval_covers_every_image_once_and_masks_the_padding(tmp_path, count, pro
     seen, lengths = [], set()
     for p in range(process_count):
         loader = EvalLoader(
-            source, batch_size=4, transform=EvalTransform(16), process_index=p, process_count=process_count
+            source, process_batch=4, transform=EvalTransform(16), process_index=p, process_count=process_count
         )
         batches = list(loader.batches())
         lengths.add((loader.num_batches, len(batches)))
@@ -149,7 +149,7 @@ def test_corrupt_images_are_named_counted_and_replaced_within_their_batch(tmp_pa
         assert set(ids_after[~kept]) <= set(ids_before[kept])  # gaps filled from the same batch
 
     evaluation = EvalLoader(
-        image_folder(tmp_path), batch_size=5, transform=EvalTransform(16), process_index=0, process_count=1
+        image_folder(tmp_path), process_batch=5, transform=EvalTransform(16), process_index=0, process_count=1
     )
     real = [k for batch in evaluation.batches() for k in file_ids(batch)[batch["mask"]]]
     assert sorted(real) == sorted(set(range(12)) - {3, 7})
@@ -165,7 +165,7 @@ def test_images_without_part_maps_are_unlabelled_when_allowed(tmp_path):
             )
     source = image_folder(tmp_path, part_path=tmp_path / "parts", missing_parts="unlabelled")
     assert len(source.missing_parts) == 2
-    loader = TrainLoader(source, batch_size=4, transform=TRANSFORM, process_index=0, process_count=1)
+    loader = TrainLoader(source, process_batch=4, transform=TRANSFORM, process_index=0, process_count=1)
     for batch in loader.epoch_batches(0):
         for k, labels in zip(file_ids(batch), batch["part_labels"], strict=True):
             assert (labels == (-1 if k % 4 == 0 else 2)).all()

@@ -70,7 +70,7 @@ def loader(data_dir, process_index=0, process_count=1, seed=0) -> TrainLoader:
     source = open_source(dataset=f"tfds:{NAME}", tfds_data_dir=data_dir)
     transform = TrainTransform(img_size=16, patch_size=8)
     return TrainLoader(
-        source, batch_size=4, transform=transform, seed=seed, process_index=process_index, process_count=process_count
+        source, process_batch=4, transform=transform, seed=seed, process_index=process_index, process_count=process_count
     )
 
 
@@ -102,7 +102,7 @@ def test_evaluation_covers_every_record_once(data_dir):
     source = open_source(split="val", dataset=f"tfds:{NAME}", tfds_data_dir=data_dir)
     seen = []
     for p in range(2):
-        evaluation = EvalLoader(source, batch_size=4, transform=EvalTransform(16), process_index=p, process_count=2)
+        evaluation = EvalLoader(source, process_batch=4, transform=EvalTransform(16), process_index=p, process_count=2)
         batches = list(evaluation.batches())
         assert len(batches) == evaluation.num_batches == 2
         seen += [k for b in batches for k in example_ids(b)[b["mask"]]]
@@ -117,7 +117,7 @@ def write_part_maps(root, ids) -> None:
 
 def all_train_batches(source):
     """Every training record once (batch 2 divides 26), with its per-patch labels."""
-    train = TrainLoader(source, batch_size=2, transform=TrainTransform(img_size=16, patch_size=8), process_index=0,
+    train = TrainLoader(source, process_batch=2, transform=TrainTransform(img_size=16, patch_size=8), process_index=0,
                         process_count=1)
     return train, list(train.epoch_batches(0))
 

@@ -241,7 +241,7 @@ def aligned_batches(tmp_path, map_factor: int, fmt: str, interpolation: str, epo
     write_palette_dataset(tmp_path, np.random.default_rng(map_factor), 8, map_factor, fmt)
     source = image_folder(tmp_path, "train", tmp_path / "parts")
     transform = TrainTransform(img_size=32, patch_size=8, scale=(0.1, 1.0), interpolation=interpolation)
-    loader = TrainLoader(source, batch_size=4, transform=transform, seed=map_factor, process_index=0, process_count=1)
+    loader = TrainLoader(source, process_batch=4, transform=transform, seed=map_factor, process_index=0, process_count=1)
     for epoch in range(epochs):
         yield from loader.epoch_batches(epoch)
 

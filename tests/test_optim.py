@@ -1,4 +1,4 @@
-"""The optimizer tables and schedule against the original recipes (reimplemented from SPEC.md)."""
+"""The optimizer tables and schedule against the original's training scripts (reimplemented from SPEC.md)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch_helpers import images, masking_noise, nchw, numpy_state_dict, pth_layout, randomize_, run_jax
+from torch_helpers import images, jax_apply, masking_noise, nchw, numpy_state_dict, pth_layout, randomize_
 
 import semmae_jax.data
 from convert import torch_to_flax
@@ -36,7 +36,7 @@ def test_classifier_logits_match_timm(name, global_pool):
     x = images(config)
     with torch.no_grad():
         expected = reference(nchw(x)).numpy()
-    logits = run_jax(create_model(name, **overrides), params, x)
+    logits = jax_apply(create_model(name, **overrides), params, x)
     assert np.abs(expected).max() > 1.0  # logits of a real scale, so 1e-4 is a real bound
     np.testing.assert_allclose(logits, expected, rtol=0, atol=ATOL)
 
@@ -53,7 +53,7 @@ def test_layer_norm_eps_is_1e6_where_it_matters():
     state_dict = numpy_state_dict(reference)
     params, name, overrides = torch_to_flax(state_dict)
     x = images(config)
-    logits = run_jax(create_model(name, **overrides), params, x)
+    logits = jax_apply(create_model(name, **overrides), params, x)
     with torch.no_grad():
         expected = reference(nchw(x)).numpy()
         timm_default = references.timm_classifier(config)
@@ -84,7 +84,7 @@ def test_mae_loss_pred_mask_match_transformers(mae_base, norm_pix_loss):
     with torch.no_grad():
         expected = reference(nchw(x), noise=torch.from_numpy(noise))
     model = create_model(name, norm_pix_loss=norm_pix_loss)
-    loss, pred, mask = run_jax(model, params, x, mask_ratio=0.75, noise=noise)
+    loss, pred, mask = jax_apply(model, params, x, mask_ratio=0.75, noise=noise)
     np.testing.assert_array_equal(mask, expected.mask.numpy())
     np.testing.assert_allclose(pred, expected.logits.numpy(), rtol=0, atol=ATOL)
     assert abs(float(loss) - expected.loss.item()) <= LOSS_RTOL * abs(expected.loss.item())
@@ -102,13 +102,13 @@ def test_encoder_only_features_match_vitmae_model(tmp_path):
     mae = create_model("mae_vit_base_patch16")
     placeholders = {p: np.zeros(s, np.float32) for p, s in Architecture("mae_vit_base_patch16").flax_shapes().items()}
     mae_params = {**unflatten(placeholders), **params}  # the file's encoder; the decoder is never run
-    latent, _, _ = run_jax(mae, mae_params, x, mask_ratio=0.75, noise=noise, method=mae.forward_encoder)
+    latent, _, _ = jax_apply(mae, mae_params, x, mask_ratio=0.75, noise=noise, method=mae.forward_encoder)
     with torch.no_grad():
         expected = reference(nchw(x), noise=torch.from_numpy(noise)).last_hidden_state.numpy()
     np.testing.assert_allclose(latent, expected, rtol=0, atol=ATOL)
 
     vit = create_model(name, **overrides)
-    tokens = run_jax(vit, params, x, method=vit.tokens)
+    tokens = jax_apply(vit, params, x, method=vit.tokens)
     reference.config.mask_ratio = 0.0  # keep every patch, in order (increasing noise)
     with torch.no_grad():
         in_order = torch.arange(noise.shape[1], dtype=torch.float32).expand(len(x), -1)

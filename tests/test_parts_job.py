@@ -82,7 +82,7 @@ def test_export_writes_maps_the_pretraining_pipeline_reads(run_dir, demo_root, t
     values = np.unique(np.concatenate([read_part_map(p).ravel() for p in maps[::16]]))
     assert read_part_map(maps[0]).shape == (8, 8) and set(values) <= {0, 1, 2, NO_PART}
     source = data.image_folder(demo_root, "train", part_path=tmp_path / "maps")  # every image has its map
-    loader = data.TrainLoader(source, batch_size=8, transform=data.TrainTransform(img_size=32, patch_size=4),
+    loader = data.TrainLoader(source, process_batch=8, transform=data.TrainTransform(img_size=32, patch_size=4),
                               process_index=0, process_count=1)
     labels = next(loader.epoch_batches(0))["part_labels"]
     assert labels.shape == (8, 64) and set(np.unique(labels)) <= {-1, 0, 1, 2}

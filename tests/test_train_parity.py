@@ -1,4 +1,4 @@
-"""`parity --train`: the three recipes agree with their PyTorch references on the test models,
+"""`parity --train`: the three jobs' training agrees with their PyTorch references on the test models,
 and each difference injected into the JAX side's recipe makes the harness fail (exit 1)."""
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from semmae_jax.train import optim
 # first update (no warm-up; pretraining: after one), a real weight decay, a cosine that moves every
 # update. Accumulation is compared in the probe (the cheapest step to compile).
 FINETUNE = ["--train", "finetune", "--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "10",
-            "--batch_size", "1", "--steps", "3", "--lr", "3e-3", "--weight_decay", "0.3", "--warmup_epochs", "0",
+            "--batch_size", "1", "--updates", "3", "--lr", "3e-3", "--weight_decay", "0.3", "--warmup_epochs", "0",
             "--epochs", "3"]  # fmt: skip
 PRETRAIN = ["--train", "pretrain", "--model", "mae_vit_test_patch4", "--input_size", "32", "--batch_size", "1",
-            "--steps", "3", "--lr", "3e-3", "--epochs", "3", "--warmup_epochs", "1", "--weight_decay", "0.3",
+            "--updates", "3", "--lr", "3e-3", "--epochs", "3", "--warmup_epochs", "1", "--weight_decay", "0.3",
             "--norm_pix_loss"]  # fmt: skip
 LINPROBE = ["--train", "linprobe", "--model", "vit_test_patch4", "--input_size", "32", "--nb_classes", "10",
-            "--batch_size", "1", "--steps", "3", "--accum_iter", "2", "--lr", "0.5", "--warmup_epochs", "0",
+            "--batch_size", "1", "--updates", "3", "--accum_iter", "2", "--lr", "0.5", "--warmup_epochs", "0",
             "--epochs", "3", "--weight_decay", "0.1"]  # fmt: skip
 
 
@@ -38,8 +38,8 @@ def sides() -> dict:
         if key not in made:
             args, config = train_parity.parse(argv)
             setup = train_parity.prepare(args, train_parity.JOBS[key][1], config)
-            ours = train_sides.run_jax(setup)
-            made[key] = args, setup, ours, train_sides.run_torch(setup)
+            ours = train_sides.jax_trajectory(setup)
+            made[key] = args, setup, ours, train_sides.torch_trajectory(setup)
         return made[key]
 
     return get
@@ -113,7 +113,7 @@ def trust_ratio_on_biases(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_injected_difference_fails(argv, inject, caught, sides, monkeypatch) -> None:
     args, setup, _, theirs = sides(argv)
     inject(monkeypatch)
-    failed = train_parity.report(train_sides.run_jax(setup), theirs, setup.lr, args)
+    failed = train_parity.report(train_sides.jax_trajectory(setup), theirs, setup.lr, args)
     assert any(re.search(caught, f) for f in failed), failed
 
 

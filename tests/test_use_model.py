@@ -55,7 +55,7 @@ def eval_images(demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
     from semmae_jax import data
 
     source = data.open_source(str(demo_root), "val")
-    batches = list(data.eval_batches(source, batch_size=64, img_size=32, process_index=0, process_count=1))
+    batches = list(data.eval_batches(source, process_batch=64, img_size=32, process_index=0, process_count=1))
     mask = np.concatenate([b["mask"] for b in batches])
     return (np.concatenate([b["image"] for b in batches])[mask], np.concatenate([b["label"] for b in batches])[mask])
 

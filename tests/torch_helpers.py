@@ -42,7 +42,7 @@ def nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def run_jax(model, params, *args, **kwargs):
+def jax_apply(model, params, *args, **kwargs):
     """`model.apply` jitted, in float32 matmul precision; static keywords go in `kwargs`."""
     with jax.default_matmul_precision("float32"):
         out = jax.jit(functools.partial(model.apply, **kwargs))({"params": params}, *args)

@@ -206,7 +206,7 @@ def dataset_batches(
     """Validation batches through the project's eval transform, padding dropped."""
     from semmae_jax.data import eval_batches, open_source  # imports TensorFlow: only now, after torch
 
-    batches = eval_batches(open_source(data_path, "val"), batch_size=batch_size, img_size=img_size)
+    batches = eval_batches(open_source(data_path, "val"), process_batch=batch_size, img_size=img_size)
     for batch in batches if every_batch else itertools.islice(batches, 1):
         real = np.asarray(batch["mask"], bool)  # False on padding
         yield np.asarray(batch["image"], np.float32)[real], np.asarray(batch["label"])[real]

@@ -1,6 +1,6 @@
 """The two sides of `parity --train`: N optimizer updates of a job's recipe in JAX, as the job
 builds it (`semmae_jax.train.skeleton.recipe`, the job's own step), and in the PyTorch reference
-(`convert.parity.torch_recipes`), from the same weights over the same batches.
+(`convert.parity.torch_training`), from the same weights over the same batches.
 
 Both sides end with their parameters in the original's `.pth` layout (torch keys), where
 they are compared group by group.
@@ -9,7 +9,7 @@ they are compared group by group.
 from __future__ import annotations
 
 # timm and transformers load triton, which crashes the process when loaded after TensorFlow.
-from convert.parity import torch_recipes  # isort: skip
+from convert.parity import torch_training  # isort: skip
 
 import dataclasses
 import math
@@ -29,7 +29,8 @@ from convert.hf_files import read_hf
 from convert.parity.references import reference_from_params
 from convert.safe_load import tensor_to_numpy
 from semmae_jax import masking, sharding
-from semmae_jax.train.skeleton import Job, jitted_step, recipe
+from semmae_jax.runtime.batch_geometry import BatchGeometry
+from semmae_jax.train.skeleton import Job, build_recipe, fresh_state, jitted_step
 from semmae_jax.train.state import create_state, merge_pretrained
 from semmae_jax.train.steps import NOISE_STREAM, alpha_at
 
@@ -59,7 +60,7 @@ class Setup:
 
     job: Job
     mesh: jax.sharding.Mesh
-    global_batch: int
+    batch: BatchGeometry
     start: Start
     batches: list[Batch]  # micro-batches; pretraining's gain their "noise" from the first JAX run
     steps_per_epoch: int
@@ -90,7 +91,7 @@ def make_batches(job: Job, count: int, global_batch: int, seed: int) -> list[Bat
     return batches
 
 
-def initial(job: Job, mesh: jax.sharding.Mesh, global_batch: int, source: Any = None) -> tuple[Start, list[str]]:
+def initial(job: Job, mesh: jax.sharding.Mesh, batch: BatchGeometry, source: Any = None) -> tuple[Start, list[str]]:
     """What both sides start from: the job's own initialisation (seed `--seed`, made by the first
     JAX run), with `source` params (a checkpoint) where path and shape fit; the probe's encoder
     (initialised, or the checkpoint's). Returns (start, notes on what the checkpoint did not give)."""
@@ -100,12 +101,15 @@ def initial(job: Job, mesh: jax.sharding.Mesh, global_batch: int, source: Any = 
     elif source is None:
         return Start(None), []
     else:
-        built = recipe(job, job.build_model(), global_batch, 1, mesh)
-        model, example = built.model, job.example_inputs(built)
+        built = build_recipe(job, job.build_model(), batch, 1, mesh)
+        with jax.set_mesh(mesh):
+            state, _ = fresh_state(job, built)
+            params, notes = _merged(state.params, source)
+        return Start(params), notes
     with jax.set_mesh(mesh):
         state, _, _ = create_state(model, lambda p: optax.identity(), example, mesh, job.config.seed)
         params, notes = _merged(state.params, source)
-    return (Start(None, params) if job.name == "linprobe" else Start(params)), notes
+    return Start(None, params), notes
 
 
 def _merged(target: Any, source: Any) -> tuple[Any, list[str]]:
@@ -117,23 +121,22 @@ def _merged(target: Any, source: Any) -> tuple[Any, list[str]]:
     return jax.device_get(params), notes
 
 
-def run_jax(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None = None) -> Trajectory:
+def jax_trajectory(setup: Setup, job: Job | None = None, mesh: jax.sharding.Mesh | None = None) -> Trajectory:
     """The job's recipe and jitted step over the setup's micro-batches (`job`, `mesh`: another
     config or device set than the setup's). Pretraining batches without "noise" gain the masking
     noise each step drew (the step's own draw, repeated outside it) for the PyTorch side."""
     job, mesh = job or setup.job, mesh or setup.mesh
     c, start = job.config, setup.start
-    built = recipe(job, job.build_model(), setup.global_batch, setup.steps_per_epoch, mesh)
+    built = build_recipe(job, job.build_model(), setup.batch, setup.steps_per_epoch, mesh)
     micro_losses = []
     with jax.set_mesh(mesh):
-        state, shardings, tx = create_state(built.model, built.make_tx, job.example_inputs(built), mesh, c.seed,
-                                            init_params=start.params)
+        state, tx = fresh_state(job, built, init_params=start.params)
         if start.params is None:
             start.params = jax.device_get(state.params)
         if start.encoder is not None:
             state = state.replace(frozen=jax.device_put(start.encoder, sharding.replicated(mesh)))
-            shardings = jax.tree.map(lambda x: x.sharding, state)
-        step = jitted_step(job, built, tx, shardings)
+            built.shardings = jax.tree.map(lambda x: x.sharding, state)
+        step = jitted_step(job, built, tx, built.shardings)
         for batch in setup.batches:
             if job.name == "pretrain" and "noise" not in batch:
                 alpha = alpha_at(state.step, c.setting, built.length.total_steps, c.gamma)
@@ -156,8 +159,8 @@ def jax_layout(job: Job, params: Any) -> dict[str, np.ndarray]:
     return dict(flax_to_torch(params, job.config.model))
 
 
-def run_torch(setup: Setup) -> Trajectory:
-    """The PyTorch reference of the job's recipe from the setup's start over its batches (pretraining:
+def torch_trajectory(setup: Setup) -> Trajectory:
+    """The PyTorch reference of the job's training from the setup's start over its batches (pretraining:
     with the noise the JAX run drew)."""
     job, start = setup.job, setup.start
     c = job.config
@@ -168,14 +171,14 @@ def run_torch(setup: Setup) -> Trajectory:
         model, hf_class = reference_from_params(weights, arch, scratch)
         if job.name == "pretrain":
             model.config.mask_ratio, model.config.norm_pix_loss = c.mask_ratio, c.norm_pix_loss
-            torch_recipe = torch_recipes.pretrain(model, args)
+            training = torch_training.pretrain(model, args)
         elif job.name == "finetune":
-            torch_recipe = torch_recipes.finetune(model, args)
+            training = torch_training.finetune(model, args)
         else:
-            torch_recipe = torch_recipes.linprobe(model, _torch_head(start.params["head"]), args)
-        losses, lrs = zip(*torch_recipes.train(torch_recipe, setup.batches, setup.steps_per_epoch), strict=True)
+            training = torch_training.linprobe(model, _torch_head(start.params["head"]), args)
+        losses, lrs = zip(*torch_training.train(training, setup.batches, setup.steps_per_epoch), strict=True)
         if hf_class is None:
-            params = {k: tensor_to_numpy(v.detach()) for k, v in torch_recipe.model.named_parameters()}
+            params = {k: tensor_to_numpy(v.detach()) for k, v in training.model.named_parameters()}
         else:  # transformers' own names -> its hub layout -> the original's keys
             model.save_pretrained(f"{scratch}/trained")
             params = dict(read_hf(f"{scratch}/trained").state_dict)

@@ -1,12 +1,12 @@
 """`python main.py parity --train pretrain|finetune|linprobe`: train like the PyTorch original, step for step.
 
     python main.py parity --train finetune --model vit_test_patch4 --input_size 32 --nb_classes 10 \\
-        --batch_size 8 --steps 100
+        --batch_size 8 --updates 100
 
 The same initial weights (the job's own initialisation, or `--checkpoint`'s, converted to the
 PyTorch side), the same batches (seeded normal images; for MAE the noise the JAX step drew),
 N optimizer updates of the job's recipe in JAX, built by the job's own code, and in a PyTorch
-reference written as the original scripts train (`convert.parity.torch_recipes`). Every flag other
+reference written as the original scripts train (`convert.parity.torch_training`). Every flag other
 than the ones below is the job's own (`main.py pretrain|finetune|linprobe --help`), with its
 name and default. Printed: per update the loss and lr on each side and the loss's relative
 difference; at the end the largest parameter difference of each group (a module's matrices
@@ -57,10 +57,10 @@ DIFFERENCES = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python main.py parity --train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Other flags are the job's (main.py JOB --help).")
-    p.add_argument("--train", required=True, choices=sorted(JOBS), help="the recipe to compare")
+    p.add_argument("--train", required=True, choices=sorted(JOBS), help="the job whose training is compared")
     p.add_argument("--checkpoint", default=None, help="start from these weights (.pth, orbax, transformers) "
                                                       "instead of the job's initialisation")
-    p.add_argument("--steps", type=int, default=100, help="optimizer updates")
+    p.add_argument("--updates", type=int, default=100, help="optimizer updates compared (each of --accum_iter steps)")
     p.add_argument("--loss_rtol", type=float, default=1e-4, help="max relative loss difference at any update")
     p.add_argument("--param_rtol", type=float, default=1e-4,
                    help="max parameter difference of a group at the end, relative to the group's largest value")
@@ -77,8 +77,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Any]:
     args, rest = parser().parse_known_args(argv)
     prog = f"main.py parity --train {args.train}"
     config = config_lib.parse_job_config(rest, JOBS[args.train][0], prog, None)
-    if args.steps < 1:
-        raise SystemExit(f"{prog}: error: --steps must be at least 1, got {args.steps}")
+    if args.updates < 1:
+        raise SystemExit(f"{prog}: error: --updates must be at least 1, got {args.updates}")
     if config.dtype != "float32":
         raise SystemExit(f"{prog}: error: the trajectories are compared in float32 (--dtype float32)")
     return args, config
@@ -105,32 +105,31 @@ def prepare(args: argparse.Namespace, job_cls: type[Job], config: Any) -> train_
         print(f"set for parity: {', '.join(f'{k}={v}' for k, v in changed.items())}")
     job = job_cls(dataclasses.replace(config, **forced))
     mesh = sharding.make_mesh(config.mesh)
-    global_batch = config.batch_size * jax.device_count()
+    batch = config.batch_geometry()
     source = None
     if args.checkpoint:
         source = read_checkpoint(args.checkpoint, img_size=config.input_size, trust_pickle=args.trust_pickle).params
-    start, notes = train_sides.initial(job, mesh, global_batch, source)
+    start, notes = train_sides.initial(job, mesh, batch, source)
     for note in notes:
         print(note)
-    spe = train_sides.steps_per_epoch(job.config, args.steps)
-    batches = train_sides.make_batches(job, args.steps * config.accum_iter, global_batch, config.seed + 2)
-    lr, _ = config.learning_rate(global_batch)
-    print(f"{args.train} {config.model}: {args.steps} updates of global batch {global_batch} x accum_iter "
-          f"{config.accum_iter}, lr {lr:.4g}, {spe} micro-batches an epoch, {config.epochs} epochs "
+    spe = train_sides.steps_per_epoch(job.config, args.updates)
+    batches = train_sides.make_batches(job, args.updates * config.accum_iter, batch.global_batch, config.seed + 2)
+    lr = config.learning_rate(batch)
+    print(f"{args.train} {config.model}: {args.updates} updates of {batch.describe()}, lr {lr:.4g}, {spe} micro-batches an epoch, {config.epochs} epochs "
           f"({config.warmup_epochs} warm-up), {jax.device_count()} devices")
-    return train_sides.Setup(job, mesh, global_batch, start, batches, spe, lr)
+    return train_sides.Setup(job, mesh, batch, start, batches, spe, lr)
 
 
 def compare(args: argparse.Namespace, job_cls: type[Job], config: Any) -> list[str]:
     """Both runs, the report, and the names of the checks over tolerance."""
     setup = prepare(args, job_cls, config)
-    ours = train_sides.run_jax(setup)
-    theirs = train_sides.run_torch(setup)
+    ours = train_sides.jax_trajectory(setup)
+    theirs = train_sides.torch_trajectory(setup)
     failed = report(ours, theirs, setup.lr, args)
     if args.spread and jax.device_count() == 1:
         print("float32 spread: needs 2 or more devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2)")
     elif args.spread:
-        other = train_sides.run_jax(setup, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
+        other = train_sides.jax_trajectory(setup, mesh=sharding.make_mesh(config.mesh, devices=jax.devices()[:1]))
         print(f"float32 spread, JAX on {jax.device_count()} devices vs 1: {summary(ours, other)}")
     if not args.no_differences:
         show_differences(setup, job_cls, theirs)
@@ -140,7 +139,7 @@ def compare(args: argparse.Namespace, job_cls: type[Job], config: Any) -> list[s
 def show_differences(setup: train_sides.Setup, job_cls: type[Job], theirs: train_sides.Trajectory) -> None:
     """Each of the port's departures: a JAX run with the port's default against the original's run."""
     for what, _, port in DIFFERENCES.get(setup.job.name, []):
-        other = train_sides.run_jax(setup, job=job_cls(dataclasses.replace(setup.job.config, **port)))
+        other = train_sides.jax_trajectory(setup, job=job_cls(dataclasses.replace(setup.job.config, **port)))
         print(f"difference: {what}; the port's default vs the original: {summary(other, theirs)}")
 
 

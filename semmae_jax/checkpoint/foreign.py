@@ -35,18 +35,18 @@ class StatedModel(NamedTuple):
 class WeightsReader(Protocol):
     """Reads weight files of other frameworks for the jobs."""
 
-    def params(self, path: str, model_name: str | None, img_size: int) -> Any:
+    def params_for_model(self, path: str, model_name: str | None, img_size: int) -> Any:
         """Params of `path` as host arrays, checked against `model_name` (None: as saved), tables resized."""
 
     def continue_optimizer(self, state: Any, path: str, target: ResumeTarget, log: RunLog) -> Any | None:
         """`state` continued from the optimizer state of an original training file (its AdamW
         moments, its position in the run), or None for a file without one."""
 
-    def backbone(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    def encoder(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder (stage 1): (params, registered model name, overrides)."""
 
-    def model(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    def whole_model(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
         """The whole model as saved (decoder included): (params, registered model name, overrides)."""
 
-    def weights(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
+    def params_as_saved(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
         """Params of `path` as saved (tables resized) and what it says beyond them, in one read."""

@@ -70,7 +70,7 @@ def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: Wei
         return _restore_latest_of(other, state)
     if reader is None or target is None:
         raise ValueError(f"--resume {resume_from}: not a run checkpoint directory")
-    params = reader.params(resume_from, target.model_name, target.img_size)
+    params = reader.params_for_model(resume_from, target.model_name, target.img_size)
     _check_fits(params, state.params, resume_from)
     state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding, state.params)))
     continued = reader.continue_optimizer(state, resume_from, target, log) if target.betas else None

@@ -4,9 +4,9 @@ Names are resolved lazily so that `semmae_jax.data.part_maps` and `demo` can be 
 without paying for TensorFlow's start-up.
 
     open_source(data_path, split, *, dataset='folder'|'tfds:NAME', tfds_data_dir, part_path, missing_parts)
-    TrainLoader(source, *, batch_size, transform, seed, num_workers, process_index, process_count)
+    TrainLoader(source, *, process_batch, transform, seed, num_workers, process_index, process_count)
         .steps_per_epoch, .epoch_batches(epoch, start_step=0), .skipped
-    EvalLoader(source, *, batch_size, transform, ...).num_batches, .batches(); eval_batches(...)
+    EvalLoader(source, *, process_batch, transform, ...).num_batches, .batches(); eval_batches(...)
     TrainTransform(img_size, patch_size, ...), EvalTransform(img_size, crop_pct=0.875),
     WholeImageTransform(img_size, patch_size, hflip) (stage 1: no crop)
     global_batch(batch, mesh, batch_axes), prefetch_to_device(batches, mesh, batch_axes, size=2)

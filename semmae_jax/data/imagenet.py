@@ -2,8 +2,8 @@
 SemMAE's, sees images normalised by them; the input pipeline applies them, pictures undo them.
 
 The host pipeline computes its constants from the decimal values (float64, then cast), the
-device-side normalisation and the pictures use the float32 arrays: as before this module
-gathered them, so no input changes by a bit."""
+device-side normalisation and the pictures use the float32 arrays: one set of constants, in
+the precision of the arithmetic each side runs."""
 
 import numpy as np
 

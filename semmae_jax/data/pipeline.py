@@ -65,7 +65,7 @@ def _element_dataset(
     stream: Stream,
     transform: Transform,
     key: tuple[int, int],
-    batch_size: int,
+    process_batch: int,
     num_workers: int | None,
     normalized: bool,
 ) -> tuple[tf.data.Dataset, dict[str, np.ndarray]]:
@@ -87,7 +87,7 @@ def _element_dataset(
     if num_workers:
         options.threading.private_threadpool_size = num_workers
     elements = stream.refs.map(element, num_parallel_calls=num_workers or tf.data.AUTOTUNE)
-    batches = elements.ignore_errors().batch(batch_size)
+    batches = elements.ignore_errors().batch(process_batch)
     if normalized:
         batches = batches.map(normalize_batch, num_parallel_calls=tf.data.AUTOTUNE)
     blank = {
@@ -103,7 +103,7 @@ def _rows(batch: Batch) -> dict[int, Batch]:
 
 
 def _fixed_slots(
-    batches: Iterator[Batch], steps: range, batch_size: int, blank: Batch
+    batches: Iterator[Batch], steps: range, process_batch: int, blank: Batch
 ) -> Iterator[tuple[int, Batch, np.ndarray]]:
     """(step, batch, present) with every element in its slot: batch pos // B, row pos % B.
 
@@ -121,10 +121,10 @@ def _fixed_slots(
         return batch
 
     for step in steps:
-        low, high = step * batch_size, (step + 1) * batch_size
+        low, high = step * process_batch, (step + 1) * process_batch
         if not pending and (batch := pull()) is not None:
             if np.array_equal(batch["pos"], np.arange(low, high)):
-                yield step, batch, np.ones(batch_size, bool)
+                yield step, batch, np.ones(process_batch, bool)
                 continue
             pending.update(_rows(batch))
         while max(pending, default=-1) < high - 1 and (batch := pull()) is not None:
@@ -155,24 +155,24 @@ class _Loader:
     def __init__(
         self,
         source: Source,
-        batch_size: int,
+        process_batch: int,
         transform: Transform,
         num_workers: int | None,
         process_index: int | None,
         process_count: int | None,
     ) -> None:
-        self.source, self.batch_size, self.transform, self.num_workers = source, batch_size, transform, num_workers
+        self.source, self.process_batch, self.transform, self.num_workers = source, process_batch, transform, num_workers
         self.shard = make_shard(process_index, process_count)
         self.skipped: list[str] = []  # unreadable images met so far (names), in order
 
     def _batches(self, stream: Stream, key: tuple[int, int], steps: range) -> Iterator[tuple[Batch, np.ndarray]]:
         """(batch, present) for `steps` of `stream`; unreadable examples are named, logged and kept in `skipped`."""
         dataset, blank = _element_dataset(
-            self.source, stream, self.transform, key, self.batch_size, self.num_workers, self.normalized
+            self.source, stream, self.transform, key, self.process_batch, self.num_workers, self.normalized
         )
-        for step, batch, present in _fixed_slots(dataset.as_numpy_iterator(), steps, self.batch_size, blank):
+        for step, batch, present in _fixed_slots(dataset.as_numpy_iterator(), steps, self.process_batch, blank):
             self._check_part_maps(stream, step, batch, present)
-            for pos in step * self.batch_size + np.flatnonzero(~present):
+            for pos in step * self.process_batch + np.flatnonzero(~present):
                 if pos < stream.length:
                     self.skipped.append(stream.name(pos))
                     log.warning("skipped an unreadable image (or its part map): %s", self.skipped[-1])
@@ -186,7 +186,7 @@ class _Loader:
         for row in np.flatnonzero(present & (batch["part_labels"].min(axis=1) < UNLABELLED)):
             problem = part_map_problem(batch["part_labels"][row], getattr(self.transform, "num_parts", None))
             if problem:
-                name = stream.name(step * self.batch_size + row)
+                name = stream.name(step * self.process_batch + row)
                 where = self.source.part_map_name(name) if hasattr(self.source, "part_map_name") else "its part map"
                 raise ValueError(f"the part map of {name} ({where}) {problem}")
 
@@ -195,7 +195,7 @@ class TrainLoader(_Loader):
     """One process's training batches, epoch by epoch.
 
     Yields {'image': uint8 [B, S, S, 3], 'part_labels': int32 [B, L], 'label': int32 [B]}
-    with B = `batch_size`, this process's share of the global batch (global = B *
+    with B = `process_batch`, this process's share of the global batch (global = B *
     process count). Images stay uint8 (a quarter of the bytes, no float work on the
     host): `global_arrays.prefetch_to_device` normalises them on the devices. Images
     the source could not read are listed in `skipped`.
@@ -207,26 +207,26 @@ class TrainLoader(_Loader):
         self,
         source: Source,
         *,
-        batch_size: int,
+        process_batch: int,
         transform: TrainTransform,
         seed: int = 0,
         num_workers: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
     ) -> None:
-        super().__init__(source, batch_size, transform, num_workers, process_index, process_count)
+        super().__init__(source, process_batch, transform, num_workers, process_index, process_count)
         self.seed = seed
-        self.steps_per_epoch = source.steps_per_epoch(batch_size, self.shard)
+        self.steps_per_epoch = source.steps_per_epoch(process_batch, self.shard)
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"{source.num_examples} examples do not fill one global batch of {batch_size} x {self.shard.count}"
+                f"{source.num_examples} examples do not fill one global batch of {process_batch} x {self.shard.count}"
             )
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Batches start_step .. steps_per_epoch - 1 of `epoch`, as in an uninterrupted epoch."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} is not in [0, {self.steps_per_epoch}]")
-        stream = self.source.train_stream(epoch, self.seed, self.batch_size, self.shard, start_step)
+        stream = self.source.train_stream(epoch, self.seed, self.process_batch, self.shard, start_step)
         already, blank = len(self.skipped), 0
         for batch, present in self._batches(stream, (self.seed, epoch), range(start_step, self.steps_per_epoch)):
             blank += 0 if present.any() else len(present)  # no readable image in the batch to copy from
@@ -255,15 +255,15 @@ class EvalLoader(_Loader):
         self,
         source: Source,
         *,
-        batch_size: int,
+        process_batch: int,
         transform: EvalTransform,
         num_workers: int | None = None,
         process_index: int | None = None,
         process_count: int | None = None,
     ) -> None:
-        super().__init__(source, batch_size, transform, num_workers, process_index, process_count)
+        super().__init__(source, process_batch, transform, num_workers, process_index, process_count)
         largest_share = math.ceil(source.num_examples / self.shard.count)
-        self.num_batches = math.ceil(largest_share / batch_size)
+        self.num_batches = math.ceil(largest_share / process_batch)
 
     def batches(self) -> Iterator[Batch]:
         """All `num_batches` batches of this process's share, padded and masked."""
@@ -274,7 +274,7 @@ class EvalLoader(_Loader):
 def eval_batches(
     source: Source,
     *,
-    batch_size: int,
+    process_batch: int,
     img_size: int = 224,
     num_workers: int | None = None,
     process_index: int | None = None,
@@ -283,7 +283,7 @@ def eval_batches(
     """Shorthand: `EvalLoader(...)` with the standard `EvalTransform(img_size)`, iterated."""
     loader = EvalLoader(
         source,
-        batch_size=batch_size,
+        process_batch=process_batch,
         transform=EvalTransform(img_size),
         num_workers=num_workers,
         process_index=process_index,

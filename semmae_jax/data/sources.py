@@ -66,9 +66,9 @@ class Source(Protocol):
     num_examples: int
     num_classes: int
 
-    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int: ...
+    def steps_per_epoch(self, process_batch: int, shard: Shard) -> int: ...
 
-    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream: ...
+    def train_stream(self, epoch: int, seed: int, process_batch: int, shard: Shard, start_step: int) -> Stream: ...
 
     def eval_stream(self, shard: Shard) -> Stream: ...
 
@@ -191,14 +191,14 @@ class IndexedSource:
     def _name(self, example_id: int) -> str:
         raise NotImplementedError
 
-    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
-        return self.num_examples // (batch_size * shard.count)
+    def steps_per_epoch(self, process_batch: int, shard: Shard) -> int:
+        return self.num_examples // (process_batch * shard.count)
 
-    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream:
-        steps = self.steps_per_epoch(batch_size, shard)
+    def train_stream(self, epoch: int, seed: int, process_batch: int, shard: Shard, start_step: int) -> Stream:
+        steps = self.steps_per_epoch(process_batch, shard)
         order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(self.num_examples)
-        mine = order[: steps * batch_size * shard.count].reshape(steps, shard.count, batch_size)[:, shard.index]
-        return self._stream(mine.reshape(-1), first_pos=start_step * batch_size)
+        mine = order[: steps * process_batch * shard.count].reshape(steps, shard.count, process_batch)[:, shard.index]
+        return self._stream(mine.reshape(-1), first_pos=start_step * process_batch)
 
     def eval_stream(self, shard: Shard) -> Stream:
         return self._stream(np.arange(*eval_share(self.num_examples, shard)), first_pos=0)

@@ -54,15 +54,15 @@ class TfdsSource:
         share = tfds.even_splits(self.split, shard.count, drop_remainder=drop_remainder)[shard.index]
         return share, self.builder.info.splits[share].num_examples
 
-    def steps_per_epoch(self, batch_size: int, shard: Shard) -> int:
-        return self._share(shard, drop_remainder=True)[1] // batch_size
+    def steps_per_epoch(self, process_batch: int, shard: Shard) -> int:
+        return self._share(shard, drop_remainder=True)[1] // process_batch
 
-    def train_stream(self, epoch: int, seed: int, batch_size: int, shard: Shard, start_step: int) -> Stream:
+    def train_stream(self, epoch: int, seed: int, process_batch: int, shard: Shard, start_step: int) -> Stream:
         share, _ = self._share(shard, drop_remainder=True)
-        length = self.steps_per_epoch(batch_size, shard) * batch_size
+        length = self.steps_per_epoch(process_batch, shard) * process_batch
         order_seed = epoch_seed(seed, epoch)
         records = self._read(share, order_seed).shuffle(self.shuffle_buffer, seed=order_seed).take(length)
-        return self._stream(records, length, start_step * batch_size, f"{share}, epoch {epoch}")
+        return self._stream(records, length, start_step * process_batch, f"{share}, epoch {epoch}")
 
     def eval_stream(self, shard: Shard) -> Stream:
         share, size = self._share(shard, drop_remainder=False)

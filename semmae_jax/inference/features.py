@@ -28,6 +28,7 @@ import numpy as np
 from semmae_jax import sharding
 from semmae_jax.data.global_arrays import global_batch
 from semmae_jax.models.vit import VisionTransformer
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 
 Pool = Literal["cls", "mean"]
 POOLS: tuple[Pool, ...] = ("cls", "mean")
@@ -64,23 +65,20 @@ def place_params(model: VisionTransformer, params: Any, mesh: jax.sharding.Mesh)
     return jax.device_put(params, sharding.named(mesh, specs))
 
 
-def extract(model: VisionTransformer, params: Any, source: Any, *, pool: Pool, batch_size: int,
+def extract(model: VisionTransformer, params: Any, source: Any, *, pool: Pool, batch: BatchGeometry,
             mesh: jax.sharding.Mesh, num_workers: int | None = None) -> tuple[Features, list[str]]:
     """Features of every example of `source` (`EvalTransform` at the model's size).
 
     Args:
-      batch_size: the global batch (split over the processes, then over the mesh's batch axes).
+      batch: the batch at every scope (each process reads its share, the mesh's batch axes split the global one).
 
     Returns:
       (features in the source's order, names of the images that could not be read).
     """
     from semmae_jax import data
 
-    processes = jax.process_count()
-    sharding.check_global_batch(batch_size, mesh, "feature batch")
-    if batch_size % processes:
-        raise ValueError(f"the batch of {batch_size} does not split over {processes} processes")
-    loader = data.EvalLoader(source, batch_size=batch_size // processes,
+    sharding.check_global_batch(batch.global_batch, mesh, "feature batch")
+    loader = data.EvalLoader(source, process_batch=batch.per_process,
                              transform=data.EvalTransform(model.img_size), num_workers=num_workers)
     placed = place_params(model, params, mesh)
 
@@ -92,7 +90,7 @@ def extract(model: VisionTransformer, params: Any, source: Any, *, pool: Pool, b
     rows = [tuple(np.asarray(x) for x in step(placed, global_batch(batch, mesh)))
             for batch in _progress(loader.batches(), loader.num_batches)]
     features, labels, present = (np.concatenate(column) for column in zip(*rows, strict=True))
-    ids = row_ids(source.num_examples, loader.batch_size, processes)
+    ids = row_ids(source.num_examples, loader.process_batch, batch.processes)
     kept = np.flatnonzero(present)[np.argsort(ids[present])]  # the rows read, in the source's order
     names = all_names(source)
     found = Features(features[kept], labels[kept].astype(np.int64), np.asarray([names[i] for i in ids[kept]], str))

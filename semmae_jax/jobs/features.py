@@ -22,6 +22,7 @@ from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.inference.features import POOLS, Features, extract, load_features, save_features
 from semmae_jax.inference.knn import KnnResult, knn_accuracy
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.train.flags import DistributedFlags
 
 
@@ -63,7 +64,7 @@ def encoder(reader: WeightsReader, checkpoint: str, input_size: int | None) -> t
     """(headless ViT, its params) of `checkpoint`'s encoder; a run's output dir is read at its checkpoints/."""
     from semmae_jax.parts.backbone import backbone_model
 
-    params, name, overrides = reader.backbone(checkpoint, input_size)
+    params, name, overrides = reader.encoder(checkpoint, input_size)
     return backbone_model(name, overrides), params
 
 
@@ -77,15 +78,14 @@ def features(config: ExtractFlags, reader: WeightsReader, split: str) -> Feature
 
     if not config.checkpoint:
         raise ValueError("--checkpoint is required (an orbax run, a .pth or a transformers directory)")
-    if config.batch_size < 1:
-        raise ValueError(f"--batch_size must be at least 1, got {config.batch_size}")
+    batch = BatchGeometry.from_flags(config.batch_size)
     model, params = encoder(reader, config.checkpoint, config.input_size)
     data_path, _ = data_or_demo(config.data_path, None, config.dataset)
     source = open_source(data_path, split, dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
         found, skipped = extract(model, params, source, pool=config.pool, mesh=mesh, num_workers=config.num_workers,
-                                 batch_size=config.batch_size * jax.device_count())
+                                 batch=batch)
     left_out = f"; {len(skipped)} unreadable image(s) left out (named above)" if skipped else ""
     print(f"{len(found.labels)} images of {data_path or config.dataset} ({split}): {config.pool} features of width "
           f"{found.features.shape[1]} from {config.checkpoint} at {model.img_size}x{model.img_size}{left_out}",

@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import flops
+from semmae_jax import data, flops
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.data import erasing, mixup
 from semmae_jax.key_paths import flat_by_path, summarize
 from semmae_jax.models import create_model
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
@@ -61,7 +62,13 @@ class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, Classif
     mixup_mode: str = field("batch", "per 'batch', 'pair' or 'elem'", choices=("batch", "pair", "elem"))
     smoothing: float = field(0.1, "label smoothing")
     # Checkpoints and evaluation.
-    eval_batch_size: int | None = field(None, "evaluation batch per device (default: --batch_size)")
+    eval_batch_size: int | None = field(None, "evaluation batch per device (default: the training batch's)")
+
+    def eval_batch_geometry(self) -> BatchGeometry:
+        """The evaluation's batch: `--eval_batch_size` per device, or the training batch's geometry."""
+        if self.eval_batch_size is None:
+            return self.batch_geometry()
+        return BatchGeometry.from_flags(self.eval_batch_size, flags=("--eval_batch_size", "--eval_batch_size"))
 
     def mixup_config(self) -> mixup.MixupConfig:
         return mixup.MixupConfig(
@@ -95,7 +102,7 @@ def build_classifier(config: FinetuneConfig, **stated: Any) -> nn.Module:
                         remat=config.remat, attention=config.attention, **stated)
 
 
-def validation(config: FinetuneConfig, data: Any, model: nn.Module, mesh: jax.sharding.Mesh,
+def validation(config: FinetuneConfig, model: nn.Module, mesh: jax.sharding.Mesh,
                params_sharding: Any, class_names: Sequence[str] | None = None) -> evaluate.Validation:
     """The validation split, scored by the classifier's logits (refused when `class_names`, the
     checkpoint's, order the dataset's class folders differently)."""
@@ -103,7 +110,7 @@ def validation(config: FinetuneConfig, data: Any, model: nn.Module, mesh: jax.sh
     evaluate.check_classes(val.num_classes, config.nb_classes)
     evaluate.check_class_order(getattr(val, "classes", None), class_names, config.resume)
     return evaluate.Validation.build(
-        data, val, data.EvalTransform(model.img_size), config.eval_batch_size or config.batch_size,
+        val, data.EvalTransform(model.img_size), config.eval_batch_geometry(),
         config.num_workers, lambda variables, images: model.apply(variables, images, train=False),
         config.nb_classes, mesh, {"params": params_sharding})
 
@@ -146,7 +153,7 @@ class FinetuneJob(Job):
     def build_model(self) -> nn.Module:
         return build_classifier(self.config)
 
-    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+    def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         from semmae_jax.data.augment import finetune_augment
 
         c = self.config
@@ -174,7 +181,7 @@ class FinetuneJob(Job):
             return state
         if self.reader is None:
             raise ValueError("--finetune needs the checkpoint reader (run through main.py)")
-        source = self.reader.params(self.config.finetune, None, recipe.model.img_size)
+        source = self.reader.params_for_model(self.config.finetune, None, recipe.model.img_size)
         params, missing, unused = merge_pretrained(state.params, source)
         recipe.log.print(f"loaded {self.config.finetune}\n  missing (freshly initialised): {summarize(missing)}\n"
                       f"  unused: {summarize(unused)}")
@@ -188,19 +195,19 @@ class FinetuneJob(Job):
 
     def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
         return evaluate.EpochEvaluation.keeping_best(
-            validation(self.config, recipe.data, recipe.model, recipe.mesh, recipe.shardings.params),
+            validation(self.config, recipe.model, recipe.mesh, recipe.shardings.params),
             lambda state: {"params": state.params}, self.config.model, recipe.log)
 
     def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
         return hook.last
 
-    def evaluation(self, data: Any, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
+    def evaluation(self, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
         """`--eval --resume CKPT`: the checkpoint must be exactly this classifier (keys and shapes),
         built with the numerics fields the checkpoint states."""
         c = self.config
         if not c.resume or c.resume == "auto" or self.reader is None:
             raise ValueError("--eval needs --resume CHECKPOINT (a .pth, an orbax checkpoint or a run directory)")
-        source, stated = self.reader.weights(c.resume, c.input_size)
+        source, stated = self.reader.params_as_saved(c.resume, c.input_size)
         model = build_classifier(c, **stated.fields)
         if stated.fields:
             log.print(f"model fields stated by {c.resume}: {stated.fields}")
@@ -211,7 +218,7 @@ class FinetuneJob(Job):
             raise ValueError(f"{c.resume} does not fit {c.model} (--nb_classes {c.nb_classes}, "
                              f"global_pool {c.global_pool}): {_mismatch(missing, unused, plan.abstract.params)}")
         names = stated.class_names if stated.class_names and len(stated.class_names) == c.nb_classes else None
-        return evaluate.Evaluation(validation(c, data, model, mesh, plan.shardings.params, names), {"params": params},
+        return evaluate.Evaluation(validation(c, model, mesh, plan.shardings.params, names), {"params": params},
                                    names)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from semmae_jax import checkpoint, flops
+from semmae_jax import checkpoint, data, flops
 from semmae_jax import config as config_lib
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
@@ -29,7 +29,7 @@ from semmae_jax.models.vit import ProbeHead
 from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train import evaluate, optim
 from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
-from semmae_jax.train.skeleton import Job, Recipe, recipe, train_or_evaluate
+from semmae_jax.train.skeleton import Job, Recipe, build_recipe, train_or_evaluate
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
 
@@ -92,9 +92,9 @@ class LinprobeJob(Job):
         return ProbeHead(self.config.nb_classes)
 
     def example_inputs(self, recipe: Recipe) -> tuple[jax.ShapeDtypeStruct, ...]:
-        return (jax.ShapeDtypeStruct((recipe.global_batch, self.encoder.embed_dim), jnp.float32),)
+        return (jax.ShapeDtypeStruct((recipe.batch.global_batch, self.encoder.embed_dim), jnp.float32),)
 
-    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+    def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c, size = self.config, self.encoder.img_size
         source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
         return source, data.TrainTransform(img_size=size, patch_size=self.encoder.patch_size, scale=(0.08, 1.0))
@@ -116,7 +116,7 @@ class LinprobeJob(Job):
         images = jax.ShapeDtypeStruct((1, self.encoder.img_size, self.encoder.img_size, 3), jnp.float32)
         plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), mesh, c.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params,
-                                                   self.reader.params(c.finetune, None, self.encoder.img_size))
+                                                   self.reader.params_for_model(c.finetune, None, self.encoder.img_size))
         if missing:
             raise ValueError(f"{c.finetune} lacks encoder parameters {missing} of {c.model}")
         log.print(f"probing the encoder of {c.finetune}; unused: {summarize(unused)}")
@@ -129,7 +129,7 @@ class LinprobeJob(Job):
     def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
         return make_probe_step(self.encoder, recipe.model, tx)
 
-    def _validation(self, data: Any, mesh: jax.sharding.Mesh, shardings: TrainState) -> evaluate.Validation:
+    def _validation(self, mesh: jax.sharding.Mesh, shardings: TrainState) -> evaluate.Validation:
         """The validation split scored by the probe on the frozen encoder, for states placed as `shardings`."""
         c, encoder, head = self.config, self.encoder, self.build_model()
         val = data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
@@ -138,26 +138,26 @@ class LinprobeJob(Job):
         def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
             return head.apply(variables["head"], encoder.apply({"params": variables["encoder"]}, images), train=False)
 
-        return evaluate.Validation.build(data, val, data.EvalTransform(encoder.img_size), c.batch_size, c.num_workers,
+        return evaluate.Validation.build(val, data.EvalTransform(encoder.img_size), c.batch_geometry(), c.num_workers,
                                          logits_fn, c.nb_classes, mesh, _variables(shardings))
 
     def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:
-        return evaluate.EpochEvaluation.keeping_best(self._validation(recipe.data, recipe.mesh, recipe.shardings),
+        return evaluate.EpochEvaluation.keeping_best(self._validation(recipe.mesh, recipe.shardings),
                                                      _variables, self.config.model, recipe.log)
 
     def result(self, state: TrainState, recipe: Recipe, hook: evaluate.EpochEvaluation) -> evaluate.EvalResult | None:
         return hook.last
 
-    def evaluation(self, data: Any, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
+    def evaluation(self, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
         """`--eval`: the probe of `--resume` (a linprobe run; default: this output dir's run) on the
         frozen encoder of `--finetune`."""
         c = self.config
-        built = recipe(self, self.build_model(), c.batch_size * jax.device_count(), 1, mesh)
+        built = build_recipe(self, self.build_model(), c.batch_geometry(), 1, mesh)
         plan = plan_state(built.model, built.make_tx, self.example_inputs(built), mesh, c.seed)
         run = c.resume if c.resume not in (None, "auto", "scratch") else str(c.checkpoint_dir)
         probe = checkpoint.restore_latest(run, plan.abstract).replace(frozen=self._frozen_encoder(mesh, log))
         log.print(f"scoring the probe of {run} (step {int(probe.step)})")
-        return evaluate.Evaluation(self._validation(data, mesh, jax.tree.map(lambda x: x.sharding, probe)),
+        return evaluate.Evaluation(self._validation(mesh, jax.tree.map(lambda x: x.sharding, probe)),
                                    _variables(probe))
 
 

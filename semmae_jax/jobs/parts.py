@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import sharding
+from semmae_jax import data, sharding
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
 from semmae_jax.inference import visualize
@@ -117,14 +117,14 @@ class PartsJob(Job):
     def __init__(self, config: PartsConfig, reader: WeightsReader) -> None:
         super().__init__(config, reader)
         # torch reads the backbone before TensorFlow starts
-        self.backbone_params, self.backbone_name, self.backbone_overrides = reader.backbone(config.backbone,
+        self.backbone_params, self.backbone_name, self.backbone_overrides = reader.encoder(config.backbone,
                                                                                             config.input_size)
 
     def build_model(self) -> nn.Module:
         overrides = {**self.backbone_overrides, "attention": self.config.attention}  # the run's, not saved with it
         return build_part_model(dataclasses.asdict(self.config), self.backbone_name, overrides)
 
-    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+    def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
         source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
         return source, data.WholeImageTransform(model.img_size, model.patch_size, c.hflip)

@@ -41,6 +41,7 @@ from semmae_jax.parts import (
     part_scores,
 )
 from semmae_jax.runtime import distributed
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.storage import save_png
 from semmae_jax.train.flags import DistributedFlags
 
@@ -51,7 +52,7 @@ class ToolFlags:
 
     checkpoint: str = field("", "a parts train --output_dir (or its checkpoints/)")
     data_path: str | None = field(None, "image folder root (default: the demo data)")
-    batch_size: int = field(64, "images per batch (split over this process's devices)")
+    batch_size: int = field(64, "images per device and batch (each process runs on its own devices)")
     num_workers: int = field(8, "parallel decoding calls (tf.data)")
     split: str = field("val", "the image folder's split")
     out: str | None = field(None, "output (default: in --checkpoint)")
@@ -126,11 +127,12 @@ def local_mesh() -> jax.sharding.Mesh:
     return sharding.make_mesh(devices=jax.local_devices())
 
 
-def run_batches(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
+def run_batches(run: PartsRun, source: Any, process_batch: int, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
     """This process's evaluation batches of `source` (whole images at the backbone's size), in listing order."""
     from semmae_jax import data
 
-    loader = data.EvalLoader(source, batch_size=batch_size, transform=data.WholeImageTransform(run.img_size, run.patch_size),
+    loader = data.EvalLoader(source, process_batch=process_batch,
+                             transform=data.WholeImageTransform(run.img_size, run.patch_size),
                              num_workers=num_workers, process_index=0, process_count=1)
     return loader.batches()
 
@@ -179,10 +181,10 @@ def _write_maps(run: PartsRun, subset: Any, data_path: str, args: ExportConfig, 
     """Predict and write the maps of `subset`, counting what was written."""
     mesh = local_mesh()
     predict = predictor(run, mesh, lambda out, _: assign_parts(out.maps, run.background, args.map_scale))
-    batch_size = _multiple(args.batch_size, mesh.size)
-    batches = run_batches(run, subset, batch_size, args.num_workers)
+    process_batch = local_batch(args.batch_size, mesh)
+    batches = run_batches(run, subset, process_batch, args.num_workers)
     first = 0
-    for batch in tqdm(batches, total=-(-subset.num_examples // batch_size), desc="export",
+    for batch in tqdm(batches, total=-(-subset.num_examples // process_batch), desc="export",
                       disable=not distributed.is_primary(), dynamic_ncols=True):
         ids = predict(batch["image"])
         for row in np.flatnonzero(batch["mask"]):
@@ -200,8 +202,9 @@ def _write_atomic(path: Path, labels: np.ndarray) -> None:
     partial.replace(path)
 
 
-def _multiple(batch_size: int, ways: int) -> int:
-    return -(-batch_size // ways) * ways
+def local_batch(per_device: int, mesh: jax.sharding.Mesh) -> int:
+    """A process's batch on its own devices (`local_mesh`): `--batch_size` images on each."""
+    return BatchGeometry.from_flags(per_device, devices=mesh.size, processes=1).per_process
 
 
 # ------------------------------------------------------------------------ show / eval
@@ -216,8 +219,9 @@ def show(args: ViewConfig) -> Path:
     source = image_folder(data_path, args.split, part_path, missing_parts="unlabelled")
     ids = np.linspace(0, source.num_examples - 1, min(args.num_images, source.num_examples)).astype(np.int64)
     subset = dataclasses.replace(source, paths=source.paths[ids], labels=source.labels[ids], part_paths=source.part_paths[ids])
-    predict = predictor(run, local_mesh(), lambda out, _: assign_parts(out.maps, run.background))
-    batch = next(run_batches(run, subset, _multiple(len(ids), jax.local_device_count()), args.num_workers))
+    mesh = local_mesh()
+    predict = predictor(run, mesh, lambda out, _: assign_parts(out.maps, run.background))
+    batch = next(run_batches(run, subset, local_batch(-(-len(ids) // mesh.size), mesh), args.num_workers))
     learned = predict(batch["image"]).reshape(len(batch["image"]), -1)
     truth = batch["part_labels"][: len(ids)]
     label_sets = [learned[: len(ids)]] + ([truth] if (truth >= 0).any() else [])
@@ -228,7 +232,7 @@ def show(args: ViewConfig) -> Path:
     return out
 
 
-def collect(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> dict[str, np.ndarray]:
+def collect(run: PartsRun, source: Any, per_device: int, num_workers: int) -> dict[str, np.ndarray]:
     """Learned part ids (the background is id N), patch tokens, last cls attention and true part
     labels (-1 without a map) of every image.
 
@@ -244,7 +248,7 @@ def collect(run: PartsRun, source: Any, batch_size: int, num_workers: int) -> di
     mesh = local_mesh()
     predict = predictor(run, mesh, outputs)
     parts = [{**predict(b["image"]), "truth": b["part_labels"], "read": b["mask"]}
-             for b in run_batches(run, source, _multiple(batch_size, mesh.size), num_workers)]
+             for b in run_batches(run, source, local_batch(per_device, mesh), num_workers)]
     return {name: np.concatenate([p[name] for p in parts])[: source.num_examples] for name in parts[0]}
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from semmae_jax import config as config_lib
-from semmae_jax import flops, masking, sharding
+from semmae_jax import data, flops, masking, sharding
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
 from semmae_jax.inference import visualize
@@ -91,7 +91,7 @@ class PretrainJob(Job):
         return create_model(c.model, img_size=c.input_size, norm_pix_loss=c.norm_pix_loss, dtype=c.dtype,
                             remat=c.remat, attention=c.attention)
 
-    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
+    def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
         data_path, part_path = c.data_paths(c.part_path)
         random_masking = masking.MaskingSetting(c.setting) is masking.MaskingSetting.RANDOM

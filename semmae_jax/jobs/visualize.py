@@ -90,7 +90,7 @@ def load_model(reader: WeightsReader, checkpoint: str, input_size: int | None,
     """(MAE model, params) of `checkpoint`; a checkpoint without a decoder is refused."""
     from semmae_jax.models import create_model, model_family
 
-    params, name, overrides = reader.model(checkpoint, input_size)
+    params, name, overrides = reader.whole_model(checkpoint, input_size)
     if model_family(name) != "mae":
         raise ValueError(f"{checkpoint} holds {name}, a model without a decoder: visualize needs a pretraining "
                          "checkpoint (an MAE / SemMAE run, its .pth, or a ViTMAEForPreTraining directory)")

@@ -21,9 +21,10 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from semmae_jax import sharding
+from semmae_jax import data, sharding
 from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.data.global_arrays import prefetch_to_device
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.distributed import is_primary
 from semmae_jax.runtime.run_log import RunLog
 
@@ -144,13 +145,11 @@ class Validation:
     results: list[EvalResult] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def build(cls, data: Any, source: Any, transform: Any, batch_size: int, num_workers: int, logits_fn: LogitsFn,
-              num_classes: int, mesh: jax.sharding.Mesh, variables_sharding: Any) -> Validation:
-        """Loader (per-process share of `batch_size` x devices) and jitted step for `source`."""
-        global_batch = batch_size * jax.device_count()
-        sharding.check_global_batch(global_batch, mesh, "evaluation batch")
-        loader = data.EvalLoader(source, batch_size=global_batch // jax.process_count(), transform=transform,
-                                 num_workers=num_workers)
+    def build(cls, source: Any, transform: Any, batch: BatchGeometry, num_workers: int,
+              logits_fn: LogitsFn, num_classes: int, mesh: jax.sharding.Mesh, variables_sharding: Any) -> Validation:
+        """Loader (this process's share of `batch`) and jitted step for `source`."""
+        sharding.check_global_batch(batch.global_batch, mesh, "evaluation batch")
+        loader = data.EvalLoader(source, process_batch=batch.per_process, transform=transform, num_workers=num_workers)
         return cls(loader, make_eval_step(logits_fn, num_classes, mesh, variables_sharding), num_classes, mesh)
 
     def __call__(self, variables: Any) -> EvalResult:

@@ -8,14 +8,17 @@ see `semmae_jax.config`). Names are the original scripts' flag names.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from etils import epath
 
 from semmae_jax import sharding
 from semmae_jax.checkpoint.manager import RUN_CHECKPOINTS
 from semmae_jax.config import field
+from semmae_jax.models import create_model
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from semmae_jax.runtime import distributed
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.storage import output_path
 
 
@@ -24,6 +27,9 @@ class ScheduleFlags:
     """Batch, length and learning rate (MAE's `main_pretrain.py` defaults)."""
 
     batch_size: int = field(64, "batch size per device (global = batch_size x devices)")
+    global_batch_size: int | None = field(None, "the global batch, pinned: each device takes global / devices, so a "
+                                                "run gives the same results on any number of devices that divide it "
+                                                "(overrides --batch_size)")
     accum_iter: int = field(1, "gradient accumulation: micro-batches per optimizer update")
     epochs: int = field(400, "training epochs")
     warmup_epochs: int = field(40, "linear warm-up epochs")
@@ -38,11 +44,16 @@ class ScheduleFlags:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_epochs < 0:
             raise ValueError(f"--warmup_epochs must be 0 or more, got {self.warmup_epochs}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError(f"--global_batch_size must be at least 1, got {self.global_batch_size}")
 
-    def learning_rate(self, global_batch: int) -> tuple[float, int]:
-        """(lr, effective batch): the original's `lr = blr * eff_batch_size / 256` unless --lr."""
-        effective = global_batch * self.accum_iter
-        return (self.lr if self.lr is not None else self.blr * effective / 256), effective
+    def batch_geometry(self) -> BatchGeometry:
+        """The run's batch at every scope, on this run's devices (`--global_batch_size` wins over `--batch_size`)."""
+        return BatchGeometry.from_flags(self.batch_size, self.global_batch_size, self.accum_iter)
+
+    def learning_rate(self, batch: BatchGeometry) -> float:
+        """The original's `lr = blr * eff_batch_size / 256`, unless --lr."""
+        return self.lr if self.lr is not None else self.blr * batch.effective / 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +61,16 @@ class ModelFlags:
     """The registered model a job builds, its input size and compute dtype."""
 
     model: str = field("vit_large_patch16", "registered model name (see docs/architecture.md, Models)")
-    input_size: int = field(224, "image size")
+    input_size: int | None = field(None, "image size (default: the model's own: 224 for the original's models)")
     dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
+
+    FOLLOWS: ClassVar[dict[str, str]] = {"input_size": "model"}  # `--model` alone: that model's own size
+
+    def __post_init__(self) -> None:
+        """An unset `--input_size` becomes the model's registered size, so a config always states it
+        (a run's saved config, and the resume check, see the size it trained at)."""
+        if self.input_size is None:
+            object.__setattr__(self, "input_size", create_model(self.model).img_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +122,8 @@ class DistributedFlags:
     coordinator_address: str | None = field(None, "HOST:PORT of process 0 (multi-process runs)")
     num_processes: int | None = field(None, "number of processes")
     process_id: int | None = field(None, "this process's index")
-    heartbeat_timeout_seconds: int = field(100, "a peer silent this long is declared dead and the job stops")
+    heartbeat_timeout_seconds: int = field(distributed.DEFAULT_HEARTBEAT_TIMEOUT, "a peer silent this long is declared "
+                                           "dead: the others exit with code 75 (retry) and one line")
 
     def start_runtime(self) -> None:
         """Join the job's processes (if several): before anything touches a device."""

@@ -130,7 +130,7 @@ class Trainer:
     max_nonfinite_steps: int = 0
     skipped_before: float = 0.0  # refused steps of the epochs before this one
 
-    def run(self, state: TrainState) -> TrainState:
+    def train(self, state: TrainState) -> TrainState:
         """From `state.step` to the end of the run (or a preemption notice); the final state."""
         preemption = Preemption(self.checkpoints, int(state.step))
         try:

@@ -1,4 +1,4 @@
-"""Optimizers as the original recipes build them, with optax, driven by tables.
+"""Optimizers as the original's training scripts build them, with optax, driven by tables.
 
 Per-parameter behaviour is decided by regex tables over parameter paths
 ('blocks_3/mlp/fc1/kernel'), the first match winning, and is logged once at start:

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from semmae_jax import checkpoint, sharding
+from semmae_jax import checkpoint, data, sharding
 from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, RunIdentity, WeightsReader
 from semmae_jax.runtime import host_memory
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.distributed import is_primary
 from semmae_jax.runtime.run_lock import run_lock
 from semmae_jax.runtime.run_log import RunLog
@@ -51,14 +52,12 @@ from semmae_jax.training_length import TrainingLength
 class Recipe:
     """What the skeleton has built for the job (its length, lr, optimizer, mesh, model), handed to its hooks."""
 
-    data: Any  # the `semmae_jax.data` module (imported once the runtime has started)
     mesh: jax.sharding.Mesh
     log: RunLog | None  # None outside `train` (`parity --train` builds the recipe without a run directory)
     model: nn.Module
-    global_batch: int
+    batch: BatchGeometry  # per device, global, per process, per optimizer update
     length: TrainingLength  # epochs of micro-batches, optimizer updates, the lr at any step
     cadence: Cadence  # when the loop logs and saves
-    effective_batch: int
     make_tx: Callable[[Any], optax.GradientTransformation]  # params -> the job's optimizer with accumulation
     shardings: TrainState | None = None  # once the state exists
 
@@ -74,7 +73,7 @@ class Job(abc.ABC):
     betas: ClassVar[tuple[float, float] | None] = None  # AdamW's, to continue an original `.pth` run
     # Flags that make a run another run: resuming with any of them changed is refused.
     defining: ClassVar[frozenset[str]] = frozenset(
-        {"job", "model", "input_size", "seed", "batch_size", "accum_iter", "data_path", "dataset"})
+        {"job", "model", "input_size", "seed", "batch_size", "global_batch_size", "accum_iter", "data_path", "dataset"})
 
     def __init__(self, config: Any, reader: WeightsReader | None = None) -> None:
         self.config = config
@@ -85,8 +84,8 @@ class Job(abc.ABC):
         """The model the step trains."""
 
     @abc.abstractmethod
-    def train_data(self, data: Any, model: nn.Module) -> tuple[Any, Any]:
-        """(training source, transform); `data` is `semmae_jax.data` (imported after the runtime starts)."""
+    def train_data(self, model: nn.Module) -> tuple[Any, Any]:
+        """(training source, transform), opened once the runtime has started."""
 
     @abc.abstractmethod
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -103,7 +102,7 @@ class Job(abc.ABC):
     def example_inputs(self, recipe: Recipe) -> tuple[jax.ShapeDtypeStruct, ...]:
         """What `model.init` is traced with: a global batch of images."""
         size = recipe.model.img_size
-        return (jax.ShapeDtypeStruct((recipe.global_batch, size, size, 3), jnp.float32),)
+        return (jax.ShapeDtypeStruct((recipe.batch.global_batch, size, size, 3), jnp.float32),)
 
     def describe(self, recipe: Recipe) -> str:
         """The job's own start-up line (after the shared one)."""
@@ -128,7 +127,7 @@ class Job(abc.ABC):
         """Model FLOPs of one image's training step (`semmae_jax.flops`), for TFLOP/s and MFU; None: not counted."""
         return None
 
-    def evaluation(self, data: Any, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
+    def evaluation(self, mesh: jax.sharding.Mesh, log: RunLog) -> evaluate.Evaluation:
         """`--eval`: the weights to score and the validation split (`evaluate_weights` scores them)."""
         raise ValueError(f"main.py {self.name} has no --eval")
 
@@ -147,22 +146,20 @@ def train(job: Job) -> Any:
     watch = Stopwatch()  # the goodput record's clock: start-up begins here
     config = job.config
     config.start_runtime()  # runtime: join the processes before anything touches a device
-    from semmae_jax import data  # TensorFlow starts here, after jax.distributed
 
     with contextlib.ExitStack() as closing:
         mesh = sharding.make_mesh(config.mesh)  # mesh, the run directory's lock, and log
         closing.enter_context(run_lock(config.output_dir, enabled=is_primary()))
         log = closing.enter_context(contextlib.closing(RunLog(config.output_dir, config.log_dir)))
         model = job.build_model()
-        global_batch = config.batch_size * jax.device_count()  # data
-        sharding.check_global_batch(global_batch, mesh)
-        source, transform = job.train_data(data, model)
-        loader = data.TrainLoader(source, batch_size=global_batch // jax.process_count(), seed=config.seed,
+        batch = config.batch_geometry()  # data
+        sharding.check_global_batch(batch.global_batch, mesh)
+        source, transform = job.train_data(model)  # TensorFlow starts here, after jax.distributed
+        loader = data.TrainLoader(source, process_batch=batch.per_process, seed=config.seed,
                                   transform=transform, num_workers=config.num_workers)
-        built = recipe(job, model, global_batch, loader.steps_per_epoch, mesh, data, log)  # length, lr, optimizer
-        log.print(f"{job.name} {getattr(config, 'model', '')}: global batch {global_batch} over "
-                  f"{jax.device_count()} devices x accum_iter {config.accum_iter} = effective batch "
-                  f"{built.effective_batch}; lr {built.length.peak_lr:.3e}; mesh {dict(mesh.shape)}; "
+        built = build_recipe(job, model, batch, loader.steps_per_epoch, mesh, log)  # length, lr, optimizer
+        log.print(f"{job.name} {getattr(config, 'model', '')}: {batch.describe()}; lr {built.length.peak_lr:.3e}; "
+                  f"mesh {dict(mesh.shape)}; "
                   f"{built.length.steps_per_epoch} steps per epoch, {config.epochs} epochs; {host_memory.describe()}")
         if described := job.describe(built):
             log.print(described)
@@ -177,6 +174,7 @@ def train(job: Job) -> Any:
             with watch.phase("restore"):
                 state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(built), log,
                                           identity)
+            check_run_plan(config, built.length, int(state.step), log)
             hook = job.epoch_end_hook(built)
             if hasattr(hook, "close"):
                 closing.callback(hook.close)
@@ -184,11 +182,11 @@ def train(job: Job) -> Any:
             trainer = Trainer(step_fn=step, epoch_batches=loader.epoch_batches, mesh=mesh,  # loop
                               length=built.length, cadence=built.cadence,
                               checkpoints=checkpoints, config=job.saved_config(), log=log,
-                              instruments=Instruments.for_run(config, log, global_batch,
+                              instruments=Instruments.for_run(config, log, batch.global_batch,
                                                               job.flops_per_image(built), watch),
                               on_epoch_end=hook,
                               max_nonfinite_steps=config.max_nonfinite_steps)
-            state = trainer.run(state)
+            state = trainer.train(state)
             return job.result(state, built, hook)
 
 
@@ -203,25 +201,23 @@ def evaluate_weights(job: Job) -> evaluate.EvalResult:
     training split is opened, nothing is trained or saved but the report."""
     config = job.config
     config.start_runtime()
-    from semmae_jax import data  # TensorFlow starts here, after jax.distributed
-
     mesh = sharding.make_mesh(config.mesh)
     with contextlib.closing(RunLog(config.output_dir, config.log_dir)) as log, jax.set_mesh(mesh):
-        scored = job.evaluation(data, mesh, log)
+        scored = job.evaluation(mesh, log)
         result = scored.validation(scored.variables)
         evaluate.report(result, log, scored.class_names)
     return result
 
 
-def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mesh: jax.sharding.Mesh,
-           data: Any = None, log: RunLog | None = None) -> Recipe:
+def build_recipe(job: Job, model: nn.Module, batch: BatchGeometry, loader_steps: int, mesh: jax.sharding.Mesh,
+           log: RunLog | None = None) -> Recipe:
     """The job's training recipe as `train` trains it: the run's length in micro-batches, its lr
     schedule in optimizer updates and the optimizer with `--accum_iter` (`Recipe.make_tx`).
 
     Built in this one place so that `parity --train` compares exactly what a run trains with.
     """
     config = job.config
-    lr, effective = config.learning_rate(global_batch)
+    lr = config.learning_rate(batch)
     steps_per_epoch = min(loader_steps, config.steps_per_epoch or loader_steps)
     length = TrainingLength(epochs=config.epochs, steps_per_epoch=steps_per_epoch, accum_iter=config.accum_iter,
                             warmup_epochs=config.warmup_epochs, peak_lr=lr, min_lr=config.min_lr)
@@ -231,20 +227,46 @@ def recipe(job: Job, model: nn.Module, global_batch: int, loader_steps: int, mes
     def make_tx(params: Any) -> optax.GradientTransformation:
         return optim.accumulate(job.optimizer(params, length.lr_schedule()), length.accum_iter)
 
-    return Recipe(data, mesh, log, model, global_batch, length, cadence, effective, make_tx)
+    return Recipe(mesh, log, model, batch, length, cadence, make_tx)
 
 
-def fresh_state(job: Job, recipe: Recipe) -> tuple[TrainState, optax.GradientTransformation]:
+def fresh_state(job: Job, recipe: Recipe, init_params: Any = None) -> tuple[TrainState, optax.GradientTransformation]:
     """The job's fresh sharded state and its optimizer under `recipe` (the state's shardings are
-    recorded on it). Call under `jax.set_mesh(recipe.mesh)`."""
+    recorded on it), from `init_params` (host arrays) instead of the job's initialisation when
+    given. Call under `jax.set_mesh(recipe.mesh)`."""
     state, recipe.shardings, tx = create_state(recipe.model, recipe.make_tx, job.example_inputs(recipe), recipe.mesh,
-                                               job.config.seed)
+                                               job.config.seed, init_params=init_params)
     return state, tx
 
 
 def jitted_step(job: Job, recipe: Recipe, tx: optax.GradientTransformation, shardings: TrainState) -> Step:
     """The job's step, jitted for states placed as `shardings` and global batches on `recipe.mesh`."""
     return jit_step(job.step(recipe, tx), shardings, sharding.batch_sharding(recipe.mesh), recipe.mesh)
+
+
+def check_run_plan(config: Any, length: TrainingLength, start_step: int, log: RunLog) -> None:
+    """Hold every flag that names steps, epochs or a window against the run it is given, before
+    the first step: a profiler window past the run's end is refused (ValueError, one line); a
+    period longer than the run, or a resume past its end, is said in one line of what will happen."""
+    end = length.total_steps
+    run = f"{length.epochs} epochs of {length.steps_per_epoch} steps = {end} steps"
+    if (window := config.profile_range) is not None and window[1] > end:
+        raise ValueError(f"--profile_steps {config.profile_steps}: this run ends at step {end} ({run}); give a window "
+                         f"A:B with B <= {end}, or fewer devices / a smaller batch for more steps an epoch")
+    if start_step >= end:
+        log.print(f"the checkpoint resumed (step {start_step}) already completes this run ({run}): nothing to train; "
+                  f"raise --epochs to train further")
+        return
+    if window is not None and window[1] <= start_step:
+        log.print(f"--profile_steps {config.profile_steps}: the window lies before the resumed step {start_step}; "
+                  f"no trace is taken")
+    periods = [("--save_every", config.save_every, length.epochs, "epochs", "checkpoints at the end of the run only"),
+               ("--save_every_steps", config.save_every_steps, end, "steps", "no checkpoint between epoch ends"),
+               ("--log_every", config.log_every, end, "steps", "metrics are logged at the end of each epoch only"),
+               ("--vis_every", getattr(config, "vis_every", 0), length.epochs, "epochs", "a picture at the end only")]
+    for flag, every, total, unit, effect in periods:
+        if every > total:
+            log.print(f"{flag} {every} is longer than this run's {total} {unit}: {effect}")
 
 
 def _log_placement(log: RunLog, job: Job, state: TrainState, shardings: TrainState) -> None:

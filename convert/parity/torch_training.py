@@ -1,4 +1,4 @@
-"""The PyTorch side of `parity --train`: MAE's three recipes, trained the way its scripts train.
+"""The PyTorch side of `parity --train`: MAE's three training scripts (pretraining, fine-tuning, linear probing) as they train.
 
 Written after facebookresearch/mae (commit efb2a80), file by file, not copied:
 
@@ -36,7 +36,7 @@ POSITION_TABLES = ("embeddings.position_embeddings", "decoder_pos_embed")  # tra
 
 
 @dataclass
-class TorchRecipe:
+class TorchTraining:
     """A model, its optimizer over the original's groups, and the loss of one micro-batch."""
 
     model: torch.nn.Module
@@ -57,10 +57,10 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: A
     return lr
 
 
-def train(recipe: TorchRecipe, batches: Sequence[Batch], steps_per_epoch: int) -> Iterator[tuple[float, float]]:
+def train(training: TorchTraining, batches: Sequence[Batch], steps_per_epoch: int) -> Iterator[tuple[float, float]]:
     """`train_one_epoch` over consecutive epochs: yields (mean loss of the update's micro-batches, lr)
     at every optimizer update."""
-    model, optimizer, args = recipe.model, recipe.optimizer, recipe.args
+    model, optimizer, args = training.model, training.optimizer, training.args
     model.train(True)
     optimizer.zero_grad()
     losses: list[float] = []
@@ -68,7 +68,7 @@ def train(recipe: TorchRecipe, batches: Sequence[Batch], steps_per_epoch: int) -
         epoch, it = divmod(micro, steps_per_epoch)
         if it % args.accum_iter == 0:
             lr = adjust_learning_rate(optimizer, it / steps_per_epoch + epoch, args)
-        loss = recipe.loss(batch)
+        loss = training.loss(batch)
         losses.append(loss.item())
         (loss / args.accum_iter).backward()
         if (it + 1) % args.accum_iter == 0:
@@ -135,7 +135,7 @@ def param_groups_lrd(model: torch.nn.Module, weight_decay: float, no_weight_deca
     return list(groups.values())
 
 
-def pretrain(model: torch.nn.Module, args: Any) -> TorchRecipe:
+def pretrain(model: torch.nn.Module, args: Any) -> TorchTraining:
     """`main_pretrain.py`: transformers' ViTMAEForPreTraining fed the JAX step's masking noise.
 
     The sin-cos position tables are frozen, as `models_mae.py`'s (`requires_grad=False`):
@@ -149,18 +149,18 @@ def pretrain(model: torch.nn.Module, args: Any) -> TorchRecipe:
     def loss(batch: Batch) -> torch.Tensor:
         return model(pixel_values=nchw(batch["image"]), noise=torch.from_numpy(batch["noise"])).loss
 
-    return TorchRecipe(model, optimizer, loss, args)
+    return TorchTraining(model, optimizer, loss, args)
 
 
-def finetune(model: torch.nn.Module, args: Any) -> TorchRecipe:
+def finetune(model: torch.nn.Module, args: Any) -> TorchTraining:
     """`main_finetune.py` without mixup, random erasing and drop path: timm's VisionTransformer."""
     groups = param_groups_lrd(model, args.weight_decay, sorted(model.no_weight_decay()), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     criterion = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss()
-    return TorchRecipe(model, optimizer, lambda b: criterion(model(nchw(b["image"])), labels(b)), args)
+    return TorchTraining(model, optimizer, lambda b: criterion(model(nchw(b["image"])), labels(b)), args)
 
 
-def linprobe(encoder: torch.nn.Module, head: torch.nn.Linear, args: Any) -> TorchRecipe:
+def linprobe(encoder: torch.nn.Module, head: torch.nn.Linear, args: Any) -> TorchTraining:
     """`main_linprobe.py`: `encoder` (a timm VisionTransformer without head) gets the BatchNorm +
     `head` as its head; everything but the head frozen; LARS over the head."""
     encoder.head = torch.nn.Sequential(torch.nn.BatchNorm1d(head.in_features, affine=False, eps=1e-6), head)
@@ -170,7 +170,7 @@ def linprobe(encoder: torch.nn.Module, head: torch.nn.Linear, args: Any) -> Torc
         param.requires_grad = True
     optimizer = LARS(encoder.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     criterion = torch.nn.CrossEntropyLoss()
-    return TorchRecipe(encoder, optimizer, lambda b: criterion(encoder(nchw(b["image"])), labels(b)), args)
+    return TorchTraining(encoder, optimizer, lambda b: criterion(encoder(nchw(b["image"])), labels(b)), args)
 
 
 def nchw(images: np.ndarray) -> torch.Tensor:
