@@ -4,10 +4,11 @@ command joined by `jax.distributed` (`semmae_jax.runtime.launch` starts and supe
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Sequence
 
 from semmae_jax.runtime import launch as launch_lib
-from semmae_jax.runtime.launch import free_port, start, stop, supervise
+from semmae_jax.runtime.launch import free_port, heartbeat_timeout, start, stop, supervise
 
 
 def main(argv: Sequence[str]) -> None:
@@ -23,10 +24,15 @@ def main(argv: Sequence[str]) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --, e.g. -- pretrain --epochs 1")
+    signal.signal(signal.SIGTERM, _interrupted)  # a scheduler's stop reaches every process, as Ctrl-C does
     procs = start(command, args.num_processes, args.devices_per_process, args.port or free_port())
     try:
-        code = supervise(procs, args.timeout, args.grace)
+        code = supervise(procs, args.timeout, args.grace, heartbeat_timeout(command))
     except KeyboardInterrupt:
         stop(procs, args.grace)
         code = 130
     raise SystemExit(code)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

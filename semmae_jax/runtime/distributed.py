@@ -7,9 +7,23 @@ Three ways in, tried in this order:
    task, Open MPI's `mpirun`, TPU pod slices, Kubernetes jobs);
 3. otherwise a single process.
 
-CPU runs use gloo collectives (the only cross-process CPU backend). A peer that dies is
-noticed by the coordination service's heartbeat: the survivors stop with an error
-after `heartbeat_timeout_seconds` instead of waiting forever in a collective.
+CPU runs use gloo collectives (the only cross-process CPU backend).
+
+A dead peer (a machine failure, an OOM kill) is noticed by the coordination service's
+heartbeat, and every survivor ends within `heartbeat_timeout_seconds` with one line (which
+process stopped answering, the last complete checkpoint, that the same command resumes)
+and exit code `RETRY_EXIT_CODE`, instead of waiting in a collective or dying in JAX's C++
+fatal error. jax 0.10.2 offers no way to keep its client from aborting on a peer's death:
+`jax.distributed.initialize` passes no `missed_heartbeat_callback`, and one passed to
+`_jax.get_distributed_runtime_client` cannot be called (the client hands it an
+`absl::Status`, which has no Python conversion: `std::bad_cast`, abort). So the service
+runs in JAX's own recoverable mode (`jax_enable_recoverability`: a task's death is not
+propagated as a fatal error to the others), and `PeerWatch`, a side thread, asks the
+service which processes are live (`get_live_nodes`, the query under
+`jax.experimental.multihost_utils.live_devices`) and ends the process cleanly when one is
+missing. The death of process 0, which hosts the service, is the exception: the survivors'
+runtime aborts within a second of losing it, before anything in Python can act; the
+launcher (`main.py launch`, `runtime/launch.py`) then reports it and exits with the same code.
 
 On a GPU, start-up also adds the project's default XLA flags (`GPU_XLA_FLAGS`) to
 `XLA_FLAGS`: XLA reads that variable once, when the backend starts, so this is the one
@@ -18,11 +32,17 @@ moment they can be set. A flag that `XLA_FLAGS` already names keeps the user's v
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.util
 import os
-from collections.abc import MutableMapping
+import sys
+import threading
+import time
+from collections.abc import Callable, MutableMapping
 
 import jax
+from jax._src import distributed as jax_distributed  # the client: jax.distributed exports no accessor
 
 # The XLA flags every job sets on a GPU (NVIDIA's JAX image sets the same): the latency-hiding
 # scheduler overlaps collectives (and async copies) with compute. `bench/gpu.py` measures a
@@ -71,6 +91,13 @@ def apply_gpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> list[
     return environ["XLA_FLAGS"].split()[len(old.split()):]
 
 
+# The exit code of a process whose peer died: EX_TEMPFAIL of BSD's sysexits.h, "temporary
+# failure, the user is invited to retry" (docs/multi-host.md: how SLURM and Kubernetes are told).
+RETRY_EXIT_CODE = 75
+DEFAULT_HEARTBEAT_TIMEOUT = 60  # seconds
+_LEFT = "semmae_jax/left/"  # key-value directory: the processes that are exiting on their own
+
+
 def _cluster_detected() -> bool:
     return any(name in os.environ and check(os.environ[name]) for name, check in _CLUSTER_HINTS.items())
 
@@ -80,7 +107,7 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
-    heartbeat_timeout_seconds: int = 100,
+    heartbeat_timeout_seconds: int = DEFAULT_HEARTBEAT_TIMEOUT,
     initialization_timeout: int = 300,
 ) -> bool:
     """Join the job's processes if there are several; True when running multi-process.
@@ -99,6 +126,7 @@ def initialize(
     if not (all(v is not None for v in explicit) or _cluster_detected()):
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_recoverability", True)  # a dead peer is PeerWatch's to report, not a C++ abort
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
@@ -106,7 +134,93 @@ def initialize(
         initialization_timeout=initialization_timeout,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
+    PeerWatch(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
+              heartbeat_timeout_seconds).start()
     return True
+
+
+def _no_checkpoint_yet() -> str:
+    return "no checkpoint of this run was complete yet"
+
+
+_checkpoint_hint: Callable[[], str] = _no_checkpoint_yet
+
+
+def describe_checkpoints_with(hint: Callable[[], str]) -> None:
+    """Name the run's last complete checkpoint, for the line a dead peer ends the process with
+    (the training loop registers its checkpoints here; `hint` runs on the watch's thread)."""
+    global _checkpoint_hint
+    _checkpoint_hint = hint
+
+
+class PeerWatch:
+    """A side thread that ends this process cleanly when a peer stops answering.
+
+    Every `poll_seconds` it asks JAX's coordination service which processes are live
+    (`get_live_nodes`: the service's own heartbeat verdict; the call returns once every live
+    process has asked, so all watches go round together). A process missing from the answer
+    that did not say it was exiting (`_LEFT`, set at interpreter exit) is dead: one line, exit
+    `RETRY_EXIT_CODE`, whatever the main thread is blocked in (a collective, a checkpoint
+    barrier). A lost service (process 0 died) is reported the same way when this thread
+    notices it first. At exit the watch stops; an exit taken while a round is stuck (a peer
+    silent, not exited) waits for the verdict, bounded by the heartbeat timeout.
+    """
+
+    def __init__(self, client: object, process_id: int, num_processes: int, heartbeat_timeout_seconds: int,
+                 poll_seconds: float = 1.0) -> None:
+        self._client, self._me, self._count = client, process_id, num_processes
+        self._timeout, self._poll = heartbeat_timeout_seconds, poll_seconds
+        self._stopped = threading.Event()
+        self._round_started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="semmae-peer-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        atexit.register(self._leave)  # after jax's own atexit hook, so it runs before jax.distributed.shutdown
+
+    def _run(self) -> None:
+        everyone = list(range(self._count))
+        while not self._stopped.is_set():
+            self._round_started = time.monotonic()
+            try:
+                live = self._client.get_live_nodes(everyone)
+            except Exception as error:  # any failure to reach the service: it is gone
+                if not self._stopped.is_set():
+                    self._end([0], f"the coordination service it hosts is unreachable ({_first_line(error)})")
+                return
+            missing = [i for i in everyone if i not in live and i not in self._left()]
+            if missing:
+                self._end(missing, f"no heartbeat for {self._timeout} s")
+            self._stopped.wait(self._poll)
+
+    def _left(self) -> set[int]:
+        return {int(key.rsplit("/", 1)[1]) for key, _ in self._client.key_value_dir_get(_LEFT)}
+
+    def _end(self, missing: list[int], why: str) -> None:
+        names = ", ".join(map(str, missing))
+        with contextlib.suppress(Exception):  # this exit is no death to the other survivors' watches
+            self._client.key_value_set(f"{_LEFT}{self._me}", "1", allow_overwrite=True)
+        print(f"dead host: process {names} of {self._count} stopped answering ({why}); this is process {self._me}; "
+              f"{_checkpoint_hint()}; the same command resumes from it; exiting with code {RETRY_EXIT_CODE} "
+              "(EX_TEMPFAIL: retry)", file=sys.stderr, flush=True)
+        os._exit(RETRY_EXIT_CODE)
+
+    def _leave(self) -> None:
+        """At interpreter exit: say so (a peer's watch then takes this process's absence for an exit, not a
+        death) and stop; if the current round is stuck on a silent peer, let it give its verdict first."""
+        stuck = time.monotonic() - self._round_started > 2 * self._poll + 1
+        self._stopped.set()
+        try:
+            self._client.key_value_set(f"{_LEFT}{self._me}", "1", allow_overwrite=True)
+            silent = stuck and len(self._left()) < self._count
+        except Exception:  # the service is gone: the round in flight reports it
+            silent = True
+        if silent:
+            self._thread.join(self._timeout + 10)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def is_primary() -> bool:
