@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench.cudnn_on_cpu import H200, cudnn_as_on
 from semmae_jax.models import create_model
 from semmae_jax.models.layers import Attention, check_attention, fused_attention
 
-H200 = SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200")
 A100 = SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100")
 
 
@@ -112,19 +112,11 @@ def test_fused_attention_pads_odd_lengths_without_changing_values_or_gradients(l
 
 
 @pytest.mark.parametrize("name", ["mae_vit_test_patch4", "vit_test_patch4"])
-def test_cudnn_training_steps_lower_for_an_h200_with_odd_token_counts(name, monkeypatch):
+def test_cudnn_training_steps_lower_for_an_h200_with_odd_token_counts(name):
     """The training gradient of each model with attention='cudnn', lowered for CUDA on this CPU
     with JAX's cuDNN checks answered as on an H200 (cuDNN 9.14, compute capability 9.0). Their
     token counts are odd (65, and 17 kept by the mask), as every ViT's: without the padding in
     `fused_attention`, JAX refuses them ("Unsupported sequence length Q 197, KV 197" on the H200)."""
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_checks
-
-    from semmae_jax.models import layers
-
-    monkeypatch.setattr(cudnn_checks, "check_cudnn_version", lambda: 91400)
-    monkeypatch.setattr(cudnn_checks, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(cudnn_checks, "is_cuda_compute_capability_equal", lambda capability: False)
-    monkeypatch.setattr(layers, "check_attention", lambda *args: check_attention(*args[:3], H200))
     images = jnp.zeros((2, 32, 32, 3))
     rngs = {"params": jax.random.key(0), "mask": jax.random.key(1), "dropout": jax.random.key(2)}
     params = create_model(name, dtype="bfloat16").init(rngs, images)["params"]
@@ -135,5 +127,6 @@ def test_cudnn_training_steps_lower_for_an_h200_with_odd_token_counts(name, monk
             return model.apply({"params": params}, images, rngs=rngs)[0]
         return model.apply({"params": params}, images, train=True, rngs=rngs).astype(jnp.float32).sum()
 
-    lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+    with cudnn_as_on(H200):
+        lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
     assert set(re.findall(r"custom_call @(\S+?)\(", lowered)) == {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}

@@ -27,7 +27,7 @@ class ViTFields(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4.0
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # layers.REMAT_POLICIES' name; True is 'full', False 'none'
     layer_norm_eps: float = LN_EPS  # MAE's; transformers' hub configs carry 1e-12
     attention: str = "xla"  # layers.Attention's implementation: 'xla' or 'cudnn'
     qkv_bias: bool = True  # False: q, k, v without biases (a transformers config's `qkv_bias: false`)

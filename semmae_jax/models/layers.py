@@ -105,6 +105,15 @@ class PatchEmbed(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable}
+
+
+def remat_policy(remat: bool | str) -> str:
+    """The policy's name: a bool means 'full' or 'none' (the jobs' `--remat` flag)."""
+    name = ("full" if remat else "none") if isinstance(remat, bool) else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r} is not one of {list(REMAT_POLICIES)} (or a bool)")
+    return name
 QKV = ("act_batch", "act_len", "act_heads", None)
 
 
@@ -273,7 +282,7 @@ def make_blocks(
     *,
     mlp_ratio: float,
     dtype: Dtype,
-    remat: bool,
+    remat: bool | str,
     norm_eps: float = LN_EPS,
     attention: str = "xla",
     qkv_bias: bool = True,
@@ -286,7 +295,8 @@ def make_blocks(
     `Attention` implementation ('xla' or 'cudnn'); `qkv_bias=False` builds the q, k, v
     projections without biases (transformers' `qkv_bias: false`).
     """
-    block_cls = nn.remat(Block, static_argnums=(2,)) if remat else Block
+    policy = remat_policy(remat)
+    block_cls = Block if policy == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[policy])
     rates = drop_path_rates if drop_path_rates is not None else [0.0] * depth
     return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps, attention, qkv_bias) for i in range(depth)]
 

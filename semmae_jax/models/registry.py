@@ -14,7 +14,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
-from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS, remat_policy
 from semmae_jax.models.mae import FROZEN_PARAMS, MaskedAutoencoderViT
 from semmae_jax.models.vit import VisionTransformer
 
@@ -72,6 +72,7 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
         config["dtype"] = _DTYPES[config["dtype"]]
     if config.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention {config['attention']!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
+    remat_policy(config.get("remat", False))
     return config
 
 
@@ -80,8 +81,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
 
     Overrides are any field of the module: `img_size`, `num_classes`, `global_pool`,
     `drop_path_rate`, `dtype` ('float32' / 'bfloat16' or a jnp dtype), `norm_pix_loss`,
-    `remat`, `attention` ('xla', the default, or 'cudnn': cuDNN flash attention, NVIDIA
-    GPUs in bfloat16/float16; refused with the reason elsewhere when the model is traced), ...
+    `remat` (a policy of `layers.REMAT_POLICIES`, or a bool: 'full' or 'none'), `attention` ('xla',
+    the default, or 'cudnn': cuDNN flash attention, NVIDIA GPUs in bfloat16/float16; refused with
+    the reason elsewhere when the model is traced), ...
     """
     family, _ = _lookup(name)
     return _FAMILIES[family](**model_config(name, **overrides))
