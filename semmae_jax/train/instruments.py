@@ -38,6 +38,7 @@ import jax
 from semmae_jax import flops
 from semmae_jax.runtime.distributed import is_primary
 from semmae_jax.runtime.run_log import RunLog
+from semmae_jax.train import step_memory
 
 PARTS = {"startup": "start-up", "compile": "compilation", "restore": "restore", "steps": "productive steps",
          "input_wait": "input wait", "save": "checkpoint saves", "eval": "evaluation", "trace": "tracing"}
@@ -150,6 +151,7 @@ class Instruments:
         if self._compiled is None:
             self.watch.switch("compile")
             self._compiled = step_fn.lower(state, batch).compile()
+            step_memory.check_fits(self._compiled)  # refused here, before the first step runs
             self.watch.switch("steps")
         if self.profile.starts_at(index):
             with self.watch.phase("trace"):
