@@ -12,7 +12,8 @@ deterministic and resumable.
 * `TrainTransform`: MAE's pretraining augmentation, RandomResizedCrop (torchvision's
   parameter sampling) + horizontal flip. A JPEG is decoded only inside its crop window
   (`decode_and_crop_jpeg`), at reduced resolution when the window is >= 2x the output
-  (`decode_ratio`); resize + flip run in torch's uint8 antialiased kernel (`resize`).
+  (`decode_ratio`); resize + flip run in torch's uint8 antialiased kernel where torch is
+  installed, in PIL's (torchvision's own pixels) where it is not (`fastest_resize_kernel`).
   The part map goes through the same geometry (window scaled
   to the map's own resolution, nearest sampling, same flip) and is reduced to one
   label per patch by majority vote, equal to `part_maps.patch_vote`. One optional hook,
@@ -32,6 +33,7 @@ import dataclasses
 import functools
 import io
 from collections.abc import Callable
+from types import ModuleType
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -193,12 +195,26 @@ def _pil_resize(pixels: np.ndarray, size: np.ndarray, flip: np.ndarray, method: 
 
 
 @functools.cache
-def _torch() -> object:
-    """torch, imported on first use, its ops single-threaded: tf.data runs images in parallel already."""
-    import torch
-
+def _torch() -> ModuleType | None:
+    """torch, imported on first use, its ops single-threaded (tf.data runs images in parallel
+    already); None where it is not installed: the core install trains without it."""
+    try:
+        import torch
+    except ImportError:
+        return None
     torch.set_num_threads(1)
     return torch
+
+
+def fastest_resize_kernel() -> ResizeKernel:
+    """'torch' where torch is installed (the `torch` extra), else 'pil': the training resize's default.
+
+    torch's kernel is about 3x faster; PIL's gives torchvision's own pixels, and torch's
+    stays within the tolerance `tests/test_data_transforms.py` holds it to (0.05 grey
+    levels on average, measured 0.015), so an install without torch trains on the same
+    images up to that distance.
+    """
+    return "pil" if _torch() is None else "torch"
 
 
 def _torch_resize(pixels: np.ndarray, size: np.ndarray, flip: np.ndarray, method: Interpolation) -> np.ndarray:
@@ -225,7 +241,8 @@ def resize(
     'pil' is PIL's `Image.resize`, what torchvision resizes PIL images with: its exact
     pixels. 'torch' is torch's uint8 antialiased kernel (`interpolate(antialias=True)`,
     what torchvision v2 uses for uint8 tensors): about 3x faster, within a small,
-    measured distance of PIL's (see `tests/test_data_transforms.py`). Both release the
+    measured distance of PIL's (see `tests/test_data_transforms.py`); `TrainTransform`
+    takes the faster one that is installed (`fastest_resize_kernel`). Both release the
     GIL, so tf.data's threads run them in parallel; both beat TensorFlow's antialiased
     `tf.image.resize` in speed (`python bench/input.py --profile`). The flip rides along
     in the same call: a TensorFlow gather costs more than the mirrored copy here.
@@ -380,12 +397,15 @@ class TrainTransform:
     hflip: float = 0.5
     pixel_augment: Augment | None = None
     reduced_decode: bool = True  # JPEG windows >= 2x img_size decoded at 1/2, 1/4, 1/8 (`decode_ratio`)
-    resize_kernel: ResizeKernel = "torch"  # 'pil': torchvision's exact pixels, slower (see `resize`)
+    resize_kernel: ResizeKernel = dataclasses.field(default_factory=fastest_resize_kernel)  # see `resize`
     num_parts: int | None = None  # part ids must be below this (or NO_PART); None: only NO_PART is special
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.resize_kernel == "torch" and _torch() is None:  # else every image would fail, skipped as unreadable
+            raise ValueError("resize_kernel='torch' needs torch, which is not installed: "
+                             "pip install 'semmae-jax[torch]', or leave resize_kernel to its default")
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
