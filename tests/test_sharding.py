@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from semmae_jax import sharding
 from semmae_jax.jobs.pretrain import PretrainJob, parse
+from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.train.skeleton import build_recipe, fresh_state, jitted_step
 
 MESHES = {"one device": None, "data 8": "data:8", "data 4 x fsdp 2": "data:4,fsdp:2", "2 x 2 x 2": "data:2,fsdp:2,tensor:2"}
@@ -59,7 +60,7 @@ def _state(model_name: str, mesh_spec: str | None, batch: int = 8):
     job = PretrainJob(parse(["--model", model_name, "--input_size", "32", "--lr", "1e-3", "--warmup_epochs", "0",
                              "--setting", "3"]))
     mesh = sharding.make_mesh(mesh_spec or "data:1", devices=None if mesh_spec else jax.devices()[:1])
-    built = build_recipe(job, job.build_model(), batch, 10, mesh)
+    built = build_recipe(job, job.build_model(), BatchGeometry.from_flags(0, batch, devices=mesh.size), 10, mesh)
     with jax.set_mesh(mesh):
         state, tx = fresh_state(job, built)
     return built, state, jitted_step(job, built, tx, built.shardings)
