@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import ml_dtypes
@@ -140,9 +141,19 @@ def load_training_checkpoint(
     return _to_numpy(state, path), info, optimizer if isinstance(optimizer, Mapping) else None
 
 
-def _unpickle(path: Path, trust_pickle: bool) -> Any:
-    import torch  # lazy: reading an orbax checkpoint must not need torch
+def _import_torch(path: Path) -> ModuleType:
+    """torch, imported only when a `.pth` is read or written: the core install (no `torch` extra)
+    reads orbax and safetensors checkpoints, and names the missing extra in one line here."""
+    try:
+        import torch
+    except ImportError as err:
+        raise ConversionError(f"{path}: a PyTorch .pth file needs torch, which is not installed: "
+                              "pip install 'semmae-jax[torch]'") from err
+    return torch
 
+
+def _unpickle(path: Path, trust_pickle: bool) -> Any:
+    torch = _import_torch(path)
     if trust_pickle:
         print(
             f"WARNING: --trust-pickle: unpickling {path} without restrictions runs any code it holds", file=sys.stderr
@@ -258,8 +269,7 @@ def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 def save_torch_checkpoint(path: str | Path, state_dict: Mapping[str, np.ndarray]) -> None:
     """Write `{'model': state_dict}` as MAE's released files hold it (loadable with weights_only=True)."""
-    import torch
-
     path = Path(path)
+    torch = _import_torch(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": OrderedDict((k, numpy_to_tensor(v)) for k, v in state_dict.items())}, path)

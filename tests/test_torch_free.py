@@ -19,6 +19,9 @@ import tensorflow as tf
 import torchvision.transforms.functional as F
 from PIL import Image
 
+from convert.cli import main as convert_main
+from convert.safe_load import save_torch_checkpoint
+from convert.table import ConversionError
 from semmae_jax.data.transforms import resize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,6 +74,20 @@ def test_pretraining_and_knn_run_with_torch_unimportable(demo_root, tmp_path):
     assert "imported: []" in done.stdout
     assert (run / "checkpoints" / "2" / "params").is_dir()
     assert json.loads(knn.read_text())["count"] == 128
+
+
+def test_a_pth_without_torch_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
+    """Reading (what `--finetune` / `--resume` of a .pth do) and writing (`convert to-torch`) a .pth on
+    the core install: the converter's one-line error, naming the file and the extra to install."""
+    pth = tmp_path / "weights.pth"
+    save_torch_checkpoint(pth, {"w": np.zeros(3, np.float32)})
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError, as where it is not installed
+    expected = f"error: {pth}: a PyTorch .pth file needs torch, which is not installed: pip install 'semmae-jax[torch]'"
+    with pytest.raises(SystemExit):
+        convert_main(["to-flax", str(pth), str(tmp_path / "orbax")])
+    assert capsys.readouterr().err.strip() == expected
+    with pytest.raises(ConversionError, match=r"back\.pth: a PyTorch \.pth file needs torch"):
+        save_torch_checkpoint(tmp_path / "back.pth", {"w": np.zeros(3, np.float32)})
 
 
 def random_images(rng: np.random.Generator) -> list[np.ndarray]:
