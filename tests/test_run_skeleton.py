@@ -8,6 +8,7 @@ first linear probe multiplied the lr by `accum_iter` but updated every micro-bat
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import flax.linen as nn
@@ -72,10 +73,18 @@ def test_accum_iter_updates_every_k_micro_batches_with_the_effective_batch_lr(jo
 
 
 @pytest.mark.parametrize("job", ["pretrain", "finetune", "linprobe", "parts"])
-def test_every_job_takes_attention_and_refuses_cudnn_on_cpu_in_one_line(job, demo_root, tmp_path):
+def test_every_job_takes_attention_and_refuses_cudnn_on_cpu_in_one_line(job, demo_root, tmp_path, capfd):
+    """The refusal is the exit message alone (what Python prints for a SystemExit): one line naming
+    the option and the platform, no traceback, and not said a second time on the way out."""
     flags = [*_job_flags(job, tmp_path), *SHARED, "--data_path", str(demo_root), "--output_dir", str(tmp_path / "run")]
-    with pytest.raises(SystemExit, match=r"error: .*cudnn.*'cpu'"):
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as refused:
         cli_main([*flags, "--attention", "cudnn"])
+    message = refused.value.code
+    assert isinstance(message, str) and len(message.strip().splitlines()) == 1, message
+    assert re.fullmatch(rf"main\.py {job}( train)?: error: attention='cudnn' .*'cpu'.*", message.strip()), message
+    printed = capfd.readouterr()
+    assert "Traceback" not in printed.out + printed.err and "cudnn" not in printed.out + printed.err, printed
 
 
 @pytest.mark.slow
