@@ -118,13 +118,15 @@ def test_step_time_includes_input_wait_and_leaves_out_compilation_and_saves(tmp_
     watch = Stopwatch(clock)
     instruments = Instruments(RunLog(tmp_path), 16, 1e9, 0.5, Profile(None, str(tmp_path), True), watch)
 
+    steps = 4
+
     def batches():
-        while True:
+        for _ in range(steps):
             clock.now += 0.1  # waiting for input
             yield "batch"
 
     step, source, state = FakeStep(clock, compile_s=7.0, step_s=0.3), batches(), 0
-    for index in range(4):
+    for index in range(steps):
         state, _ = instruments.step(step, state, instruments.next_batch(source), index)
     with instruments.phase("save"):
         clock.now += 5.0
