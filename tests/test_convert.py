@@ -380,7 +380,7 @@ def test_written_pth_is_a_plain_zip_torch_file(tmp_path):
 def test_python_m_convert_help():
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-m", "convert", "--help"], capture_output=True, text=True, cwd=root, check=False
+        [sys.executable, "-m", "convert", "--help"], capture_output=True, text=True, cwd=root, check=False, timeout=300
     )
     assert result.returncode == 0, result.stderr
     assert "to-flax" in result.stdout and "to-torch" in result.stdout

@@ -81,7 +81,7 @@ demo.demo_data(sys.argv[1])
 
 
 def test_a_killed_generation_never_looks_finished(tmp_path):
-    run = subprocess.run([sys.executable, "-c", KILLED_MID_WAY, str(tmp_path)], check=False)
+    run = subprocess.run([sys.executable, "-c", KILLED_MID_WAY, str(tmp_path)], check=False, timeout=300)
     assert run.returncode == -9
     assert not (tmp_path / demo.VERSION).exists()
     assert [p.name.startswith(f".{demo.VERSION}-incomplete-") for p in tmp_path.iterdir()] == [True]

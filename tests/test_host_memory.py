@@ -36,7 +36,8 @@ def run_child(tunables: str | None) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if tunables is not None:
         env["GLIBC_TUNABLES"] = tunables
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
     seen_tunables, huge_kib = out.stdout.split("\n")[:2]
     return seen_tunables, int(huge_kib)
 
