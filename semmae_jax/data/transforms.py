@@ -209,7 +209,8 @@ def _torch() -> ModuleType | None:
 def fastest_resize_kernel() -> ResizeKernel:
     """'torch' where torch is installed (the `torch` extra), else 'pil': the training resize's default.
 
-    torch's kernel is about 3x faster; PIL's gives torchvision's own pixels, and torch's
+    torch's kernel takes half PIL's CPU time (`python bench/input.py --profile`); PIL's
+    gives torchvision's own pixels, and torch's
     stays within the tolerance `tests/test_data_transforms.py` holds it to (0.05 grey
     levels on average, measured 0.015), so an install without torch trains on the same
     images up to that distance.
@@ -240,7 +241,7 @@ def resize(
 
     'pil' is PIL's `Image.resize`, what torchvision resizes PIL images with: its exact
     pixels. 'torch' is torch's uint8 antialiased kernel (`interpolate(antialias=True)`,
-    what torchvision v2 uses for uint8 tensors): about 3x faster, within a small,
+    what torchvision v2 uses for uint8 tensors): about 2x faster, within a small,
     measured distance of PIL's (see `tests/test_data_transforms.py`); `TrainTransform`
     takes the faster one that is installed (`fastest_resize_kernel`). Both release the
     GIL, so tf.data's threads run them in parallel; both beat TensorFlow's antialiased
