@@ -19,10 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from convert.reader import ConverterReader
-from semmae_jax import checkpoint
-from semmae_jax.data.part_maps import NO_PART, read_part_map
+from semmae_jax import checkpoint, data
+from semmae_jax.data.imagenet import IMAGENET_MEAN_F32, IMAGENET_STD_F32
+from semmae_jax.data.part_maps import NO_PART, part_map_path, read_part_map
+from semmae_jax.inference import visualize
 from semmae_jax.jobs import parts, parts_tools
 from semmae_jax.models import create_model
 from semmae_jax.runtime.run_log import epoch_lines
@@ -32,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAIN = ["--num_parts", "3", "--background", "--batch_size", "4", "--steps_per_epoch", "3", "--epochs", "4",
          "--warmup_epochs", "0", "--blr", "0.03", "--decoder_width", "8", "--num_workers", "2", "--log_every", "1",
          "--vis_every", "4", "--save_every", "2"]
+EXPORT_PROCESS = "import sys, torchvision; from semmae_jax import cli; cli.main(sys.argv[1:])"  # each export process
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,6 @@ def test_training_lowers_the_loss_and_saves_a_checkpoint_and_pictures(run_dir):
 
 
 def test_export_writes_maps_the_pretraining_pipeline_reads(run_dir, demo_root, tmp_path):
-    from semmae_jax import data
-
     export(run_dir, tmp_path / "maps")
     maps = sorted((tmp_path / "maps" / "train").rglob("*.png"))
     assert len(maps) == len(list((demo_root / "train").rglob("*.jpg")))
@@ -104,7 +106,26 @@ def test_export_resumes_without_rewriting(run_dir, tmp_path, capsys):
     assert not list((tmp_path / "maps").rglob("*.partial.png"))
 
 
-def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, tmp_path):
+def drawn_labels(cell: np.ndarray, image: np.ndarray, grid: int) -> np.ndarray:
+    """The per-patch part ids [grid * grid] that a picture cell paints over `image` (uint8 [S, S, 3]):
+    -1 where the cell is the image itself, else the palette colour that blended half and half
+    with the image gives the cell (the id of that colour)."""
+    size = image.shape[0] // grid
+    labels = []
+    for patch in np.ndindex(grid, grid):
+        window = np.s_[patch[0] * size:(patch[0] + 1) * size, patch[1] * size:(patch[1] + 1) * size]
+        drawn, under = cell[window].astype(int), image[window].astype(int)
+        if np.array_equal(drawn, under):
+            labels.append(-1)
+            continue
+        colour = 2 * drawn - under  # (image + colour) / 2, rounded down: the colour to within 2
+        errors = np.abs(colour[None] - visualize.PALETTE.astype(int)[:, None, None]).max(axis=(1, 2, 3))
+        assert errors.min() <= 2, f"patch {patch} is painted in no colour of the palette"
+        labels.append(int(errors.argmin()))
+    return np.asarray(labels)
+
+
+def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, demo_root, tmp_path):
     results = parts_tools.evaluate(parts_tools.ViewConfig(checkpoint=str(run_dir), out=str(tmp_path / "e.json"),
                                                           num_workers=2))
     assert list(results) == ["learned parts", "k-means of patch tokens (k=4)", "raw attention (argmax of 4 heads)",
@@ -114,25 +135,67 @@ def test_eval_scores_learned_parts_and_baselines_and_show_draws_them(run_dir, tm
     for baseline in baselines:  # docs/stage1.md's claim, already after 12 steps on a random backbone
         assert learned["miou"] > baseline["miou"] and learned["ari"] > baseline["ari"], (learned, baseline)
     assert json.loads((tmp_path / "e.json").read_text())["images"] == 128
+
+    shown = 3
     picture = parts_tools.show(parts_tools.ViewConfig(checkpoint=str(run_dir), out=str(tmp_path / "s.png"),
-                                                      num_images=3, num_workers=2))
-    assert picture.is_file()
+                                                      num_images=shown, num_workers=2))
+    drawn = np.asarray(Image.open(picture).convert("RGB"))
+    # One row per image: image | learned parts | true parts, each a 32 x 32 image enlarged by whole
+    # factors to at least 128 pixels a side, with a 1-pixel white border.
+    factor, side = -(-128 // 32), 32
+    cell = side * factor + 2
+    assert drawn.shape == (shown * cell, 3 * cell, 3)
+    cells = [[drawn[r * cell + 1:(r + 1) * cell - 1, c * cell + 1:(c + 1) * cell - 1] for c in range(3)]
+             for r in range(shown)]
+    small = [[c[::factor, ::factor] for c in row] for row in cells]
+    for row, small_row in zip(cells, small, strict=True):
+        for big, little in zip(row, small_row, strict=True):
+            assert np.array_equal(big, np.repeat(np.repeat(little, factor, 0), factor, 1))  # enlarged, not blurred
+    # The val images as the pipeline gives them, their exported learned parts and their true parts.
+    run = parts_tools.load_run(str(run_dir))
+    val = data.image_folder(demo_root, "val", demo_root / "parts")
+    batch = next(parts_tools.run_batches(run, val, val.num_examples, 2))
+    images = np.rint((batch["image"] * IMAGENET_STD_F32 + IMAGENET_MEAN_F32) * 255).astype(np.uint8)
+    parts_tools.export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "maps"), "--split", "val",
+                             "--batch_size", "64", "--num_workers", "2"])
+    ids = np.linspace(0, val.num_examples - 1, shown).astype(int)  # spread over the split, first and last included
+    for row, index in zip(small, ids, strict=True):
+        assert np.array_equal(row[0], images[index]), f"row of image {index}: not its pixels"
+        exported = read_part_map(part_map_path(tmp_path / "maps", demo_root, val.paths[index])).ravel()
+        np.testing.assert_array_equal(drawn_labels(row[1], images[index], run.grid),
+                                      np.where(exported == NO_PART, -1, exported))
+        np.testing.assert_array_equal(drawn_labels(row[2], images[index], run.grid), batch["part_labels"][index])
 
 
-def test_two_processes_export_one_share_each(run_dir, tmp_path):
-    """`jax.distributed` with 2 processes: each writes its own contiguous share, together every map once."""
+def test_two_processes_export_one_share_each(run_dir, demo_root, tmp_path):
+    """`jax.distributed` with 2 processes: each writes its own contiguous share, together every map once.
+
+    Each process writes into its own --out, so that what each wrote can be told apart."""
     from semmae_jax.runtime.launch import free_port
 
-    port, out = free_port(), tmp_path / "maps"
-    code = "import sys, torchvision; from semmae_jax import cli; cli.main(sys.argv[1:])"
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
-    workers = [subprocess.Popen([sys.executable, "-c", code, "parts", "export", "--checkpoint", str(run_dir), "--out", str(out),
-                                 "--batch_size", "64", "--num_workers", "2", "--coordinator_address",
-                                 f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+    workers = [subprocess.Popen([sys.executable, "-c", EXPORT_PROCESS, "parts", "export", "--checkpoint", str(run_dir), "--out",
+                                 str(tmp_path / f"maps{i}"), "--batch_size", "64", "--num_workers", "2",
+                                 "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+                                 "--process_id", str(i)],
                                 env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    try:
+        outputs = [w.communicate(timeout=300)[0] for w in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(timeout=60)
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     for index, output in enumerate(outputs):
         assert f"process {index}: 256 images in its share: 256 part maps written" in output
-    assert len(list(out.rglob("*.png"))) == 512
+    listing = [Path(p).relative_to(demo_root).with_suffix(".png") for p in
+               data.image_folder(demo_root, "train").paths]
+    position = {path: i for i, path in enumerate(listing)}
+    shares = [sorted(position[p.relative_to(tmp_path / f"maps{i}")] for p in (tmp_path / f"maps{i}").rglob("*.png"))
+              for i in range(2)]
+    for share in shares:  # a contiguous block of the listing, each map once
+        assert share == list(range(share[0], share[0] + len(share))), share
+    assert shares[0] + shares[1] == list(range(len(listing)))  # in process order: disjoint, every image once
