@@ -211,7 +211,8 @@ def local_batch(per_device: int, mesh: jax.sharding.Mesh) -> int:
 
 
 def show(args: ViewConfig) -> Path:
-    """A PNG of the first images of the split: image | learned parts | true parts (when there are)."""
+    """A PNG of `num_images` images spread over the split, first to last: image | learned parts | true parts
+    (when there are)."""
     from semmae_jax.data import image_folder
 
     run = load_run(args.checkpoint)
