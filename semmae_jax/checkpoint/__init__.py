@@ -4,6 +4,7 @@
   a metric, the preemption sync point), any `etils.epath` location;
 * `integrity`: per-array checksums and the one-line `CheckpointDamaged`;
 * `train_state`: the items of a `TrainState` checkpoint, saved and restored onto any mesh;
+* `local`: frequent checkpoints on each host's own disk (`--local_save_every`), beside the persistent ones;
 * `resume`: the resume order and the run's identity;
 * `foreign`: the protocol through which the jobs read other frameworks' files.
 

@@ -42,9 +42,24 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full disk, permissions, ...): one line, the run stops."""
 
 
-def _handlers() -> dict[str, ocp.CheckpointHandler]:
-    arrays = {name: ocp.PyTreeCheckpointHandler() for name in ARRAY_ITEMS}
-    return {**arrays, **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}}
+def _handlers(host_local: bool = False) -> dict[str, ocp.CheckpointHandler]:
+    if not host_local:
+        arrays = {name: ocp.PyTreeCheckpointHandler() for name in ARRAY_ITEMS}
+        return {**arrays, **{name: ocp.JsonCheckpointHandler() for name in JSON_ITEMS}}
+    alone = _alone()
+    registry = ocp.type_handlers.create_type_handler_registry(  # every shard this process holds, replicas too
+        (jax.Array, ocp.type_handlers.ArrayHandler(primary_host=None, replica_id=None, use_replica_parallel=False)))
+    arrays = {name: ocp.PyTreeCheckpointHandler(multiprocessing_options=alone, type_handler_registry=registry)
+              for name in ARRAY_ITEMS}
+    return {**arrays, **{name: ocp.JsonCheckpointHandler(multiprocessing_options=alone) for name in JSON_ITEMS}}
+
+
+def _alone() -> ocp.options.MultiprocessingOptions:
+    """This process as its own primary and only participant: no barrier with any other process
+    (the settings of orbax's emergency local checkpoints, `experimental.emergency`)."""
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=None, active_processes={me},
+                                              barrier_sync_key_prefix=f"host_local_{me}")
 
 
 class RunCheckpoints:
@@ -58,17 +73,27 @@ class RunCheckpoints:
     """
 
     def __init__(self, directory: PathLike, *, max_to_keep: int | None = 3, async_save: bool = True,
-                 best_metric: str | None = None, create: bool = True) -> None:
+                 best_metric: str | None = None, create: bool = True, host_local: bool = False) -> None:
         self.directory = output_path(directory, "checkpoint directory")
+        self.host_local = host_local  # this process's own root: it writes and reads its shards alone
         best = {"best_fn": lambda metrics: metrics[best_metric], "best_mode": "max",
                 "keep_checkpoints_without_metrics": False} if best_metric else {}
+        # per-process directory creation: orbax's signals that a step's directories exist are then this process's own
+        alone = {"multiprocessing_options": _alone(), "enable_per_process_directory_creation": True} if host_local else {}
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=async_save, step_name_format=_NAME_FORMAT,
-                                               **best)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+                                               **best, **alone)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(host_local))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def committed_step(self) -> int | None:
+        """The newest step whose save has completed (`latest_step` counts one still being written)."""
+        steps = self.all_steps()
+        if steps and self._manager.is_saving_in_progress():
+            steps.remove(max(steps))
+        return max(steps, default=None)
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
@@ -145,7 +170,7 @@ class RunCheckpoints:
         """Rename a step to `<step>.<why>` (kept for inspection; no step name to orbax, so invisible to resume)."""
         source = self.step_path(step)
         target = source.parent / f"{source.name}.{why}"
-        if is_primary():
+        if self.host_local or is_primary():
             source.rename(target)
         sync(f"set_aside_{step}")
         self._manager.reload()

@@ -1,8 +1,9 @@
 """The resume order, and which runs may continue which checkpoints.
 
-A checkpoint in the run's own directory > `--resume` (another run's directory: the
-whole state; anything a `WeightsReader` reads: its params, and an original training
-`.pth`'s optimizer state too) > the fresh state. A run's own checkpoint is continued
+A checkpoint of the run's own (the newest intact one among its persistent steps and, with
+`--local_save_every`, the local steps every process holds: `local.py`) > `--resume`
+(another run's directory: the whole state; anything a `WeightsReader` reads: its params,
+and an original training `.pth`'s optimizer state too) > the fresh state. A run's own checkpoint is continued
 only by a run of the same identity (`RunIdentity`): flags that make it another run are
 refused rather than mixed into it.
 """
@@ -16,6 +17,7 @@ import jax
 
 from semmae_jax.checkpoint.foreign import ResumeTarget, WeightsReader
 from semmae_jax.checkpoint.integrity import CheckpointDamaged, reading
+from semmae_jax.checkpoint.local import LocalCheckpoints
 from semmae_jax.checkpoint.manager import RunCheckpoints
 from semmae_jax.checkpoint.train_state import holds_training_state, restore_state
 from semmae_jax.key_paths import flat_by_path
@@ -47,7 +49,8 @@ class RunIdentity:
 
 
 def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: WeightsReader | None,
-           target: ResumeTarget | None, log: RunLog, identity: RunIdentity | None = None) -> Any:
+           target: ResumeTarget | None, log: RunLog, identity: RunIdentity | None = None,
+           local: LocalCheckpoints | None = None) -> Any:
     """Continue this run, or start from `--resume`, or keep the fresh `state` (in that order).
 
     A damaged step of this run is reported in one line, set aside (`<step>.damaged`) and
@@ -55,8 +58,10 @@ def resume(state: Any, run: RunCheckpoints, resume_from: str | None, reader: Wei
     scratch`. With `target` None (jobs whose state is not a model's weights), `--resume`
     must be a run directory.
     """
-    if run.all_steps():
-        restored = _latest_readable(state, run, log, identity)
+    candidates = [(step, run) for step in run.all_steps()]
+    candidates += [(step, local) for step in (local.common_steps() if local is not None else [])]
+    if candidates:
+        restored = _latest_readable(state, candidates, log, identity)
         if restored is not None:
             return restored
         if resume_from != "scratch":
@@ -119,9 +124,11 @@ def _check_fits(params: Any, model_params: Any, source: str) -> None:
                          f"{' ...' if len(unexpected) > 4 else ''})")
 
 
-def _latest_readable(state: Any, run: RunCheckpoints, log: RunLog, identity: RunIdentity | None) -> Any | None:
-    """This run's newest step that reads back intact (older ones tried in turn), or None."""
-    for step in sorted(run.all_steps(), reverse=True):
+def _latest_readable(state: Any, candidates: list[tuple[int, RunCheckpoints]], log: RunLog,
+                     identity: RunIdentity | None) -> Any | None:
+    """This run's newest (step, checkpoints) that reads back intact (older ones tried in turn; of a
+    persistent and a local step of the same number, the persistent one first), or None."""
+    for step, run in sorted(candidates, key=lambda c: (c[0], not c[1].host_local), reverse=True):
         try:
             if identity is not None:
                 with reading(f"step {step}"):

@@ -9,21 +9,21 @@ Three ways in, tried in this order:
 
 CPU runs use gloo collectives (the only cross-process CPU backend).
 
-A dead peer (a machine failure, an OOM kill) is noticed by the coordination service's
-heartbeat, and every survivor ends within `heartbeat_timeout_seconds` with one line (which
-process stopped answering, the last complete checkpoint, that the same command resumes)
-and exit code `RETRY_EXIT_CODE`, instead of waiting in a collective or dying in JAX's C++
-fatal error. jax 0.10.2 offers no way to keep its client from aborting on a peer's death:
-`jax.distributed.initialize` passes no `missed_heartbeat_callback`, and one passed to
-`_jax.get_distributed_runtime_client` cannot be called (the client hands it an
-`absl::Status`, which has no Python conversion: `std::bad_cast`, abort). So the service
-runs in JAX's own recoverable mode (`jax_enable_recoverability`: a task's death is not
-propagated as a fatal error to the others), and `PeerWatch`, a side thread, asks the
-service which processes are live (`get_live_nodes`, the query under
-`jax.experimental.multihost_utils.live_devices`) and ends the process cleanly when one is
-missing. The death of process 0, which hosts the service, is the exception: the survivors'
-runtime aborts within a second of losing it, before anything in Python can act; the
-launcher (`main.py launch`, `runtime/launch.py`) then reports it and exits with the same code.
+A dead peer (a machine failure, an OOM kill) ends every survivor within
+`heartbeat_timeout_seconds` with one line (which process stopped answering, the last
+complete checkpoint, that the same command resumes) and exit code `RETRY_EXIT_CODE`,
+instead of waiting in a collective or dying in JAX's C++ fatal error. jax 0.10.2 offers no
+way to keep its client from aborting on a peer's death: `jax.distributed.initialize` passes
+no `missed_heartbeat_callback`, and one passed to `_jax.get_distributed_runtime_client`
+cannot be called (the client hands it an `absl::Status`, which has no Python conversion:
+`std::bad_cast`, abort); its recoverable mode (`jax_enable_recoverability`) keeps the
+survivors alive but leaves the shutdown unsynchronised (the host of the service exits
+first, the others abort). So JAX's heartbeat keeps its meaning with a longer timeout, and
+`PeerWatch`, a side thread beating through JAX's key-value store, reaches the verdict first
+and ends the process cleanly. The death of process 0, which hosts the service, is the
+exception: the survivors' runtime aborts within a second of losing it, before anything in
+Python can act; the launcher (`main.py launch`, `runtime/launch.py`) then reports it and
+exits with the same code.
 
 On a GPU, start-up also adds the project's default XLA flags (`GPU_XLA_FLAGS`) to
 `XLA_FLAGS`: XLA reads that variable once, when the backend starts, so this is the one
@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import itertools
 import os
 import sys
 import threading
@@ -95,7 +96,10 @@ def apply_gpu_xla_flags(environ: MutableMapping[str, str] = os.environ) -> list[
 # failure, the user is invited to retry" (docs/multi-host.md: how SLURM and Kubernetes are told).
 RETRY_EXIT_CODE = 75
 DEFAULT_HEARTBEAT_TIMEOUT = 60  # seconds
-_LEFT = "semmae_jax/left/"  # key-value directory: the processes that are exiting on their own
+_JAX_MARGIN = 30  # seconds JAX's own heartbeat timeout exceeds ours: PeerWatch's verdict comes first
+_PREFIX = "semmae_jax/"  # the key-value store's keys of PeerWatch
+_ALIVE = f"{_PREFIX}alive/"  # one beat per process, rewritten every poll
+_LEFT = f"{_PREFIX}left/"  # the processes that are exiting on their own
 
 
 def _cluster_detected() -> bool:
@@ -126,13 +130,12 @@ def initialize(
     if not (all(v is not None for v in explicit) or _cluster_detected()):
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_enable_recoverability", True)  # a dead peer is PeerWatch's to report, not a C++ abort
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
         initialization_timeout=initialization_timeout,
-        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds + _JAX_MARGIN,
     )
     PeerWatch(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
               heartbeat_timeout_seconds).start()
@@ -156,22 +159,21 @@ def describe_checkpoints_with(hint: Callable[[], str]) -> None:
 class PeerWatch:
     """A side thread that ends this process cleanly when a peer stops answering.
 
-    Every `poll_seconds` it asks JAX's coordination service which processes are live
-    (`get_live_nodes`: the service's own heartbeat verdict; the call returns once every live
-    process has asked, so all watches go round together). A process missing from the answer
-    that did not say it was exiting (`_LEFT`, set at interpreter exit) is dead: one line, exit
-    `RETRY_EXIT_CODE`, whatever the main thread is blocked in (a collective, a checkpoint
-    barrier). A lost service (process 0 died) is reported the same way when this thread
-    notices it first. At exit the watch stops; an exit taken while a round is stuck (a peer
-    silent, not exited) waits for the verdict, bounded by the heartbeat timeout.
+    Every `poll_seconds` it writes a beat under its own key in JAX's key-value store
+    (`_ALIVE`) and reads every process's: a peer whose beat has not changed for the heartbeat
+    timeout, and that did not say it was exiting (`_LEFT`, set at interpreter exit), is dead:
+    one line, exit `RETRY_EXIT_CODE`, whatever the main thread is blocked in (a collective, a
+    checkpoint barrier). JAX's own heartbeat is given a longer timeout (`_JAX_MARGIN`), so
+    this verdict comes first. A lost service (process 0 died) is reported the same way when
+    this thread notices it first. The watch goes on through the interpreter's exit (JAX's
+    shutdown barrier waits for every process), and ends quietly once the runtime is shut down.
     """
 
     def __init__(self, client: object, process_id: int, num_processes: int, heartbeat_timeout_seconds: int,
                  poll_seconds: float = 1.0) -> None:
         self._client, self._me, self._count = client, process_id, num_processes
         self._timeout, self._poll = heartbeat_timeout_seconds, poll_seconds
-        self._stopped = threading.Event()
-        self._round_started = time.monotonic()
+        self._exiting = False
         self._thread = threading.Thread(target=self._run, name="semmae-peer-watch", daemon=True)
 
     def start(self) -> None:
@@ -179,22 +181,25 @@ class PeerWatch:
         atexit.register(self._leave)  # after jax's own atexit hook, so it runs before jax.distributed.shutdown
 
     def _run(self) -> None:
-        everyone = list(range(self._count))
-        while not self._stopped.is_set():
-            self._round_started = time.monotonic()
+        peers = [i for i in range(self._count) if i != self._me]
+        beats: dict[int, str | None] = dict.fromkeys(peers)
+        changed = dict.fromkeys(peers, time.monotonic())
+        for beat in itertools.count():
             try:
-                live = self._client.get_live_nodes(everyone)
-            except Exception as error:  # any failure to reach the service: it is gone
-                if not self._stopped.is_set():
+                self._client.key_value_set(f"{_ALIVE}{self._me}", str(beat), allow_overwrite=True)
+                keys = dict(self._client.key_value_dir_get(_PREFIX))
+            except Exception as error:  # any failure to reach the service: it is gone (or shut down at exit)
+                if not self._exiting:
                     self._end([0], f"the coordination service it hosts is unreachable ({_first_line(error)})")
                 return
-            missing = [i for i in everyone if i not in live and i not in self._left()]
-            if missing:
-                self._end(missing, f"no heartbeat for {self._timeout} s")
-            self._stopped.wait(self._poll)
-
-    def _left(self) -> set[int]:
-        return {int(key.rsplit("/", 1)[1]) for key, _ in self._client.key_value_dir_get(_LEFT)}
+            now = time.monotonic()
+            for peer in peers:
+                if keys.get(f"{_ALIVE}{peer}") != beats[peer]:
+                    beats[peer], changed[peer] = keys.get(f"{_ALIVE}{peer}"), now
+            silent = [peer for peer in peers if now - changed[peer] > self._timeout and f"{_LEFT}{peer}" not in keys]
+            if silent:
+                self._end(silent, f"no heartbeat for {self._timeout} s")
+            time.sleep(self._poll)
 
     def _end(self, missing: list[int], why: str) -> None:
         names = ", ".join(map(str, missing))
@@ -206,17 +211,10 @@ class PeerWatch:
         os._exit(RETRY_EXIT_CODE)
 
     def _leave(self) -> None:
-        """At interpreter exit: say so (a peer's watch then takes this process's absence for an exit, not a
-        death) and stop; if the current round is stuck on a silent peer, let it give its verdict first."""
-        stuck = time.monotonic() - self._round_started > 2 * self._poll + 1
-        self._stopped.set()
-        try:
+        """At interpreter exit: say so, so that the peers' watches take this process's silence for an exit."""
+        self._exiting = True
+        with contextlib.suppress(Exception):  # the service is gone: the watch reports it (or has)
             self._client.key_value_set(f"{_LEFT}{self._me}", "1", allow_overwrite=True)
-            silent = stuck and len(self._left()) < self._count
-        except Exception:  # the service is gone: the round in flight reports it
-            silent = True
-        if silent:
-            self._thread.join(self._timeout + 10)
 
 
 def _first_line(error: BaseException) -> str:
@@ -226,6 +224,15 @@ def _first_line(error: BaseException) -> str:
 def is_primary() -> bool:
     """Process 0 prints progress and writes logs, TensorBoard and pictures."""
     return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_seconds: int = 600) -> None:
+    """Every process waits here for the others, through the coordination service alone (a no-op with
+    one process). Unlike `sync`, no device collective: gloo's set-up of a new collective waits only
+    30 s for the other processes, and processes may arrive far apart (process 0 alone writes the
+    logs); they meet here first."""
+    if jax.process_count() > 1:
+        jax_distributed.global_state.client.wait_at_barrier(f"semmae_jax/{name}", timeout_seconds * 1000)
 
 
 def sync(name: str) -> None:

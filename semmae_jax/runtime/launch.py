@@ -113,6 +113,10 @@ def _dead_host(procs: Sequence[subprocess.Popen], index: int, code: int, heartbe
         time.sleep(0.2)
     stop(procs, grace)
     codes = ", ".join(f"{i}: {proc.returncode}" for i, proc in enumerate(procs))
+    errors = [proc.returncode for proc in procs if proc.returncode > 0 and proc.returncode != RETRY_EXIT_CODE]
+    if errors:  # a process failed on its own (its line says why): no retry will mend that
+        print(f"launch: exit codes {codes}; exiting with code {errors[0]}", file=sys.stderr, flush=True)
+        return errors[0]
     print(f"launch: dead host (exit codes {codes}); the same command resumes from the run's newest complete "
           f"checkpoint; exiting with code {RETRY_EXIT_CODE} (EX_TEMPFAIL: retry)", file=sys.stderr, flush=True)
     return RETRY_EXIT_CODE

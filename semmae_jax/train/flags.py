@@ -19,7 +19,7 @@ from semmae_jax.models import create_model
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from semmae_jax.runtime import distributed
 from semmae_jax.runtime.batch_geometry import BatchGeometry
-from semmae_jax.runtime.storage import output_path
+from semmae_jax.runtime.storage import is_local, output_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +143,10 @@ class TrainFlags(DistributedFlags):
     mesh: str = field(sharding.DEFAULT_MESH, "device mesh, e.g. data:-1,fsdp:2,tensor:1")
     save_every: int = field(1, "checkpoint every N epochs (and at the end)")
     save_every_steps: int = field(0, "also checkpoint every N steps (0: off)")
+    local_save_every: int = field(0, "also checkpoint every N steps on each host's own disk (0: off): a dead host "
+                                     "then costs at most N steps")
+    local_checkpoint_dir: str | None = field(None, "a directory on each host's own disk for --local_save_every "
+                                                   "(default: <output_dir>/local_checkpoints)")
     keep_checkpoints: int = field(2, "checkpoints kept")
     log_every: int = field(20, "fetch and log metrics every N steps")
     max_nonfinite_steps: int = field(0, "steps with a non-finite loss or gradient skipped (not applied) before the "
@@ -158,8 +162,11 @@ class TrainFlags(DistributedFlags):
         for name in ("save_every", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.save_every_steps < 0 or self.max_nonfinite_steps < 0:
-            raise ValueError("--save_every_steps and --max_nonfinite_steps must be 0 or more")
+        if self.save_every_steps < 0 or self.max_nonfinite_steps < 0 or self.local_save_every < 0:
+            raise ValueError("--save_every_steps, --local_save_every and --max_nonfinite_steps must be 0 or more")
+        if self.local_save_every and self.local_checkpoint_dir is None and not is_local(self.output_dir):
+            raise ValueError(f"--local_save_every needs --local_checkpoint_dir (a directory on each host's own disk) "
+                             f"when --output_dir is not local ({self.output_dir})")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ValueError(f"--peak_tflops must be above 0, got {self.peak_tflops}")
         _ = self.profile_range
@@ -183,3 +190,8 @@ class TrainFlags(DistributedFlags):
     def checkpoint_dir(self) -> epath.Path:
         """Where the run's checkpoints go: local, or any epath location (`gs://bucket/run/checkpoints`)."""
         return output_path(self.output_dir) / RUN_CHECKPOINTS
+
+    @property
+    def local_checkpoint_root(self) -> epath.Path:
+        """Where `--local_save_every` writes (each process under its own subdirectory, `checkpoint/local.py`)."""
+        return output_path(self.local_checkpoint_dir or f"{self.output_dir}/local_checkpoints")

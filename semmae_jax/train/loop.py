@@ -25,7 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from semmae_jax.checkpoint import RunCheckpoints, save_state
+from semmae_jax.checkpoint.local import LocalCheckpoints
 from semmae_jax.data.global_arrays import prefetch_to_device
+from semmae_jax.runtime import distributed
 from semmae_jax.runtime.distributed import is_primary
 from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train.instruments import Instruments
@@ -129,10 +131,12 @@ class Trainer:
     on_epoch_end: Callable[[int, TrainState, dict[str, jax.Array]], dict[str, float]] | None = None
     max_nonfinite_steps: int = 0
     skipped_before: float = 0.0  # refused steps of the epochs before this one
+    local: LocalCheckpoints | None = None  # `--local_save_every`: also saved every `local.every` steps
 
     def train(self, state: TrainState) -> TrainState:
         """From `state.step` to the end of the run (or a preemption notice); the final state."""
         preemption = Preemption(self.checkpoints, int(state.step))
+        distributed.describe_checkpoints_with(self._last_complete)
         try:
             stopped = False
             while not stopped and int(state.step) < self.length.total_steps:
@@ -140,15 +144,30 @@ class Trainer:
             return state
         finally:
             with self.instruments.phase("save"):
-                self.checkpoints.wait()
+                for checkpoints in self._roots():
+                    checkpoints.wait()
             preemption.close()
             self.instruments.finish()
 
+    def _roots(self) -> list[RunCheckpoints]:
+        return [self.checkpoints] + ([self.local] if self.local is not None else [])
+
+    def _last_complete(self) -> str:
+        """The run's newest complete checkpoints, for the line a dead peer ends the run with."""
+        done = [(step, checkpoints) for checkpoints in self._roots()
+                if (step := checkpoints.committed_step()) is not None]
+        if not done:
+            return "no checkpoint of this run was complete yet"
+        return "the last complete checkpoint: " + ", ".join(
+            f"{'local' if checkpoints.host_local else 'persistent'} step {step} in {checkpoints.directory}"
+            for step, checkpoints in done)
+
     def _resumed_stats(self, step: int) -> EpochStats:
         """The epoch's sums so far, from the checkpoint the run resumed at (empty at an epoch start)."""
-        if step % self.length.steps_per_epoch == 0 or step not in self.checkpoints.all_steps():
+        held = [checkpoints for checkpoints in self._roots() if step in checkpoints.all_steps()]
+        if step % self.length.steps_per_epoch == 0 or not held:
             return EpochStats()
-        saved = self.checkpoints.json_item(step, "epoch_stats")
+        saved = held[0].json_item(step, "epoch_stats")
         return EpochStats.from_json(saved) if saved else EpochStats()
 
     def _epoch(self, state: TrainState, preemption: Preemption) -> tuple[TrainState, bool]:
@@ -172,6 +191,10 @@ class Trainer:
             if saving:
                 with self.instruments.phase("save"):
                     self._save(state, stats)
+            elif self.local is not None and self.local.due(done):
+                with self.instruments.phase("save"):
+                    distributed.barrier(f"local_save_{done}")  # before the checksums' collective
+                    self._save(state, stats, self.local)
             if preempted:
                 bar.close()
                 with self.instruments.phase("save"):
@@ -183,9 +206,9 @@ class Trainer:
         self._end_epoch(epoch, state, stats, first_batch)
         return state, False
 
-    def _save(self, state: TrainState, stats: EpochStats) -> None:
+    def _save(self, state: TrainState, stats: EpochStats, checkpoints: RunCheckpoints | None = None) -> None:
         epoch_stats = {} if int(state.step) % self.length.steps_per_epoch == 0 else stats.as_json()
-        save_state(self.checkpoints, state, self.length.steps_per_epoch, self.config, epoch_stats)
+        save_state(checkpoints or self.checkpoints, state, self.length.steps_per_epoch, self.config, epoch_stats)
 
     def _check_finite(self, stats: EpochStats, where: str) -> None:
         """Stop once more steps were refused as non-finite than `--max_nonfinite_steps` allows.
@@ -199,11 +222,14 @@ class Trainer:
         skipped = self.skipped_before + stats.skipped
         if skipped <= self.max_nonfinite_steps:
             return
-        self.checkpoints.wait()
         first = int(stats.first_diverged)
-        diverged = [s for s in self.checkpoints.all_steps() if self.skipped_before == 0 and s >= first >= 0]
-        for step in diverged:
-            self.checkpoints.set_aside(step, "diverged")
+        diverged = []
+        for checkpoints in self._roots():  # a local step past the divergence must not be resumed either
+            checkpoints.wait()
+            steps = [s for s in checkpoints.all_steps() if self.skipped_before == 0 and s >= first >= 0]
+            for step in steps:
+                checkpoints.set_aside(step, "diverged")
+            diverged += steps if checkpoints is self.checkpoints else []
         last = self.checkpoints.latest_step()
         kept = (f"the last good checkpoint is step {last} in {self.checkpoints.directory}" if last is not None
                 else f"no good checkpoint is left in {self.checkpoints.directory}")

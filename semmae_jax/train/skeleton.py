@@ -35,6 +35,7 @@ import optax
 
 from semmae_jax import checkpoint, data, sharding
 from semmae_jax.checkpoint import ResumeTarget, RunCheckpoints, RunIdentity, WeightsReader
+from semmae_jax.checkpoint.local import LocalCheckpoints
 from semmae_jax.runtime import host_memory
 from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.distributed import is_primary
@@ -170,10 +171,12 @@ def train(job: Job) -> Any:
             built.shardings = jax.tree.map(lambda x: x.sharding, state)  # with what `start` added
             checkpoints = closing.enter_context(contextlib.closing(  # restore
                 RunCheckpoints(config.checkpoint_dir, max_to_keep=config.keep_checkpoints)))
+            local = closing.enter_context(contextlib.closing(LocalCheckpoints(  # each host's own, --local_save_every
+                config.local_checkpoint_root, config.local_save_every, mesh))) if config.local_save_every else None
             identity = RunIdentity(json.loads(json.dumps(job.saved_config())), job.defining, config.allow_config_change)
             with watch.phase("restore"):
                 state = checkpoint.resume(state, checkpoints, config.resume, job.reader, job.resume_target(built), log,
-                                          identity)
+                                          identity, local)
             check_run_plan(config, built.length, int(state.step), log)
             hook = job.epoch_end_hook(built)
             if hasattr(hook, "close"):
@@ -185,7 +188,7 @@ def train(job: Job) -> Any:
                               instruments=Instruments.for_run(config, log, batch.global_batch,
                                                               job.flops_per_image(built), watch),
                               on_epoch_end=hook,
-                              max_nonfinite_steps=config.max_nonfinite_steps)
+                              max_nonfinite_steps=config.max_nonfinite_steps, local=local)
             state = trainer.train(state)
             return job.result(state, built, hook)
 
