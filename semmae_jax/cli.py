@@ -42,6 +42,9 @@ def usage() -> str:
     return "usage: python main.py COMMAND [flags]   (COMMAND --help for its flags)\n\ncommands:\n" + "\n".join(lines)
 
 
+# What the `torch` extra installs: a command whose module needs it says so in one line on a core install.
+TORCH_SIDE = frozenset({"torch", "torchvision", "timm", "transformers"})
+
 # Commands whose jobs read checkpoints (`--resume`, `--finetune`, `--backbone`, `--checkpoint`): they get the converter's reader.
 READS_CHECKPOINTS = frozenset({"pretrain", "finetune", "eval", "linprobe", "parts train", "visualize", "features",
                                "knn"})
@@ -62,7 +65,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"main.py: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module_name, function = COMMANDS[command][0].split(":")
-    entry = getattr(importlib.import_module(module_name), function)
+    try:
+        entry = getattr(importlib.import_module(module_name), function)
+    except ModuleNotFoundError as missing:
+        if missing.name not in TORCH_SIDE:
+            raise
+        raise SystemExit(f"main.py {command}: needs the PyTorch side ({missing.name} is not installed): "
+                         "pip install 'semmae-jax[torch]'") from missing
     if command in READS_CHECKPOINTS:
         from convert.reader import ConverterReader  # the glue: the library never imports convert
 

@@ -138,3 +138,16 @@ def test_the_pinned_set_lies_inside_the_package_ranges_and_the_core_needs_no_tor
         if wanted.name != project["name"] and (wanted.marker is None or wanted.marker.evaluate()):
             assert pins.get(wanted.name) in wanted.specifier, f"requirements.txt: {wanted.name} {pins.get(wanted.name)}"
     assert not {Requirement(line).name for line in project["dependencies"]} & set(HIDDEN)
+
+
+@pytest.mark.parametrize("command", [["parity", "--help"], ["convert", "--help"]])
+def test_a_pytorch_side_command_on_the_core_install_names_the_extra_in_one_line(command):
+    done = subprocess.run([sys.executable, "-c", PROGRAM, ",".join(HIDDEN), json.dumps([command])], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    if command[0] == "convert":  # the converter itself needs no torch until a .pth is read or written
+        assert done.returncode == 0, done.stderr[-3000:]
+        return
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("main.py parity: needs the PyTorch side (timm is not installed): "
+                                                   "pip install 'semmae-jax[torch]'")
+    assert "Traceback" not in done.stderr
