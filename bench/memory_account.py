@@ -7,9 +7,10 @@ A training step keeps, between the forward and the backward pass, every value th
 pass needs (JAX's "residuals"); at a large batch they are most of the step's memory. The step
 here is the job's own (`bench/common.py` builds it from the job's flags), traced on abstract
 inputs whose batch size is a symbol `b`: nothing is allocated, so ViT-B/8 and ViT-L/16 at
-224 px are counted on a laptop. While the step is traced, each function it differentiates
-(`jax.value_and_grad(loss_fn)`) is also handed to JAX's own `saved_residuals`, which names
-every residual by the op and source line that made it. A residual whose shape holds `b`
+224 px are counted on a laptop. When the traced step differentiates its loss
+(`jax.value_and_grad(loss_fn)(params)`), the loss and its arguments are handed to JAX's own
+`saved_residuals`, which names every residual by the op and source line that made it, and the
+trace stops there (the optimizer's update keeps nothing for a backward pass). A residual whose shape holds `b`
 costs that much per image; one without it (the compute-dtype copies of the weights) is paid
 once per step whatever the batch.
 
@@ -61,6 +62,10 @@ class Saved:
     def mib_per_image(self) -> float:
         return self.count * self.bytes_per_image / MIB
 
+    @property
+    def argument(self) -> bool:
+        return self.source.startswith("from the argument")
+
 
 @dataclasses.dataclass(frozen=True)
 class Account:
@@ -79,7 +84,13 @@ class Account:
 
     @property
     def mib_fixed(self) -> float:
-        return sum(row.count * row.bytes_fixed for row in self.rows) / MIB
+        """Made by the step once whatever the batch: the weights' compute-dtype copies, constants."""
+        return sum(row.count * row.bytes_fixed for row in self.rows if not row.argument) / MIB
+
+    @property
+    def mib_arguments(self) -> float:
+        """The differentiated arguments themselves (the parameters): kept, but held by the state anyway."""
+        return sum(row.count * row.bytes_fixed for row in self.rows if row.argument) / MIB
 
     def report(self, top: int) -> str:
         """The account as a table: MiB per image of each kind of residual, then the totals."""
@@ -94,7 +105,8 @@ class Account:
             lines.append(f"{sum(r.mib_per_image for r in rest):9.2f}  {sum(r.count for r in rest):5d}  "
                          f"{'':<24} ({len(rest)} more kinds)")
         lines.append(f"total: {self.mib_per_image:.1f} MiB per image; {self.mib_fixed:.1f} MiB once per step "
-                     f"whatever the batch (weights in the compute dtype, constants)")
+                     f"whatever the batch (weights in the compute dtype, constants), besides the parameters "
+                     f"themselves ({self.mib_arguments:.1f} MiB, held by the state anyway)")
         return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 LN_EPS = 1e-6  # timm's default is 1e-5; MAE builds every LayerNorm with eps=1e-6.
@@ -40,10 +41,16 @@ zeros = nn.initializers.zeros
 ones = nn.initializers.ones
 
 
+# A LayerNorm that keeps only its input for the backward pass and recomputes the rest there: its
+# float32 statistics and normalised values would be kept otherwise, each as large as the input.
+LayerNorm = nn.remat(nn.LayerNorm)
+
+
 def layer_norm(name: str | None, dtype: Dtype, eps: float = LN_EPS) -> nn.LayerNorm:
     """LayerNorm(eps=1e-6 unless a checkpoint says otherwise: transformers' hub configs carry
-    1e-12); statistics are computed in float32 whatever `dtype` is."""
-    return nn.LayerNorm(
+    1e-12); statistics are computed in float32 whatever `dtype` is, and recomputed in the
+    backward pass from the input (`LayerNorm`)."""
+    return LayerNorm(
         epsilon=eps,
         dtype=dtype,
         scale_init=logical(ones, "embed"),
@@ -105,7 +112,14 @@ class PatchEmbed(nn.Module):
 
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable}
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": _policies.checkpoint_dots_with_no_batch_dims,
+    "save_dot_except_mlp": _policies.save_only_these_names("qkv_proj", "out_proj"),
+    "save_qkv_proj": _policies.save_only_these_names("qkv_proj"),
+    "full": _policies.nothing_saveable,
+}
 
 
 def remat_policy(remat: bool | str) -> str:
@@ -144,23 +158,60 @@ def check_attention(implementation: str, dtype: Dtype, head_dim: int, device: An
                          f"this GPU (compute capability {capability}); this model's is {head_dim}: use attention='xla'")
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "cudnn") -> jax.Array:
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid_length: int | None = None,
+                    implementation: str = "cudnn") -> jax.Array:
     """`jax.nn.dot_product_attention` on [B, L, heads, head_dim] for any sequence length L.
 
     JAX's cuDNN path refuses an odd L in a training step ("Unsupported sequence length Q 197,
     KV 197": its check counts the empty bias it passes as a bias, and cuDNN needs even lengths
-    with one), and a ViT's L is odd (1 + 196 tokens; MAE's decoders, ViT-B/8's 785). So an odd L
-    is padded by one token and the padded key masked (`key_value_seq_lengths`, cuDNN's padding
-    mask); the padded query's row is dropped, so values and gradients are the unpadded ones.
+    with one), and a ViT's L is odd (1 + 196 tokens; MAE's decoders, ViT-B/8's 785). With
+    `valid_length`, the caller has padded the tokens (once for a whole block stack,
+    `apply_blocks`) and the keys from `valid_length` on are masked (`key_value_seq_lengths`,
+    cuDNN's padding mask). Without it, an odd L is padded here by one masked token and the
+    padded query's row dropped. Either way values and gradients are the unpadded ones.
     `implementation` is only for checking that on a CPU with 'xla'.
     """
     length = q.shape[1]
+    if valid_length is not None:
+        lengths = jnp.full((q.shape[0],), valid_length, jnp.int32)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
     if length % 2 == 0:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
-    lengths = jnp.full((q.shape[0],), length, jnp.int32)
-    out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
-    return out[:, :length]
+    padded = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+    return fused_attention(*padded, valid_length=length, implementation=implementation)[:, :length]
+
+
+def fuses_attention(module: nn.Module, implementation: str) -> bool:
+    """Whether `module`'s attention runs cuDNN's fused kernel: 'cudnn', unless the caller asks for the
+    `intermediates` collection (the weights, which a fused kernel has none of)."""
+    return implementation == "cudnn" and not module.is_mutable_collection("intermediates")
+
+
+@jax.custom_vjp
+def softmax_in_float32(logits: jax.Array) -> jax.Array:
+    """Softmax over the last axis computed in float32 and returned in `logits`' dtype, whose backward
+    pass keeps only that returned copy.
+
+    Differentiated as written (`softmax(x.astype(float32)).astype(bfloat16)`), a bfloat16 model
+    keeps the [heads, L, L] weights twice: in float32 for the softmax's derivative, and in
+    bfloat16 for the weighted sum's (`python bench/memory_account.py --attention xla`). The
+    derivative is the softmax's own, y * (g - sum(y * g)), in float32 from the kept weights.
+    """
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
+
+
+def _softmax_forward(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    weights = softmax_in_float32(logits)
+    return weights, weights
+
+
+def _softmax_backward(weights: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
+    y, g = weights.astype(jnp.float32), grad.astype(jnp.float32)
+    yg = y * g
+    return ((yg - y * yg.sum(axis=-1, keepdims=True)).astype(grad.dtype),)
+
+
+softmax_in_float32.defvjp(_softmax_forward, _softmax_backward)
 
 
 class Attention(nn.Module):
@@ -188,7 +239,8 @@ class Attention(nn.Module):
     qkv_bias: bool = True  # timm's and transformers' `qkv_bias`: False drops the q, k, v biases
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, valid_length: int | None = None) -> jax.Array:
+        """`valid_length`: the tokens from there on are padding (fused attention only), masked as keys."""
         dim = x.shape[-1]
         head_dim = dim // self.num_heads
         check_attention(self.implementation, self.dtype, head_dim)
@@ -201,12 +253,13 @@ class Attention(nn.Module):
             bias_init=logical(zeros, None, "heads", "kv"),
             name="qkv",
         )(x)
+        qkv = checkpoint_name(qkv, "qkv_proj")
         q, k, v = (nn.with_logical_constraint(qkv[:, :, i], QKV) for i in range(3))
-        if self.implementation == "cudnn" and not self.is_mutable_collection("intermediates"):
-            out = fused_attention(q, k, v)
+        if fuses_attention(self, self.implementation):
+            out = fused_attention(q, k, v, valid_length)
         else:
             out = self.explicit_attention(q, k, v)
-        return nn.Einsum(
+        out = nn.Einsum(
             (self.num_heads, head_dim, dim),
             "bnhk,hkd->bnd",
             dtype=self.dtype,
@@ -214,28 +267,45 @@ class Attention(nn.Module):
             bias_init=logical(zeros, "embed"),
             name="proj",
         )(out)
+        return checkpoint_name(out, "out_proj")
 
     def explicit_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         """softmax(q k^T / sqrt(d)) v with the weights [B, heads, L, L] sown as `attention`."""
         q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         logits = jnp.einsum("bhqd,bhkd->bhqk", q * q.shape[-1] ** -0.5, k)
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_heads", None, None))
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        self.sow("intermediates", "attention", weights)
-        return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v).transpose(0, 2, 1, 3)
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attention", jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+        weights = softmax_in_float32(logits)
+        return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """GELU with erf (Flax's default `nn.gelu` is the tanh approximation)."""
+    return nn.gelu(x, approximate=False)
+
+
+def _activate_and_project(mlp: Mlp, h: jax.Array, features: int) -> jax.Array:
+    h = nn.with_logical_constraint(exact_gelu(h), ("act_batch", "act_len", "act_mlp"))
+    return dense(features, ("mlp", "embed"), "fc2", mlp.dtype)(h)
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (Flax's default `nn.gelu` is the tanh approximation)."""
+    """fc1 -> exact GELU -> fc2.
+
+    GELU and fc2 are one rematerialised piece: the backward pass keeps only fc1's output and
+    recomputes GELU from it, where it needs GELU's derivative anyway. Differentiated as written,
+    GELU would also keep its `erfc`, `exp` and product intermediates and fc2 its input: four more
+    tensors as large as the hidden layer (`python bench/memory_account.py`).
+    """
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = dense(self.hidden_dim, ("embed", "mlp"), "fc1", self.dtype)(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("act_batch", "act_len", "act_mlp"))
-        return dense(x.shape[-1], ("mlp", "embed"), "fc2", self.dtype)(h)
+        h = checkpoint_name(dense(self.hidden_dim, ("embed", "mlp"), "fc1", self.dtype)(x), "mlpwi")
+        return checkpoint_name(nn.remat(_activate_and_project, static_argnums=(2,))(self, h, x.shape[-1]), "mlpwo")
 
 
 class DropPath(nn.Module):
@@ -265,14 +335,15 @@ class Block(nn.Module):
     qkv_bias: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True, valid_length: int | None = None) -> jax.Array:
+        """`valid_length`: the tokens from there on are padding for fused attention (`apply_blocks`)."""
         dim = x.shape[-1]
         drop = DropPath(self.drop_path)
         norm1, norm2 = (layer_norm(name, self.dtype, self.norm_eps) for name in ("norm1", "norm2"))
         attn = Attention(self.num_heads, self.dtype, self.attention, self.qkv_bias, name="attn")
-        x = x + drop(attn(norm1(x)), deterministic)
+        x = x + drop(attn(checkpoint_name(norm1(x), "norm"), valid_length), deterministic)
         mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")
-        x = x + drop(mlp(norm2(x)), deterministic)
+        x = x + drop(mlp(checkpoint_name(norm2(x), "norm")), deterministic)
         return nn.with_logical_constraint(x, ACT)
 
 
@@ -296,16 +367,26 @@ def make_blocks(
     projections without biases (transformers' `qkv_bias: false`).
     """
     policy = remat_policy(remat)
-    block_cls = Block if policy == "none" else nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[policy])
+    block_cls = Block if policy == "none" else nn.remat(Block, static_argnums=(2, 3), policy=REMAT_POLICIES[policy])
     rates = drop_path_rates if drop_path_rates is not None else [0.0] * depth
     return [block_cls(num_heads, mlp_ratio, rates[i], dtype, norm_eps, attention, qkv_bias) for i in range(depth)]
 
 
-def apply_blocks(blocks: Sequence[nn.Module], x: jax.Array, deterministic: bool = True) -> jax.Array:
-    """Run `x` through the transformer blocks in order."""
+def apply_blocks(blocks: Sequence[Block], x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """Run `x` through the transformer blocks in order.
+
+    Fused (cuDNN) attention needs an even token count in training (`fused_attention`): an odd
+    one is padded here by one token once for the whole stack, masked as a key in every block and
+    dropped at the end, rather than padded and sliced again in every block, where each block
+    would keep both its padded q, k, v and its sliced output for the backward pass.
+    """
+    length = x.shape[1]
+    pad = bool(blocks) and length % 2 == 1 and fuses_attention(blocks[0], blocks[0].attention)
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
     for block in blocks:
-        x = block(x, deterministic)
-    return x
+        x = block(x, deterministic, length if pad else None)
+    return x[:, :length] if pad else x
 
 
 def drop_path_schedule(rate: float, depth: int) -> list[float]:
