@@ -194,6 +194,7 @@ def compiled_memory(job: Job, batch: int) -> str:
     after one step at that batch."""
     from bench.common import job_step
     from bench.gpu_jax import device_memory, synthetic_batch
+    from semmae_jax.train.step_memory import step_bytes
 
     mesh = one_device_mesh()
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -209,8 +210,7 @@ def compiled_memory(job: Job, batch: int) -> str:
         abstract_state, step, built = abstract_job_step(job, mesh, batch)
         with jax.set_mesh(mesh):
             compiled = step.lower(abstract_state, abstract_batch(job, built.model, batch, mesh)).compile()
-    m = compiled.memory_analysis()
-    need = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    m, need = compiled.memory_analysis(), step_bytes(compiled)
     lines = [f"compiled step, batch {batch}, {jax.devices()[0].device_kind}: XLA's memory_analysis() "
              f"arguments {m.argument_size_in_bytes / MIB:.1f} MiB, outputs {m.output_size_in_bytes / MIB:.1f}, "
              f"temporaries {m.temp_size_in_bytes / MIB:.1f}, donated {m.alias_size_in_bytes / MIB:.1f}: "
