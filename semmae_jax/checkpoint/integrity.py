@@ -9,13 +9,17 @@ the one before (`resume.py`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import os
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 
 from semmae_jax.key_paths import flat_by_path
 
@@ -25,13 +29,28 @@ class CheckpointDamaged(ValueError):
 
 
 def failure_reason(error: BaseException) -> str:
-    """The most telling line of an error chain (the OSError's, if there is one)."""
+    """The most telling line of an error chain: the OSError's, if there is one, else the innermost
+    error's (the library's own words, e.g. tensorstore's `OUT_OF_RANGE: ...`: the wrappers around it
+    only say where, which the caller says itself), with object reprs such as `<bound method ...>`
+    left out."""
+    chain = []
     seen = error
-    while seen is not None:
+    while seen is not None and seen not in chain:
         if isinstance(seen, OSError) and seen.strerror:
             return f"{seen.strerror}" + (f" ({seen.filename})" if seen.filename else "")
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
-    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    lines = (_first_line(link) for link in reversed(chain))
+    return next((line for line in lines if line), type(error).__name__)
+
+
+_OBJECT_REPR = re.compile(r"<(?:bound method |function |[\w.]+ object at 0x)[^>\n]*>?")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of `error`'s message without object reprs (a multi-line repr cut at its first line)."""
+    text = str(error).strip()
+    return _OBJECT_REPR.sub("", text.splitlines()[0] if text else "").strip()[:300]
 
 
 @contextlib.contextmanager
@@ -40,12 +59,17 @@ def reading(what: str) -> Iterator[None]:
 
     The noise of a failed read is kept out of the terminal: orbax's log records, and the
     errors of the reads orbax abandons. Orbax restores on an event loop that it closes as
-    soon as one read fails; every tensorstore read still in flight then completes into the
-    closed loop (Python prints each `RuntimeError: Event loop is closed` as a traceback,
-    dozens for one truncated file), and the tasks that failed beside the first log their own
-    error when collected ("Task exception was never retrieved"). Both arrive late, from other
-    threads or at exit, and say nothing the one line does not, so they are dropped for the
-    rest of the process (`_drop_abandoned_read_errors`; the second only once a read failed).
+    soon as one read fails, leaving the other reads pending on it: every tensorstore read
+    still in flight then completes into the closed loop (Python prints each `RuntimeError:
+    Event loop is closed` as a traceback, dozens for one truncated file); each pending read
+    coroutine, once collected, is closed unfinished and turns the GeneratorExit into its own
+    "Encountered error while reading array index" (`Exception ignored in: <coroutine object
+    _read_array_index_and_device_put ...>`, with the whole TensorStore spec); and the tasks
+    that failed beside the first, or were left pending, log their own record when collected
+    ("Task exception was never retrieved", "Task was destroyed but it is pending!"). All
+    arrive late, from other threads or at exit, however far the reads got, and say nothing
+    the one line does not, so they are dropped for the rest of the process
+    (`_drop_abandoned_read_errors`; the log records only once a read failed).
     """
     _drop_abandoned_read_errors()
     absl = logging.getLogger("absl")
@@ -63,28 +87,52 @@ def reading(what: str) -> Iterator[None]:
 
 
 def _drop_abandoned_read_errors() -> None:
-    """Wrap `sys.unraisablehook` (whichever is current) so that it drops asyncio's
-    "Event loop is closed" raised in a callback, and passes everything else on."""
+    """Wrap `sys.unraisablehook` (whichever is current) so that it drops the errors of abandoned
+    reads (`_abandoned_read`), and passes everything else on."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_abandoned_reads", False):
         return
 
     def hook(unraisable: Any) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        if not _abandoned_read(unraisable):
             previous(unraisable)
 
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
 
 
+_ORBAX = os.path.dirname(ocp.__file__) + os.sep
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+    """asyncio's "Event loop is closed" raised in a callback into orbax's closed loop, or the error an
+    orbax coroutine raises when it is closed unfinished (GeneratorExit in its chain)."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    coroutine = unraisable.object
+    return inspect.iscoroutine(coroutine) and coroutine.cr_code.co_filename.startswith(_ORBAX) and _closing(error)
+
+
+def _closing(error: BaseException | None) -> bool:
+    """Was `error` raised while a GeneratorExit was being handled (a coroutine closed unfinished)?"""
+    while error is not None:
+        if isinstance(error, GeneratorExit):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_ABANDONED_TASK_RECORDS = ("Task exception was never retrieved", "Task was destroyed but it is pending!")
+
+
 class _AbandonedTasks(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Task exception was never retrieved")
+        return not record.getMessage().startswith(_ABANDONED_TASK_RECORDS)
 
 
 def _drop_abandoned_task_errors() -> None:
-    """Keep asyncio's "Task exception was never retrieved" records of the abandoned reads out."""
+    """Keep asyncio's records of the abandoned read tasks (`_ABANDONED_TASK_RECORDS`) out."""
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedTasks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_AbandonedTasks())
