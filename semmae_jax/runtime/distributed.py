@@ -226,15 +226,6 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def barrier(name: str, timeout_seconds: int = 600) -> None:
-    """Every process waits here for the others, through the coordination service alone (a no-op with
-    one process). Unlike `sync`, no device collective: gloo's set-up of a new collective waits only
-    30 s for the other processes, and processes may arrive far apart (process 0 alone writes the
-    logs); they meet here first."""
-    if jax.process_count() > 1:
-        jax_distributed.global_state.client.wait_at_barrier(f"semmae_jax/{name}", timeout_seconds * 1000)
-
-
 def sync(name: str) -> None:
     """Every process waits here for the others (a no-op with one process)."""
     if jax.process_count() > 1:

@@ -193,7 +193,6 @@ class Trainer:
                     self._save(state, stats)
             elif self.local is not None and self.local.due(done):
                 with self.instruments.phase("save"):
-                    distributed.barrier(f"local_save_{done}")  # before the checksums' collective
                     self._save(state, stats, self.local)
             if preempted:
                 bar.close()
