@@ -397,7 +397,7 @@ def test_with_batch_1_an_unreadable_image_is_said_to_be_left_blank_not_replaced(
     for image in sorted((demo_root / "train" / "blob").glob("*.jpg"))[:4]:
         shutil.copy(image, folder)
     sorted(folder.glob("*.jpg"))[0].write_bytes(b"not a jpeg")
-    loader = TrainLoader(image_folder(tmp_path / "data", "train"), batch_size=1, num_workers=1,
+    loader = TrainLoader(image_folder(tmp_path / "data", "train"), process_batch=1, num_workers=1,
                          transform=TrainTransform(img_size=32, patch_size=4), process_index=0, process_count=1)
     with caplog.at_level(logging.WARNING):
         batches = list(loader.epoch_batches(0))
