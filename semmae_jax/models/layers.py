@@ -46,11 +46,19 @@ ones = nn.initializers.ones
 LayerNorm = nn.remat(nn.LayerNorm)
 
 
+def lean_backward(dtype: Dtype) -> bool:
+    """Whether layers keep less for the backward pass (LayerNorm and GELU recomputed there, the 'xla'
+    attention weights kept once): in a 16-bit compute dtype, the accelerators' training, where
+    activations bound the batch. In float32 (the CPU default, the parity tests) the step keeps what
+    differentiating the forward pass as written keeps, at that speed."""
+    return jnp.dtype(dtype).itemsize < 4
+
+
 def layer_norm(name: str | None, dtype: Dtype, eps: float = LN_EPS) -> nn.LayerNorm:
     """LayerNorm(eps=1e-6 unless a checkpoint says otherwise: transformers' hub configs carry
-    1e-12); statistics are computed in float32 whatever `dtype` is, and recomputed in the
-    backward pass from the input (`LayerNorm`)."""
-    return LayerNorm(
+    1e-12); statistics are computed in float32 whatever `dtype` is, and in a 16-bit `dtype`
+    recomputed in the backward pass from the input (`LayerNorm`, `lean_backward`)."""
+    return (LayerNorm if lean_backward(dtype) else nn.LayerNorm)(
         epsilon=eps,
         dtype=dtype,
         scale_init=logical(ones, "embed"),
@@ -276,7 +284,10 @@ class Attention(nn.Module):
         logits = nn.with_logical_constraint(logits, ("act_batch", "act_heads", None, None))
         if self.is_mutable_collection("intermediates"):
             self.sow("intermediates", "attention", jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
-        weights = softmax_in_float32(logits)
+        if lean_backward(self.dtype):
+            weights = softmax_in_float32(logits)
+        else:
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
 
 
@@ -293,10 +304,10 @@ def _activate_and_project(mlp: Mlp, h: jax.Array, features: int) -> jax.Array:
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2.
 
-    GELU and fc2 are one rematerialised piece: the backward pass keeps only fc1's output and
-    recomputes GELU from it, where it needs GELU's derivative anyway. Differentiated as written,
-    GELU would also keep its `erfc`, `exp` and product intermediates and fc2 its input: four more
-    tensors as large as the hidden layer (`python bench/memory_account.py`).
+    In a 16-bit dtype (`lean_backward`) GELU and fc2 are one rematerialised piece: the backward pass
+    keeps only fc1's output and recomputes GELU from it, where it needs GELU's derivative anyway.
+    Differentiated as written, GELU would also keep its `erfc`, `exp` and product intermediates and
+    fc2 its input: four more tensors as large as the hidden layer (`python bench/memory_account.py`).
     """
 
     hidden_dim: int
@@ -305,7 +316,8 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = checkpoint_name(dense(self.hidden_dim, ("embed", "mlp"), "fc1", self.dtype)(x), "mlpwi")
-        return checkpoint_name(nn.remat(_activate_and_project, static_argnums=(2,))(self, h, x.shape[-1]), "mlpwo")
+        project = nn.remat(_activate_and_project, static_argnums=(2,)) if lean_backward(self.dtype) else _activate_and_project
+        return checkpoint_name(project(self, h, x.shape[-1]), "mlpwo")
 
 
 class DropPath(nn.Module):
