@@ -122,8 +122,10 @@ def load_preset(name_or_path: str, config_cls: type[C]) -> C:
 def apply_flags(config: C, flags: argparse.Namespace) -> C:
     """The preset with the given flags on top (unknown names were rejected by argparse)."""
     given = {k: v for k, v in vars(flags).items() if k in {f.name for f in dataclasses.fields(config)}}
-    # A field that follows another (`FOLLOWS`: the input size follows the model) is reset when only its leader is given.
-    reset = {name: None for name, leader in getattr(config, "FOLLOWS", {}).items() if leader in given and name not in given}
+    # A field that follows another (`FOLLOWS` of the config's classes: the input size follows the model, a
+    # preset's global batch gives way to a per-device one) is reset when only its leader is given.
+    follows = {name: leader for cls in type(config).__mro__ for name, leader in vars(cls).get("FOLLOWS", {}).items()}
+    reset = {name: None for name, leader in follows.items() if leader in given and name not in given}
     return dataclasses.replace(config, **reset, **given)
 
 

@@ -36,6 +36,13 @@ def test_the_lr_follows_the_pinned_global_batch_not_the_devices():
     assert config.learning_rate(config.batch_geometry()) == pytest.approx(1e-3 * 64 / 256)
 
 
+def test_a_per_device_batch_given_alone_replaces_the_presets_global_batch():
+    assert parse([]).batch_geometry().global_batch == 64  # the demo preset pins 64, on any device count
+    given = parse(["--batch_size", "2"])
+    assert (given.global_batch_size, given.batch_size) == (None, 2)
+    assert parse(["--batch_size", "2", "--global_batch_size", "16"]).global_batch_size == 16
+
+
 def _losses(devices: int, out: Path, argv: list[str]) -> list[float]:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     done = subprocess.run([sys.executable, "main.py", *argv, "--output_dir", str(out)], cwd=ROOT, env=env,

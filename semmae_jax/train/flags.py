@@ -38,6 +38,8 @@ class ScheduleFlags:
     min_lr: float = field(0.0, "learning rate at the end of the cosine")
     weight_decay: float = field(0.05, "weight decay")
 
+    FOLLOWS: ClassVar[dict[str, str]] = {"global_batch_size": "batch_size"}  # `--batch_size` alone: per device
+
     def check(self) -> None:
         for name in ("batch_size", "accum_iter", "epochs"):
             if getattr(self, name) < 1:
