@@ -21,6 +21,7 @@ import pytest
 from run_dirs import committed_steps
 
 from semmae_jax import checkpoint
+from semmae_jax.checkpoint.local import LocalCheckpoints
 from semmae_jax.runtime.distributed import RETRY_EXIT_CODE
 from semmae_jax.runtime.launch import supervise
 
@@ -82,6 +83,17 @@ def test_the_launcher_lets_the_survivor_notice_a_killed_process_and_asks_for_a_r
 def test_the_launcher_passes_on_a_real_error_after_a_dead_host():
     failed = python("import time; time.sleep(1); raise SystemExit(1)")
     assert supervise([python(KILLED), failed], timeout=60, grace=1, heartbeat=10) == 1
+
+
+def test_a_local_step_kept_by_this_process_alone_is_replaced_when_the_run_passes_it_again(tmp_path):
+    """A run resumed from an older step (another process had not got the newest local one) saves that
+    step number again: the stale copy is replaced, not refused as existing."""
+    local = LocalCheckpoints(tmp_path, 1, jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]))
+    for value in (1.0, 2.0):
+        local.save(1, {"params": {"w": jax.numpy.full(3, value)}}, {"progress": {"step": 1}})
+        local.wait()
+    np.testing.assert_array_equal(local.host_arrays(1, "params")["w"], [2.0, 2.0, 2.0])
+    local.close()
 
 
 @pytest.mark.slow

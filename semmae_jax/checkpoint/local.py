@@ -22,6 +22,8 @@ mid-save, or a new machine with an empty disk, has not got the newest one).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 from etils import epath
@@ -49,6 +51,14 @@ class LocalCheckpoints(RunCheckpoints):
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
+
+    def save(self, step: int, arrays: dict[str, Any], json_items: dict[str, dict[str, Any]],
+             metrics: dict[str, float] | None = None) -> None:
+        """Save `step`, replacing a step of that number that this process alone kept (a run resumed from
+        an older step, because another process had not got this one, passes it again)."""
+        if step in self.all_steps():
+            self._manager.delete(step)
+        super().save(step, arrays, json_items, metrics)
 
     def common_steps(self) -> list[int]:
         """The steps every process holds (a collective: every process calls it at the same point)."""
