@@ -189,12 +189,12 @@ def test_parity_command_reads_the_eval_batch_of_data_path(checkpoints, capsys, m
         calls.append(("open_source", data_path, split))
         return "source"
 
-    def eval_batches(source, *, batch_size, img_size):
-        calls.append(("eval_batches", source, batch_size, img_size))
+    def eval_batches(source, *, process_batch, img_size):
+        calls.append(("eval_batches", source, process_batch, img_size))
         rng = np.random.default_rng(5)
         yield {
-            "image": rng.standard_normal((batch_size, img_size, img_size, 3), dtype=np.float32),
-            "label": np.zeros(batch_size, np.int32),
+            "image": rng.standard_normal((process_batch, img_size, img_size, 3), dtype=np.float32),
+            "label": np.zeros(process_batch, np.int32),
             "mask": np.array([True, True, False]),
         }
 
