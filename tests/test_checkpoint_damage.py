@@ -7,6 +7,9 @@ failure report late, from other threads or at exit, and only a real stderr shows
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 import os
 import re
 import shutil
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 import tensorstore as ts
 
+from semmae_jax.checkpoint import integrity
 from semmae_jax.checkpoint.integrity import failure_reason
 
 ROOT = Path(__file__).parents[1]
@@ -93,3 +97,36 @@ def test_the_reason_is_the_librarys_own_line_without_object_reprs():
     assert failure_reason(wrapper) == str(cause)
     assert failure_reason(Exception(str(wrapper))) == ("Encountered error while reading array index: (slice(0, 1, 1),). "
                                                       "See full TensorStore details:")
+
+
+def failing_coroutine(filename: str):
+    """A coroutine function whose code claims to live in `filename` (asyncio's record names that file)."""
+    namespace: dict = {}
+    exec(compile("async def read():\n    raise ValueError('OUT_OF_RANGE: byte range not valid')\n", filename, "exec"),
+         namespace)
+    return namespace["read"]
+
+
+def abandon_failed_task(read) -> None:
+    """Run `read` as a task that fails, never look at its exception, and collect it (asyncio then logs it)."""
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(read())
+        loop.run_until_complete(asyncio.sleep(0.01))
+        del task
+        gc.collect()
+    finally:
+        loop.close()
+
+
+def test_an_orbax_read_task_abandoned_before_the_failure_is_caught_logs_nothing_and_others_still_log(caplog):
+    """A failed read task can be collected while orbax is still unwinding, before `reading`'s except clause."""
+    orbax_read = failing_coroutine(integrity._ORBAX + "serialization.py")
+    own_read = failing_coroutine(__file__)
+    with (caplog.at_level(logging.ERROR, logger="asyncio"), pytest.raises(integrity.CheckpointDamaged),
+          integrity.reading("checkpoint step 4")):
+        abandon_failed_task(orbax_read)
+        abandon_failed_task(own_read)
+        raise ValueError("OUT_OF_RANGE: Error reading")
+    never_retrieved = [r.getMessage() for r in caplog.records if "Task exception was never retrieved" in r.getMessage()]
+    assert len(never_retrieved) == 1 and __file__ in never_retrieved[0], never_retrieved

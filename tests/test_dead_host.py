@@ -56,6 +56,14 @@ def finished(process: subprocess.Popen, timeout: float) -> int:
         raise AssertionError(f"the run did not end within {timeout:.0f} s") from None
 
 
+def failure(log: Path) -> str:
+    """What a failed run's stderr says: its lines of errors and of the launcher, then its last lines."""
+    text = log.read_text()
+    said = [line for line in text.splitlines() if re.search(r"error|Error|Traceback|FATAL|dead host|^launch:|Terminating",
+                                                             line)]
+    return "\n".join(said[-40:]) + "\n...\n" + text[-1500:]
+
+
 def local_steps(output_dir: Path) -> list[int]:
     """The local steps both processes have committed."""
     roots = sorted((output_dir / "local_checkpoints").glob("*/process_*"))
@@ -83,6 +91,31 @@ def test_the_launcher_lets_the_survivor_notice_a_killed_process_and_asks_for_a_r
 def test_the_launcher_passes_on_a_real_error_after_a_dead_host():
     failed = python("import time; time.sleep(1); raise SystemExit(1)")
     assert supervise([python(KILLED), failed], timeout=60, grace=1, heartbeat=10) == 1
+
+
+EXIT_WITH_A_BUSY_WATCH = """
+import sys
+from semmae_jax.runtime import distributed
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+
+distributed.PeerWatch.__init__.__defaults__ = (0.0,)  # the watch always inside a call into the runtime
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+print(multihost_utils.process_allgather(jnp.ones(2)).sum())
+"""
+
+
+def test_processes_exit_cleanly_while_their_peer_watch_is_inside_a_call_into_the_runtime():
+    """A watch thread still in the runtime when Python finalizes aborts the process ("FATAL: exception not rethrown")."""
+    from semmae_jax.runtime.launch import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
+    workers = [subprocess.Popen([sys.executable, "-c", EXIT_WITH_A_BUSY_WATCH, address, str(i)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [worker.communicate(timeout=120)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert all("4.0" in output and "FATAL" not in output for output in outputs), outputs
 
 
 def test_a_local_step_kept_by_this_process_alone_is_replaced_when_the_run_passes_it_again(tmp_path):
@@ -125,9 +158,9 @@ def test_a_dead_host_costs_at_most_local_save_every_steps_and_the_survivor_says_
     newest = local_steps(cut)[-1]
 
     restarted = launcher(cut, logs / "restarted")
-    assert finished(restarted, 400) == 0, (logs / "restarted" / "stderr").read_text()[-3000:]
+    assert finished(restarted, 400) == 0, failure(logs / "restarted" / "stderr")
     uninterrupted = launcher(whole, logs / "whole")
-    assert finished(uninterrupted, 400) == 0, (logs / "whole" / "stderr").read_text()[-3000:]
+    assert finished(uninterrupted, 400) == 0, failure(logs / "whole" / "stderr")
     assert re.search(rf"resuming this run from its checkpoint at step {newest} in \S*local_checkpoints",
                      (logs / "restarted" / "stdout").read_text())
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), final_params(cut),

@@ -67,11 +67,13 @@ def reading(what: str) -> Iterator[None]:
     _read_array_index_and_device_put ...>`, with the whole TensorStore spec); and the tasks
     that failed beside the first, or were left pending, log their own record when collected
     ("Task exception was never retrieved", "Task was destroyed but it is pending!"). All
-    arrive late, from other threads or at exit, however far the reads got, and say nothing
-    the one line does not, so they are dropped for the rest of the process
-    (`_drop_abandoned_read_errors`; the log records only once a read failed).
+    arrive late, from other threads or at exit (some before the first failure reaches this
+    block), however far the reads got, and say nothing the one line does not, so they are
+    dropped for the rest of the process: only those of orbax's own reads
+    (`_drop_abandoned_read_errors`, `_drop_abandoned_task_errors`).
     """
     _drop_abandoned_read_errors()
+    _drop_abandoned_task_errors()
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.CRITICAL)
@@ -80,7 +82,6 @@ def reading(what: str) -> Iterator[None]:
     except CheckpointDamaged:
         raise
     except Exception as error:  # any failure to read a step that exists means its files are damaged
-        _drop_abandoned_task_errors()
         raise CheckpointDamaged(f"{what}: {failure_reason(error)}") from error
     finally:
         absl.setLevel(level)
@@ -127,12 +128,15 @@ _ABANDONED_TASK_RECORDS = ("Task exception was never retrieved", "Task was destr
 
 
 class _AbandonedTasks(logging.Filter):
+    """Drops asyncio's record of a task whose coroutine is orbax's (the record names its file)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(_ABANDONED_TASK_RECORDS)
+        message = record.getMessage()
+        return not (message.startswith(_ABANDONED_TASK_RECORDS) and _ORBAX in message)
 
 
 def _drop_abandoned_task_errors() -> None:
-    """Keep asyncio's records of the abandoned read tasks (`_ABANDONED_TASK_RECORDS`) out."""
+    """Keep asyncio's records of orbax's abandoned read tasks (`_ABANDONED_TASK_RECORDS`) out."""
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _AbandonedTasks) for f in asyncio_log.filters):
         asyncio_log.addFilter(_AbandonedTasks())

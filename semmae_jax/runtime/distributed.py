@@ -165,8 +165,10 @@ class PeerWatch:
     one line, exit `RETRY_EXIT_CODE`, whatever the main thread is blocked in (a collective, a
     checkpoint barrier). JAX's own heartbeat is given a longer timeout (`_JAX_MARGIN`), so
     this verdict comes first. A lost service (process 0 died) is reported the same way when
-    this thread notices it first. The watch goes on through the interpreter's exit (JAX's
-    shutdown barrier waits for every process), and ends quietly once the runtime is shut down.
+    this thread notices it first. At the interpreter's exit the watch says so and is joined
+    before JAX shuts its runtime down: a thread still inside a call into the runtime when
+    Python finalizes is unwound through C++ and aborts the process ("FATAL: exception not
+    rethrown") after its work is done.
     """
 
     def __init__(self, client: object, process_id: int, num_processes: int, heartbeat_timeout_seconds: int,
@@ -185,6 +187,8 @@ class PeerWatch:
         beats: dict[int, str | None] = dict.fromkeys(peers)
         changed = dict.fromkeys(peers, time.monotonic())
         for beat in itertools.count():
+            if self._exiting:
+                return
             try:
                 self._client.key_value_set(f"{_ALIVE}{self._me}", str(beat), allow_overwrite=True)
                 keys = dict(self._client.key_value_dir_get(_PREFIX))
@@ -211,10 +215,12 @@ class PeerWatch:
         os._exit(RETRY_EXIT_CODE)
 
     def _leave(self) -> None:
-        """At interpreter exit: say so, so that the peers' watches take this process's silence for an exit."""
+        """At interpreter exit: say so, so that the peers' watches take this process's silence for an
+        exit, and end the watch (its last poll at most `poll_seconds` away)."""
         self._exiting = True
         with contextlib.suppress(Exception):  # the service is gone: the watch reports it (or has)
             self._client.key_value_set(f"{_LEFT}{self._me}", "1", allow_overwrite=True)
+        self._thread.join(timeout=self._poll + 10)
 
 
 def _first_line(error: BaseException) -> str:
