@@ -44,8 +44,23 @@ def test_missing_or_empty_directories_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         image_folder(tmp_path / "nowhere")
     (tmp_path / "train").mkdir()
-    with pytest.raises(FileNotFoundError, match=f"no class folder in {tmp_path / 'train'}"):
+    with pytest.raises(FileNotFoundError, match=f"no class folder and no image in {tmp_path / 'train'}"):
         image_folder(tmp_path)
+
+
+def test_a_flat_folder_is_read_unlabelled_in_name_order_and_refused_where_labels_are_needed(tmp_path):
+    for name in ("b.png", "a.PNG", "c.jpg"):
+        touch_image(tmp_path / "tiles" / name)
+    (tmp_path / "tiles" / "notes.txt").write_text("not an image")
+    source = image_folder(tmp_path / "tiles", "train")
+    assert list(source.paths) == [str(tmp_path / "tiles" / n) for n in ("a.PNG", "b.png", "c.jpg")]
+    assert list(source.labels) == [-1, -1, -1] and source.num_classes == 0
+    assert open_source(tmp_path / "tiles").num_examples == 3
+    with pytest.raises(ValueError, match=r"--data_path .*tiles: its train images have no class folders \(unlabelled\); "
+                                         r"this command needs labels: train/<class>/<image>"):
+        open_source(tmp_path / "tiles", labelled=True)
+    touch_image(tmp_path / "tiles" / "cat" / "1.png")  # images beside class folders are not read, as in torchvision
+    assert list(image_folder(tmp_path / "tiles", "train").labels) == [0]
 
 
 def test_a_class_folder_without_images_is_an_error_naming_it(tmp_path):

@@ -109,6 +109,25 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     jax.tree.map(np.testing.assert_array_equal, final_params(out), good)
 
 
+def test_pretraining_reads_a_flat_folder_of_unlabelled_images_and_its_packed_copy_alike(tmp_path):
+    """No class folders (`tiles/<image>`): every image read, unlabelled; `prepare` packs it to the same batches."""
+    from PIL import Image
+
+    flat, packed = tmp_path / "tiles", tmp_path / "packed"
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(32):  # 2 steps of 16
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), np.uint8)).save(flat / f"{k:02d}.png")
+    cli_main(["prepare", "--data_path", str(flat), "--out", str(packed)])
+    losses = []
+    for data_path in (flat, packed):
+        out = tmp_path / f"{data_path.name}_run"
+        pretrain("--setting", "0", "--epochs", "1", "--vis_every", "100", "--data_path", str(data_path),
+                 "--output_dir", str(out))
+        losses.append([line["train_loss"] for line in epoch_lines(out)])
+    assert len(losses[0]) == 1 and np.isfinite(losses[0][0]) and losses[0] == losses[1]
+
+
 def test_bad_flags_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="unknown model 'mae_vit_tiny'"):
         pretrain("--model", "mae_vit_tiny", "--output_dir", str(tmp_path))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from semmae_jax.runtime import host_memory
 from semmae_jax.train import step_memory
 
 
@@ -34,5 +35,5 @@ def test_on_cpu_the_limit_is_the_free_host_memory_shared_by_the_local_devices(mo
 def test_available_host_memory_is_read_from_meminfo(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemFree:  100 kB\nMemAvailable:   8000000 kB\n")
-    assert step_memory.available_host_bytes(meminfo) == 8000000 * 1024
-    assert step_memory.available_host_bytes(tmp_path / "missing") is None
+    assert host_memory.available_host_bytes(meminfo) == 8000000 * 1024
+    assert host_memory.available_host_bytes(tmp_path / "missing") is None

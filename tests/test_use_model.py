@@ -66,18 +66,44 @@ def eval_images(demo_root: Path) -> tuple[np.ndarray, np.ndarray]:
 def test_features_equal_timms_forward_features_on_the_same_pth(timm_pth, demo_root, tmp_path):
     path, model = timm_pth
     images, labels = eval_images(demo_root)
+    grid = images.shape[1] // 4  # vit_test_patch4
     with torch.no_grad():
         tokens = model.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
-    expected = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(1)}
-    for pool in ("cls", "mean"):
-        out = tmp_path / f"{pool}.npz"
+    expected = {"cls": tokens[:, 0], "mean": tokens[:, 1:].mean(1),
+                "patch": tokens[:, 1:].reshape(len(tokens), grid, grid, -1)}
+    for which in ("cls", "mean", "patch"):
+        out = tmp_path / f"{which}.npz"
         cli_main(["features", "--checkpoint", str(path), "--data_path", str(demo_root), "--split", "val",
-                  "--pool", pool, *FAST, "--out", str(out)])
+                  "--tokens", which, *FAST, "--out", str(out)])
         found = load_features(out)
-        np.testing.assert_allclose(found.features, expected[pool], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(found.features, expected[which], atol=1e-4, rtol=0)
         np.testing.assert_array_equal(found.labels, labels)
+        assert found.layers is None
     names = [str(p) for p in sorted((demo_root / "val").rglob("*.jpg"))]
     assert list(found.file_names) == names  # every image once, in the source's order
+
+
+def test_chosen_blocks_patch_maps_equal_timms_forward_intermediates(timm_pth, demo_root, tmp_path):
+    """ViTDet / UperNet read blocks' outputs before the final norm as NCHW maps: timm's `forward_intermediates`."""
+    path, model = timm_pth
+    images, _ = eval_images(demo_root)
+    layers = [1, 0]  # in the order asked for
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.from_numpy(images).permute(0, 3, 1, 2), indices=sorted(layers),
+                                           norm=False, output_fmt="NCHW", intermediates_only=True)
+    by_block = dict(zip(sorted(layers), (m.numpy() for m in maps), strict=True))
+    out = tmp_path / "layers.npz"
+    cli_main(["features", "--checkpoint", str(path), "--data_path", str(demo_root), "--split", "val",
+              "--tokens", "patch", "--layers", ",".join(map(str, layers)), *FAST, "--out", str(out)])
+    found = load_features(out)
+    assert list(found.layer_indices) == layers
+    for j, block in enumerate(layers):  # channels last here: [N, h, w, D] -> NCHW as a detection neck reads it
+        np.testing.assert_allclose(found.layers[:, j].transpose(0, 3, 1, 2), by_block[block], atol=1e-4, rtol=0)
+    with pytest.raises(SystemExit, match=r"--layers 0,9: give distinct block indices 0\.\.1 \(this encoder has 2 blocks\)"):
+        cli_main(["features", "--checkpoint", str(path), "--data_path", str(demo_root), "--layers", "0,9", *FAST,
+                  "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"--tokens patch: k-NN scores one vector per image"):
+        cli_main(["knn", "--checkpoint", str(path), "--tokens", "patch"])
 
 
 def test_rows_of_several_processes_map_to_the_examples_they_hold():
@@ -139,6 +165,9 @@ def test_knn_bad_input_is_one_line(tmp_path):
     np.savez(tmp_path / "other.npz", values=np.zeros(3))
     with pytest.raises(SystemExit, match=r"other.npz lacks \['features', 'labels', 'file_names'\]"):
         cli_main(["knn", "--train", str(tmp_path / "other.npz"), "--val", str(tmp_path / "other.npz")])
+    np.savez(tmp_path / "flat.npz", features=np.eye(3), labels=np.full(3, -1), file_names=np.array(["a", "b", "c"]))
+    with pytest.raises(SystemExit, match=r"the training features have no labels \(images without class folders\)"):
+        cli_main(["knn", "--train", str(tmp_path / "flat.npz"), "--val", str(tmp_path / "flat.npz"), "--k", "1"])
 
 
 # --------------------------------------------------------------------------------- visualize

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from semmae_jax.data.packed import PACKED_INDEX, packed_source
-from semmae_jax.data.sources import MissingParts, Source, image_folder
+from semmae_jax.data.sources import MissingParts, Source, check_labelled, image_folder
 
 
 def open_source(
@@ -21,6 +21,7 @@ def open_source(
     tfds_data_dir: str | None = None,
     part_path: str | Path | None = None,
     missing_parts: MissingParts = "error",
+    labelled: bool = False,
 ) -> Source:
     """The dataset named by the command-line flags.
 
@@ -32,7 +33,16 @@ def open_source(
       tfds_data_dir: `--tfds_data_dir`, TFDS's data dir (ImageNet's archives go in its
         `downloads/manual/`, as TFDS documents).
       part_path, missing_parts: part maps (see `image_folder`; for TFDS, `tfds_source`).
+      labelled: refuse a split without labels (a folder of images without class folders).
     """
+    source = _source(data_path, split, dataset, tfds_data_dir, part_path, missing_parts)
+    if labelled:
+        check_labelled(source, data_path, split)
+    return source
+
+
+def _source(data_path: str | Path | None, split: Literal["train", "val"], dataset: str, tfds_data_dir: str | None,
+            part_path: str | Path | None, missing_parts: MissingParts) -> Source:
     if dataset.startswith("tfds:"):
         from semmae_jax.data.tfds_source import tfds_source  # lazily: TFDS is slow to import
 

@@ -11,6 +11,9 @@ Classes and files are listed exactly as torchvision's `ImageFolder` does (class 
 `sorted` by name, files found recursively and sorted, the same extensions), so label
 ids match checkpoints trained in PyTorch. A class folder with no image is an error, as
 in `ImageFolder`: skipping it would silently shift no ids but would hide a broken copy.
+A folder of images with no class folder (`DIR/<image>`, or `DIR/train/<image>`) is
+unlabelled: every label is `NO_LABEL`, enough to pretrain; the commands that need labels
+ask for them (`open_source(..., labelled=True)`).
 
 Training order (image folders): the whole file list is shuffled per epoch by numpy
 seeded with (seed, epoch); the first `steps * global_batch` files are used (drop
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _PIL_ONLY_PATTERN = r".*\.(ppm|pgm|tiff?)"  # formats tf.io cannot decode: PIL decodes them
+NO_LABEL = -1  # the label of an image in a folder without class folders
 MissingParts = Literal["error", "unlabelled"]
 
 
@@ -93,25 +97,37 @@ def eval_share(num_examples: int, shard: Shard) -> tuple[int, int]:
 
 
 def find_classes(directory: str | Path) -> list[str]:
-    """Class folder names in label-id order, as torchvision's `find_classes`."""
+    """Class folder names in label-id order, as torchvision's `find_classes`; [] for a folder of
+    images without class folders (unlabelled). Images beside class folders are not read, as in
+    torchvision."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} does not exist or is not a directory")
-    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
-    if not classes:
-        raise FileNotFoundError(f"no class folder in {directory}: expected {directory}/<class>/<image>")
+    entries = list(os.scandir(directory))
+    classes = sorted(entry.name for entry in entries if entry.is_dir())
+    if not classes and not any(_is_image(entry.name) for entry in entries if entry.is_file()):
+        raise FileNotFoundError(f"no class folder and no image in {directory}: expected {directory}/<class>/<image> "
+                                f"(labelled) or {directory}/<image> (unlabelled; extensions: {', '.join(IMG_EXTENSIONS)})")
     return classes
 
 
+def _is_image(file_name: str) -> bool:
+    return file_name.lower().endswith(IMG_EXTENSIONS)
+
+
 def list_images(directory: str | Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
-    """(paths, labels) in torchvision's `make_dataset` order; an empty class is an error."""
+    """(paths, labels) in torchvision's `make_dataset` order; an empty class is an error. With no
+    class, the images directly in `directory`, sorted, each labelled `NO_LABEL`."""
+    if not classes:
+        names = sorted(entry.name for entry in os.scandir(directory) if entry.is_file() and _is_image(entry.name))
+        return [os.path.join(directory, name) for name in names], [NO_LABEL] * len(names)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
         found = [
             os.path.join(root, fname)
             for root, _, fnames in sorted(os.walk(Path(directory) / name, followlinks=True))
             for fname in sorted(fnames)
-            if fname.lower().endswith(IMG_EXTENSIONS)
+            if _is_image(fname)
         ]
         if not found:
             empty.append(str(Path(directory) / name))
@@ -132,9 +148,16 @@ def split_dir(data_path: str | Path, split: str) -> Path:
     if (root / split).is_dir():
         return root / split
     if split == "train" and not (root / "val").is_dir():
-        log.info("%s has no train/ folder: reading it as one image folder of classes", root)
+        log.info("%s has no train/ folder: reading it as the training images", root)
         return root
     raise FileNotFoundError(f"no {split}/ folder in --data_path {root} (expected {root}/{split}/<class>/<image>)")
+
+
+def check_labelled(source: Source, data_path: str | Path | None, split: str) -> None:
+    """Refuse, in one line, a split whose images have no labels, for a command that needs them."""
+    if source.num_classes == 0:
+        raise ValueError(f"--data_path {data_path}: its {split} images have no class folders (unlabelled); this "
+                         f"command needs labels: {split}/<class>/<image>")
 
 
 def _part_files(

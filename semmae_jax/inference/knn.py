@@ -75,6 +75,12 @@ def knn_classify(train_features: np.ndarray, train_labels: np.ndarray, test_feat
 def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                  test_labels: np.ndarray, *, k: int = 20, temperature: float = 0.07) -> KnnResult:
     """Acc@1 and Acc@5 (percent) of the weighted k-NN vote on the test features."""
+    if train_features.ndim != 2 or test_features.ndim != 2:
+        raise ValueError("k-NN scores one vector per image (features of --tokens cls or mean), not patch-token maps")
+    for split, labels in (("training", train_labels), ("test", test_labels)):
+        if len(labels) and np.min(labels) < 0:
+            raise ValueError(f"the {split} features have no labels (images without class folders): k-NN scores "
+                             "labelled features")
     votes = knn_votes(train_features, train_labels, test_features, k=k, temperature=temperature)
     # A stable sort of the negated votes ranks equal votes by class id, as argmax does.
     ranked = np.argsort(-votes, axis=1, kind="stable")[:, :5]

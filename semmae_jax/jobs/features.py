@@ -1,6 +1,7 @@
 """Use a trained encoder: `python main.py features` and `python main.py knn`.
 
-    python main.py features --checkpoint CKPT --data_path D [--split train|val] [--pool cls|mean] --out F.npz
+    python main.py features --checkpoint CKPT --data_path D [--split train|val] [--tokens cls|mean|patch]
+                            [--layers 3,5,7,11] --out F.npz
     python main.py knn --train F_train.npz --val F_val.npz [--k 20] [--temperature 0.07]
     python main.py knn --checkpoint CKPT --data_path D         # both extractions, then the vote
 
@@ -20,7 +21,7 @@ from typing import Any
 from semmae_jax import config as config_lib
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
-from semmae_jax.inference.features import POOLS, Features, extract, load_features, save_features
+from semmae_jax.inference.features import TOKENS, VECTORS, Features, extract, load_features, save_features
 from semmae_jax.inference.knn import KnnResult, knn_accuracy
 from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.train.flags import DistributedFlags
@@ -34,7 +35,8 @@ class ExtractFlags:
     data_path: str | None = field(None, "image folder or packed data with train/ and val/ (default: the demo data)")
     dataset: str = field("folder", "'folder' (--data_path) or 'tfds:NAME'")
     tfds_data_dir: str | None = field(None, "TFDS data dir")
-    pool: str = field("cls", "the cls token, or the mean of the patch tokens (after the final norm)", choices=POOLS)
+    tokens: str = field("cls", "the cls token, the mean of the patch tokens, or the patch tokens as a map "
+                               "[H/p, W/p, D] (after the final norm)", choices=TOKENS)
     input_size: int | None = field(None, "image size (default: the checkpoint's)")
     batch_size: int = field(64, "images per device and batch")
     num_workers: int = field(8, "parallel decoding calls (tf.data)")
@@ -46,7 +48,18 @@ class FeaturesConfig(DistributedFlags, ExtractFlags):
     """`main.py features`: one split's encoder features, labels and file names as an .npz."""
 
     split: str = field("train", "the dataset's split", choices=("train", "val"))
-    out: str | None = field(None, "the .npz to write (arrays features, labels, file_names)")
+    layers: str | None = field(None, "also these blocks' outputs, before the final norm: comma-separated 0-based "
+                                     "indices, e.g. 3,5,7,11 (ViTDet, UperNet)")
+    out: str | None = field(None, "the .npz to write (arrays features, labels, file_names; layers, layer_indices)")
+
+    def check(self) -> None:
+        self.layer_indices()
+
+    def layer_indices(self) -> tuple[int, ...]:
+        try:
+            return tuple(int(i) for i in self.layers.split(",")) if self.layers else ()
+        except ValueError:
+            raise ValueError(f"--layers {self.layers}: comma-separated block indices, e.g. 3,5,7,11") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +72,10 @@ class KnnConfig(DistributedFlags, ExtractFlags):
     temperature: float = field(0.07, "votes weigh exp(cosine similarity / T)")
     out: str | None = field(None, "also write the result as JSON here")
 
+    def check(self) -> None:
+        if self.tokens not in VECTORS:
+            raise ValueError(f"--tokens {self.tokens}: k-NN scores one vector per image, --tokens cls or mean")
+
 
 def encoder(reader: WeightsReader, checkpoint: str, input_size: int | None) -> tuple[Any, Any]:
     """(headless ViT, its params) of `checkpoint`'s encoder; a run's output dir is read at its checkpoints/."""
@@ -68,7 +85,7 @@ def encoder(reader: WeightsReader, checkpoint: str, input_size: int | None) -> t
     return backbone_model(name, overrides), params
 
 
-def features(config: ExtractFlags, reader: WeightsReader, split: str) -> Features:
+def features(config: ExtractFlags, reader: WeightsReader, split: str, layers: Sequence[int] = ()) -> Features:
     """The encoder's features of one split of the flags' dataset, on the flags' mesh."""
     import jax
 
@@ -84,12 +101,13 @@ def features(config: ExtractFlags, reader: WeightsReader, split: str) -> Feature
     source = open_source(data_path, split, dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-        found, skipped = extract(model, params, source, pool=config.pool, mesh=mesh, num_workers=config.num_workers,
-                                 batch=batch)
+        found, skipped = extract(model, params, source, tokens=config.tokens, layers=layers, mesh=mesh,
+                                 num_workers=config.num_workers, batch=batch)
     left_out = f"; {len(skipped)} unreadable image(s) left out (named above)" if skipped else ""
-    print(f"{len(found.labels)} images of {data_path or config.dataset} ({split}): {config.pool} features of width "
-          f"{found.features.shape[1]} from {config.checkpoint} at {model.img_size}x{model.img_size}{left_out}",
-          flush=True)
+    of_blocks = f", and of blocks {','.join(map(str, layers))} before it" if layers else ""
+    print(f"{len(found.labels)} images of {data_path or config.dataset} ({split}): {config.tokens} features of shape "
+          f"{list(found.features.shape[1:])} after the final norm{of_blocks}, from {config.checkpoint} at "
+          f"{model.img_size}x{model.img_size}{left_out}", flush=True)
     return found
 
 
@@ -99,7 +117,7 @@ def extract_features(config: FeaturesConfig, reader: WeightsReader) -> Features:
     if not config.out:
         raise ValueError("--out is required: the .npz to write")
     config.start_runtime()
-    found = features(config, reader, config.split)
+    found = features(config, reader, config.split, config.layer_indices())
     if is_primary():
         save_features(config.out, found)
         print(f"wrote {config.out}")

@@ -106,7 +106,8 @@ def validation(config: FinetuneConfig, model: nn.Module, mesh: jax.sharding.Mesh
                params_sharding: Any, class_names: Sequence[str] | None = None) -> evaluate.Validation:
     """The validation split, scored by the classifier's logits (refused when `class_names`, the
     checkpoint's, order the dataset's class folders differently)."""
-    val = data.open_source(config.data_paths()[0], "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
+    val = data.open_source(config.data_paths()[0], "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir,
+                           labelled=True)
     evaluate.check_classes(val.num_classes, config.nb_classes)
     evaluate.check_class_order(getattr(val, "classes", None), class_names, config.resume)
     return evaluate.Validation.build(
@@ -157,7 +158,8 @@ class FinetuneJob(Job):
         from semmae_jax.data.augment import finetune_augment
 
         c = self.config
-        train = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        train = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
+                                 labelled=True)
         return train, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size, scale=(0.08, 1.0),
                                           pixel_augment=finetune_augment(c.aa))
 

@@ -96,7 +96,8 @@ class LinprobeJob(Job):
 
     def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c, size = self.config, self.encoder.img_size
-        source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
+                                  labelled=True)
         return source, data.TrainTransform(img_size=size, patch_size=self.encoder.patch_size, scale=(0.08, 1.0))
 
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -132,7 +133,7 @@ class LinprobeJob(Job):
     def _validation(self, mesh: jax.sharding.Mesh, shardings: TrainState) -> evaluate.Validation:
         """The validation split scored by the probe on the frozen encoder, for states placed as `shardings`."""
         c, encoder, head = self.config, self.encoder, self.build_model()
-        val = data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
+        val = data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir, labelled=True)
         evaluate.check_classes(val.num_classes, c.nb_classes)
 
         def logits_fn(variables: Any, images: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""The host allocator every command starts with: glibc's malloc on transparent huge pages.
+"""Host memory: the allocator every command starts with (glibc's malloc on transparent huge
+pages), and how much is free (`available_host_bytes`).
 
 XLA:CPU takes a step's temporary buffers (about 1.8 GB for MAE ViT-B/16 at batch 8) from
 malloc and hands them back after the step. glibc serves allocations that large with fresh
@@ -65,3 +66,14 @@ def describe(environ: MutableMapping[str, str] = os.environ) -> str:
     """What this process's malloc runs on, for a run's log: 'huge pages' or '4 KiB pages'."""
     on = parse_tunables(environ.get("GLIBC_TUNABLES", "")).get(TUNABLE, "0") != "0" and huge_pages_available()
     return f"malloc on {'huge' if on else '4 KiB'} pages (GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES', '')!r})"
+
+
+def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's estimate of memory available to a new allocation (MemAvailable), or None."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

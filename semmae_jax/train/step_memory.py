@@ -9,9 +9,9 @@ a CPU against the free host memory shared by this process's CPU devices.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
+
+from semmae_jax.runtime.host_memory import available_host_bytes
 
 GIB = 1024**3
 LEVERS = ("lower --batch_size / --global_batch_size, recompute activations (--remat), --attention cudnn on NVIDIA GPUs, "
@@ -25,17 +25,6 @@ def step_bytes(compiled: jax.stages.Compiled) -> int | None:
         return None
     return (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
             + stats.temp_size_in_bytes)
-
-
-def available_host_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """The kernel's estimate of memory available to a new allocation (MemAvailable), or None."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def device_limit() -> tuple[int, str] | None:
