@@ -112,14 +112,12 @@ class Account:
 
 def build_job(kind: str, model: str, attention: str = "xla", dtype: str = "bfloat16", remat: str = "none",
               *flags: str) -> Job:
-    """`main.py KIND --model MODEL --attention ATTENTION --dtype DTYPE FLAGS...` with the model's remat
-    policy set to `remat` (the jobs' `--remat` flag only says 'full' or not)."""
+    """`main.py KIND --model MODEL --attention ATTENTION --dtype DTYPE --remat REMAT FLAGS...`."""
     if kind not in JOBS:
         raise ValueError(f"--job must be one of {sorted(JOBS)}, got {kind!r}")
     if remat not in REMAT_POLICIES:
         raise ValueError(f"--remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
-    job = JOBS[kind](model, "--attention", attention, "--dtype", dtype, *flags)
-    return type(job)(dataclasses.replace(job.config, remat=remat))
+    return JOBS[kind](model, "--attention", attention, "--dtype", dtype, "--remat", remat, *flags)
 
 
 def account(job: Job) -> Account:

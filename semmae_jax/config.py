@@ -34,7 +34,8 @@ def _flag_type(annotation: Any) -> tuple[type, bool]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, aliases: dict[str, dict[str, Any]] | None = None) -> None:
-    """One flag per dataclass field (`--name`; booleans also `--no-name`), help from `metadata['help']`.
+    """One flag per dataclass field (`--name`; booleans also `--no-name`; a field with `metadata['bare']`
+    also `--name` alone, meaning that value), help from `metadata['help']`.
 
     Defaults are suppressed so that `parse_args` holds only the flags given; `aliases`
     maps extra flag names to (field, value), e.g. `--cls_token` -> global_pool=False.
@@ -49,7 +50,10 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, aliases:
         else:
             kind = (lambda v, b=base: None if v.lower() == "none" else b(v)) if optional else base
             choices = _inherited_metadata(config_cls, field.name, "choices")
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices, help=help_text, metavar=base.__name__.upper())
+            bare = _inherited_metadata(config_cls, field.name, "bare")  # the value of the flag given alone
+            shape = {} if bare is None else {"nargs": "?", "const": bare}
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices, help=help_text,
+                                metavar=base.__name__.upper(), **shape)
     for flag, (dest, value) in (aliases or {}).items():
         parser.add_argument(flag, dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=f"same as --{dest}={value}")
 

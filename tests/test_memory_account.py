@@ -87,6 +87,12 @@ def test_cudnn_attention_keeps_only_padded_tensors():
 
 
 def test_remat_policies_save_less_the_more_they_recompute():
+    """Each policy through the jobs' `--remat POLICY` flag (`build_job`); `--remat` alone is 'full'."""
+    from semmae_jax.jobs.finetune import parse as finetune_flags
+    from semmae_jax.jobs.pretrain import parse as pretrain_flags
+
+    assert pretrain_flags(["--remat"]).remat == finetune_flags(["--remat"]).remat == "full"
+    assert pretrain_flags([]).remat == "none"
     figures = [small_account("cudnn", policy).mib_per_image for policy in REMAT_POLICIES]
     assert list(REMAT_POLICIES) == ["none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full"]
     assert figures == sorted(figures, reverse=True) and len(set(figures)) == len(figures), figures

@@ -28,7 +28,15 @@ from semmae_jax.models import create_model
 from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.train import evaluate, optim
-from semmae_jax.train.flags import ClassifierFlags, ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.flags import (
+    ClassifierFlags,
+    ComputeFlags,
+    DataFlags,
+    ModelFlags,
+    RematFlags,
+    ScheduleFlags,
+    TrainFlags,
+)
 from semmae_jax.train.skeleton import Job, Recipe, train_or_evaluate
 from semmae_jax.train.state import TrainState, merge_pretrained, plan_state
 from semmae_jax.train.steps import Step, apply_gradients
@@ -37,12 +45,11 @@ MIX_STREAM, DROP_STREAM, ERASE_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, ClassifierFlags, ModelFlags):
+class FinetuneConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, RematFlags, ClassifierFlags, ModelFlags):
     """Defaults are the original `main_finetune.py`'s."""
 
     # Model.
     drop_path: float = field(0.1, "stochastic depth rate")
-    remat: bool = field(False, "recompute each block's activations in the backward pass")
     # Optimisation (the shared flags with the fine-tuning defaults).
     epochs: int = field(50)
     warmup_epochs: int = field(5)

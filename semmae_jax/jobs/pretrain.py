@@ -28,14 +28,14 @@ from semmae_jax.config import field
 from semmae_jax.inference import visualize
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
-from semmae_jax.train.flags import ComputeFlags, DataFlags, ModelFlags, ScheduleFlags, TrainFlags
+from semmae_jax.train.flags import ComputeFlags, DataFlags, ModelFlags, RematFlags, ScheduleFlags, TrainFlags
 from semmae_jax.train.skeleton import Job, Recipe, train
 from semmae_jax.train.state import TrainState
 from semmae_jax.train.steps import Step, make_pretrain_step
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, ModelFlags):
+class PretrainConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, RematFlags, ModelFlags):
     """Defaults are the original `main_pretrain.py`'s; `configs/*.py` presets change them."""
 
     # Model.
@@ -44,7 +44,6 @@ class PretrainConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, ModelFl
     norm_pix_loss: bool = field(False, "per-patch normalised pixels as the target")
     decay_tokens: bool = field(False, "weight decay on cls_token and mask_token too, as the original's pretraining "
                                       "(default: exempt, as its fine-tuning)")
-    remat: bool = field(False, "recompute each block's activations in the backward pass")
     # SemMAE masking.
     setting: int = field(0, "masking: 0 random (MAE), 1 intra-part, 2 inter-part, 3 adaptive", choices=(0, 1, 2, 3))
     gamma: float = field(2.0, "adaptive masking: alpha = (epoch / epochs) ** gamma")

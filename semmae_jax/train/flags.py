@@ -16,7 +16,7 @@ from semmae_jax import sharding
 from semmae_jax.checkpoint.manager import RUN_CHECKPOINTS
 from semmae_jax.config import field
 from semmae_jax.models import create_model
-from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS
+from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from semmae_jax.runtime import distributed
 from semmae_jax.runtime.batch_geometry import BatchGeometry
 from semmae_jax.runtime.storage import is_local, output_path
@@ -92,6 +92,17 @@ class ComputeFlags:
 
     attention: str = field("xla", "attention kernel: 'xla', or 'cudnn' (fused flash attention: NVIDIA GPUs, "
                                   "bfloat16 / float16)", choices=ATTENTION_IMPLEMENTATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class RematFlags:
+    """What the backward pass recomputes, for the jobs that train the encoder's blocks."""
+
+    remat: str = field("none", "recompute activations in the backward pass: 'full' (--remat alone) recomputes each "
+                               "block from its input; 'save_dot_except_mlp' keeps the attention's projections, "
+                               "'save_qkv_proj' the q, k, v projection, 'minimal' every matmul without a batch "
+                               "dimension (MaxText's names); 'none' keeps everything",
+                       choices=tuple(REMAT_POLICIES), bare="full")
 
 
 @dataclasses.dataclass(frozen=True)
