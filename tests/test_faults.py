@@ -207,11 +207,14 @@ def test_a_failed_read_drops_only_the_noise_of_the_reads_orbax_abandons(monkeypa
         not_orbax.close()
     assert [(u.object, str(u.exc_value)) for u in seen] == [
         (None, "another"), (not_orbax, str(closed)), (orbax_read, "a read's bug")]
+    orbax_task = f"task: <Task pending coro=<_read_array_index_and_device_put() running at {serialization.__file__}:320>>"
+    own_task = f"task: <Task pending coro=<read() running at {__file__}:1>>"
     with caplog.at_level(logging.ERROR, logger="asyncio"):
-        for message in ("Task exception was never retrieved", "Task was destroyed but it is pending!",
-                        "Unclosed event loop"):
+        for message in (f"Task exception was never retrieved\n{orbax_task}", f"Task was destroyed but it is pending!\n"
+                        f"{orbax_task}", f"Task was destroyed but it is pending!\n{own_task}", "Unclosed event loop"):
             logging.getLogger("asyncio").error(message)
-    assert [record.getMessage() for record in caplog.records] == ["Unclosed event loop"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Task was destroyed but it is pending!\n{own_task}", "Unclosed event loop"]
 
 
 @pytest.mark.slow
