@@ -112,7 +112,7 @@ def stepper(step: Step, state: TrainState, batch: dict[str, Any]) -> Callable[[]
 
 
 def flags_of(values: dict[str, Any]) -> Sequence[str]:
-    """{'dtype': 'bfloat16', 'remat': True} -> ['--dtype', 'bfloat16', '--remat']."""
+    """{'dtype': 'bfloat16', 'norm_pix_loss': True} -> ['--dtype', 'bfloat16', '--norm_pix_loss']."""
     flags: list[str] = []
     for name, value in values.items():
         if value is True:

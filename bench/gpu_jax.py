@@ -111,7 +111,7 @@ def fit_batch(compile_at: Callable[[int], Any], max_batch: int, limit: int | Non
 def train_step(kind: str, model_name: str, *, attention: str, setting: int, remat: bool, max_batch: int,
                warmup: int, steps: int) -> dict[str, Any]:
     """One pretraining or fine-tuning row: bf16 compute, fp32 params, the largest batch that fits."""
-    flags = ["--dtype", "bfloat16", "--attention", attention, "--remat" if remat else "--no-remat"]
+    flags = ["--dtype", "bfloat16", "--attention", attention, "--remat", "full" if remat else "none"]
     job = (pretrain_job(model_name, *flags, "--setting", str(setting)) if kind == "pretrain"
            else finetune_job(model_name, *flags, *FINETUNE_FLAGS))
     mesh = one_device_mesh()
