@@ -116,20 +116,21 @@ def extract(model: VisionTransformer, params: Any, source: Any, *, tokens: Token
     placed = place_params(model, params, mesh)
 
     @sharding.with_logical_rules
-    def step(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, ...]:
+    def step(params: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array | None]:
         final, chosen = encode(model, params, batch["image"], tokens, layers)
-        return final, chosen if chosen is not None else jnp.zeros(()), batch["label"], batch["mask"]
+        return {"features": final, "layers": chosen, "label": batch["label"], "mask": batch["mask"]}
 
-    step = jax.jit(step, out_shardings=(sharding.replicated(mesh),) * 4)
-    rows = [tuple(np.asarray(x) for x in step(placed, global_batch(batch, mesh)))
+    step = jax.jit(step, out_shardings=sharding.replicated(mesh))
+    rows = [jax.tree.map(np.asarray, step(placed, global_batch(batch, mesh)))
             for batch in _progress(loader.batches(), loader.num_batches)]
-    features, chosen, labels, present = (np.concatenate(column) if column[0].ndim else None
-                                         for column in zip(*rows, strict=True))
+    stacked = jax.tree.map(lambda *column: np.concatenate(column), *rows)  # "layers" stays None without layers
+    present = stacked["mask"]
     ids = row_ids(source.num_examples, loader.process_batch, batch.processes)
     kept = np.flatnonzero(present)[np.argsort(ids[present])]  # the rows read, in the source's order
     names = all_names(source)
-    found = Features(features[kept], labels[kept].astype(np.int64), np.asarray([names[i] for i in ids[kept]], str),
-                     chosen[kept] if layers else None, np.asarray(layers, np.int64) if layers else None)
+    found = Features(stacked["features"][kept], stacked["label"][kept].astype(np.int64),
+                     np.asarray([names[i] for i in ids[kept]], str),
+                     stacked["layers"][kept] if layers else None, np.asarray(layers, np.int64) if layers else None)
     return found, [names[i] for i in ids[~present & (ids >= 0)]]
 
 
