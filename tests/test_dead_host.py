@@ -119,6 +119,29 @@ def test_processes_exit_cleanly_while_their_peer_watch_is_inside_a_call_into_the
     assert all("4.0" in output and "FATAL" not in output for output in outputs), outputs
 
 
+END_BESIDE_A_PROGRESS_BAR = """
+import sys
+from tqdm import tqdm
+from semmae_jax.runtime import distributed
+
+class Client:  # the store's one call the verdict makes
+    def key_value_set(self, key, value, allow_overwrite=False):
+        pass
+
+bar = tqdm(total=6, desc="epoch 0")
+bar.update(3)  # the bar's line is half-written when the watch reaches its verdict
+distributed.PeerWatch(Client(), 0, 2, 10)._end([1], "no heartbeat for 10 s")
+"""
+
+
+def test_the_dead_host_line_starts_a_line_of_its_own_beside_a_progress_bar():
+    ended = subprocess.run([sys.executable, "-c", END_BESIDE_A_PROGRESS_BAR], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+    assert ended.returncode == RETRY_EXIT_CODE, ended.stderr
+    assert re.search(r"^dead host: process 1 of 2 stopped answering \(no heartbeat for 10 s\); this is process 0; ",
+                     ended.stderr, re.M), ended.stderr
+
+
 def test_a_local_step_kept_by_this_process_alone_is_replaced_when_the_run_passes_it_again(tmp_path):
     """A run resumed from an older step (another process had not got the newest local one) saves that
     step number again: the stale copy is replaced, not refused as existing."""

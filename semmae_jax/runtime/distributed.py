@@ -44,6 +44,7 @@ from collections.abc import Callable, MutableMapping
 
 import jax
 from jax._src import distributed as jax_distributed  # the client: jax.distributed exports no accessor
+from tqdm import tqdm
 
 # The XLA flags every job sets on a GPU (NVIDIA's JAX image sets the same): the latency-hiding
 # scheduler overlaps collectives (and async copies) with compute. `bench/gpu.py` measures a
@@ -209,9 +210,12 @@ class PeerWatch:
         names = ", ".join(map(str, missing))
         with contextlib.suppress(Exception):  # this exit is no death to the other survivors' watches
             self._client.key_value_set(f"{_LEFT}{self._me}", "1", allow_overwrite=True)
-        print(f"dead host: process {names} of {self._count} stopped answering ({why}); this is process {self._me}; "
-              f"{_checkpoint_hint()}; the same command resumes from it; exiting with code {RETRY_EXIT_CODE} "
-              "(EX_TEMPFAIL: retry)", file=sys.stderr, flush=True)
+        # Through tqdm: an open progress bar is cleared first, so the line starts a line of its own (a
+        # plain print lands after the bar's half-written line). No lock: this thread must never wait.
+        tqdm.write(f"dead host: process {names} of {self._count} stopped answering ({why}); this is process "
+                   f"{self._me}; {_checkpoint_hint()}; the same command resumes from it; exiting with code "
+                   f"{RETRY_EXIT_CODE} (EX_TEMPFAIL: retry)", file=sys.stderr, nolock=True)
+        sys.stderr.flush()
         os._exit(RETRY_EXIT_CODE)
 
     def _leave(self) -> None:
