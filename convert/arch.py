@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from convert.table import ConversionError, Shape, canonical_order, flatten, torch_key_and_shape
+from semmae_jax.image_size import ImageSize, height_width, image_size, size_text
 from semmae_jax.models import create_model, model_family, model_names
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class Architecture:
 
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "img_size" in self.overrides:  # a JSON meta's [24, 40] is the size (24, 40)
+            object.__setattr__(self, "overrides", {**self.overrides, "img_size": image_size(self.overrides["img_size"])})
 
     @property
     def family(self) -> str:
@@ -95,7 +100,7 @@ def _torch_shapes(name: str, overrides: tuple[tuple[str, Any], ...]) -> tuple[tu
 def _flax_shapes(name: str, overrides: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Shape], ...]:
     model = create_model(name, **dict(overrides))
     config = full_config(name, **dict(overrides))
-    images = jax.ShapeDtypeStruct((1, config["img_size"], config["img_size"], config["in_chans"]), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, *height_width(config["img_size"]), config["in_chans"]), jnp.float32)
     rngs = {"params": jax.random.key(0), "mask": jax.random.key(0)}
     variables = jax.eval_shape(lambda x: nn.meta.unbox(model.init(rngs, x)), images)
     return tuple((path, tuple(leaf.shape)) for path, leaf in flatten(variables["params"]).items())
@@ -107,6 +112,7 @@ def infer_architecture(
     *,
     hint: str | None = None,
     stated: Mapping[str, Any] | None = None,
+    requested_size: ImageSize | None = None,
 ) -> Architecture:
     """The model a torch-layout state dict (given as key -> shape) belongs to.
 
@@ -119,10 +125,13 @@ def infer_architecture(
         registered names whose shapes match.
       stated: fields a config file beside the tensors states and the shapes cannot show
         (head counts, `layer_norm_eps`, `norm_pix_loss`: transformers' `config.json`);
-        they become overrides, and stated head counts replace the head_dim rule.
+        they become overrides, and stated head counts replace the head_dim rule. A stated
+        `img_size` gives the position table's grid (`read_layout`).
+      requested_size: the image size the caller will resample the tables to: the grid of a
+        table that is not square when it fits (`read_layout`).
     """
     stated = dict(stated or {})
-    family, found = read_layout(shapes)
+    family, found = read_layout(shapes, stated.pop("img_size", None), requested_size)
     if model_name is not None:
         if model_family(model_name) != family:
             raise ConversionError(
@@ -135,8 +144,13 @@ def infer_architecture(
     return arch
 
 
-def read_layout(shapes: Mapping[str, Shape]) -> tuple[str, dict[str, Any]]:
-    """(family, config fields) read from the keys and shapes of a torch-layout state dict."""
+def read_layout(shapes: Mapping[str, Shape], stated_size: ImageSize | Sequence[int] | None = None,
+                requested_size: ImageSize | None = None) -> tuple[str, dict[str, Any]]:
+    """(family, config fields) read from the keys and shapes of a torch-layout state dict.
+
+    A position table holds rows x columns positions, which its shape alone cannot split: the
+    image size a config beside the tensors states (`stated_size`) does; without one a table is
+    square when it can be, else of the size asked for (`requested_size`, `--img_size H W`)."""
     needed = ("cls_token", "pos_embed", "patch_embed.proj.weight")
     absent = [key for key in needed if key not in shapes]
     if absent:
@@ -146,12 +160,10 @@ def read_layout(shapes: Mapping[str, Shape]) -> tuple[str, dict[str, Any]]:
     embed_dim, in_chans, patch, patch_w = shapes["patch_embed.proj.weight"]
     if patch != patch_w:
         raise ConversionError(f"non-square patches {patch}x{patch_w} in patch_embed.proj.weight are not supported")
-    grid = math.isqrt(shapes["pos_embed"][1] - 1)
-    if grid * grid != shapes["pos_embed"][1] - 1:
-        raise ConversionError(f"pos_embed {shapes['pos_embed']} is not a cls row plus a square grid")
+    size = _table_size(shapes["pos_embed"], patch, stated_size, requested_size)
     hidden = shapes.get("blocks.0.mlp.fc1.weight", (4 * embed_dim,))[0]
     found = dict(patch_size=patch, in_chans=in_chans, embed_dim=embed_dim, depth=_count_blocks(shapes, "blocks"),
-                 mlp_ratio=hidden / embed_dim, img_size=grid * patch)  # fmt: skip
+                 mlp_ratio=hidden / embed_dim, img_size=size)  # fmt: skip
     if "blocks.0.attn.qkv.weight" in shapes:
         found["qkv_bias"] = "blocks.0.attn.qkv.bias" in shapes
     if "decoder_embed.weight" in shapes:
@@ -164,6 +176,29 @@ def read_layout(shapes: Mapping[str, Shape]) -> tuple[str, dict[str, Any]]:
         pooler="pooler.weight" in shapes,
     )
     return "vit", found
+
+
+def _table_size(table: Shape, patch: int, stated: ImageSize | Sequence[int] | None,
+                requested: ImageSize | None) -> ImageSize:
+    """The image size of a [1, 1 + rows*columns, D] position table (`read_layout`)."""
+    positions = table[1] - 1
+
+    def grid(size: ImageSize | Sequence[int]) -> tuple[int, int]:
+        return tuple(length // patch for length in height_width(size))
+
+    if stated is not None:
+        rows, columns = grid(stated)
+        if rows * columns != positions:
+            raise ConversionError(f"pos_embed {table} holds {positions} positions, not the {rows}x{columns} grid of "
+                                  f"the image size {size_text(stated)} its config states")
+        return image_size(stated)
+    side = math.isqrt(positions)
+    if side * side == positions:
+        return side * patch
+    if requested is not None and math.prod(grid(requested)) == positions:
+        return image_size(requested)
+    raise ConversionError(f"pos_embed {table} holds {positions} positions, not a square grid: give the image size "
+                          "it was made for (--img_size HEIGHT WIDTH)")
 
 
 def describe(family: str, found: Mapping[str, Any]) -> str:

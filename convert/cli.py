@@ -1,6 +1,6 @@
 """`python -m convert` / `python main.py convert`: .pth / transformers <-> orbax checkpoint conversion.
 
-    python -m convert to-flax IN OUT_DIR [--model NAME] [--img_size N] [--trust-pickle]
+    python -m convert to-flax IN OUT_DIR [--model NAME] [--img_size SIDE | HEIGHT WIDTH] [--trust-pickle]
     python -m convert to-torch CKPT OUT.pth [--model NAME] [--format pth|safetensors]
     python -m convert to-hf CKPT OUT_DIR [--model NAME]
 
@@ -33,6 +33,7 @@ from convert.hf_files import write_hf
 from convert.safe_load import save_torch_checkpoint
 from convert.table import ConversionError
 from semmae_jax.checkpoint import save_params
+from semmae_jax.image_size import image_size
 
 T = TypeVar("T")
 
@@ -48,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
     )
     to_flax.add_argument("output", help="the orbax checkpoint directory to write")
     to_flax.add_argument("--model", default=None, help="registered model name (default: inferred from the shapes)")
-    to_flax.add_argument("--img_size", type=int, default=None, help="resample the position tables to this image size")
+    to_flax.add_argument("--img_size", type=int, nargs="+", default=None, metavar="SIDE",
+                         help="resample the position tables to this image size (one side, or HEIGHT WIDTH); a "
+                              "non-square table that no config describes is read at this size")
     to_flax.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -130,5 +133,11 @@ def exit_on_error(fn: Callable[..., T], *args: Any) -> T:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    flags = parser()
+    args = flags.parse_args(argv)
+    if getattr(args, "img_size", None) is not None:
+        try:
+            args.img_size = image_size(args.img_size)
+        except ValueError as error:
+            flags.error(f"--img_size: {error}")
     exit_on_error({"to-flax": to_flax, "to-torch": to_torch, "to-hf": to_hf}[args.verb], args)

@@ -33,6 +33,7 @@ from convert.table import (
     unflatten,
 )
 from semmae_jax import checkpoint
+from semmae_jax.image_size import ImageSize, height_width, image_size, size_text
 from semmae_jax.models.pos_embed import interpolate_pos_embed
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def torch_to_flax(
     state_dict: Mapping[str, np.ndarray],
     model_name: str | None = None,
     *,
-    img_size: int | None = None,
+    img_size: ImageSize | None = None,
     hint: str | None = None,
     stated: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
@@ -66,7 +67,7 @@ def torch_to_flax(
       `create_model(name, **overrides).apply({'params': params}, ...)` runs the checkpoint.
     """
     shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
-    arch = infer_architecture(shapes, model_name, hint=hint, stated=stated)
+    arch = infer_architecture(shapes, model_name, hint=hint, stated=stated, requested_size=img_size)
     if img_size is not None:
         state_dict, arch = _resize_tables(state_dict, arch, img_size)
         shapes = {key: tuple(value.shape) for key, value in state_dict.items()}
@@ -108,7 +109,7 @@ class Loaded(NamedTuple):
 
 
 def params_from_checkpoint(
-    path: str | Path, model_name: str | None = None, *, img_size: int | None = None, trust_pickle: bool = False
+    path: str | Path, model_name: str | None = None, *, img_size: ImageSize | None = None, trust_pickle: bool = False
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(params, model name, overrides) from any checkpoint `read_checkpoint` reads.
 
@@ -119,7 +120,7 @@ def params_from_checkpoint(
 
 
 def read_checkpoint(
-    path: str | Path, model_name: str | None = None, *, img_size: int | None = None, trust_pickle: bool = False
+    path: str | Path, model_name: str | None = None, *, img_size: ImageSize | None = None, trust_pickle: bool = False
 ) -> Loaded:
     """A `.pth` file, an orbax checkpoint directory, a transformers `save_pretrained`
     directory or a `.safetensors` file, read for a model.
@@ -137,7 +138,8 @@ def read_checkpoint(
         return Loaded(*converted, hf.meta)
     if Path(path).is_dir():
         params, meta = checkpoint.load_params(path)
-        converted = _named_errors(path, _checked_params, params, meta, model_name, img_size)
+        run_size = (checkpoint.open_step(path).json_item("config") or {}).get("input_size")  # a training run's
+        converted = _named_errors(path, _checked_params, params, meta, model_name, img_size, run_size)
         return Loaded(*converted, {k: v for k, v in meta.items() if k in CARRIED_META})
     state_dict, info = load_torch_checkpoint(path, trust_pickle=trust_pickle)
     log.info("%s", info.summary())
@@ -153,13 +155,15 @@ def _named_errors(path: str | Path, fn: Callable[..., T], *args: Any, **kwargs: 
 
 
 def _checked_params(
-    params: Mapping[str, Any], meta: Mapping[str, Any], model_name: str | None, img_size: int | None
+    params: Mapping[str, Any], meta: Mapping[str, Any], model_name: str | None, img_size: ImageSize | None,
+    run_size: ImageSize | None = None,
 ) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """Orbax params checked against their model: the saved one, the named one, or the inferred one."""
+    """Orbax params checked against their model: the saved one, the named one, or the inferred one
+    (a training run's checkpoint: at the image size `run_size` its config states)."""
     flat = _flat_params(params)
     saved = meta.get("model")
     overrides = meta.get("model_overrides", {}) if model_name in (None, saved) else None
-    arch = _flax_architecture(flat, model_name or saved, overrides)
+    arch = _flax_architecture(flat, model_name or saved, overrides, run_size)
     if img_size is not None:
         flat, arch = _resize_tables(flat, arch, img_size)
     check_shapes({p: tuple(np.shape(v)) for p, v in flat.items()}, arch.flax_shapes(), arch)
@@ -185,12 +189,15 @@ def _flat_params(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _flax_architecture(
-    flat: Mapping[str, Any], model_name: str | None, overrides: Mapping[str, Any] | None
+    flat: Mapping[str, Any], model_name: str | None, overrides: Mapping[str, Any] | None,
+    image_size: ImageSize | None = None,
 ) -> Architecture:
-    """The given model as saved, or the one the params' shapes (seen in the torch layout) imply."""
+    """The given model as saved, or the one the params' shapes (seen in the torch layout) and the
+    stated `image_size` imply."""
     if model_name is not None and overrides is not None:
         return Architecture(model_name, dict(overrides))
-    return infer_architecture(_torch_shapes(flat), model_name)
+    stated = {} if image_size is None else {"img_size": image_size}
+    return infer_architecture(_torch_shapes(flat), model_name, stated=stated)
 
 
 def _torch_shapes(flat: Mapping[str, Any]) -> dict[str, Shape]:
@@ -203,16 +210,19 @@ def _torch_shapes(flat: Mapping[str, Any]) -> dict[str, Shape]:
     return shapes
 
 
-def _resize_tables(arrays: Mapping[str, Any], arch: Architecture, img_size: int) -> tuple[dict[str, Any], Architecture]:
+def _resize_tables(arrays: Mapping[str, Any], arch: Architecture, img_size: ImageSize) -> tuple[dict[str, Any],
+                                                                                                 Architecture]:
     """Resample the position tables to `img_size` as MAE's `interpolate_pos_embed` (bicubic, cls kept)."""
-    patch = arch.config["patch_size"]
-    if img_size % patch:
-        raise ConversionError(f"--img_size {img_size} is not a multiple of the patch size {patch}")
-    old, new = arch.config["img_size"] // patch, img_size // patch
+    patch, img_size = arch.config["patch_size"], image_size(img_size)
+    if any(side % patch for side in height_width(img_size)):
+        raise ConversionError(f"--img_size {size_text(img_size)} is not a multiple of the patch size {patch}")
+    old = tuple(side // patch for side in height_width(arch.config["img_size"]))
+    new = tuple(side // patch for side in height_width(img_size))
     resized = dict(arrays)
     for name in POSITION_TABLES:
         if name in resized and old != new:
-            resized[name] = interpolate_pos_embed(np.asarray(resized[name]), new)
+            resized[name] = interpolate_pos_embed(np.asarray(resized[name]), new, old_grid=old)
     if old != new:
-        log.info("position tables resampled from a %dx%d to a %dx%d grid (img_size %d)", old, old, new, new, img_size)
+        log.info("position tables resampled from a %dx%d to a %dx%d grid (img_size %s)", *old, *new,
+                 size_text(img_size))
     return resized, arch.with_overrides(img_size=img_size)

@@ -39,6 +39,7 @@ from convert.arch import Architecture, read_layout
 from convert.hf_keys import ENCODER_PREFIX, MODEL_TYPE, class_from_keys, hub_to_pth, is_hub_layout, pth_to_hub
 from convert.safe_load import load_torch_checkpoint
 from convert.table import ConversionError
+from semmae_jax.image_size import ImageSize, image_size, size_text
 
 CONFIG = "config.json"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -63,10 +64,13 @@ class HFCheckpoint:
 
     @property
     def stated(self) -> dict[str, Any]:
-        """`create_model` overrides the config states: heads, LayerNorm eps, norm_pix_loss."""
+        """`create_model` overrides the config states: heads, LayerNorm eps, norm_pix_loss, and the
+        image size (the position table's grid, which the shapes cannot split into rows and columns)."""
         if self.hf_class is None:
             return {}
         stated = {"layer_norm_eps": float(self.config.get("layer_norm_eps", TRANSFORMERS_EPS))}
+        if not isinstance(image_size(self.config.get("image_size", 1)), int):  # a square table tells its own
+            stated["img_size"] = image_size(self.config["image_size"])
         if "num_attention_heads" in self.config:
             stated["num_heads"] = int(self.config["num_attention_heads"])
         if self.hf_class == "ViTMAEForPreTraining":
@@ -209,7 +213,7 @@ def _class_of(path: Path, config: Mapping[str, Any], tensors: Mapping[str, Any])
 
 def _check_config(path: Path, hf: HFCheckpoint) -> None:
     """Every config.json field the tensors also show must agree with them."""
-    _, found = read_layout({key: tuple(value.shape) for key, value in hf.state_dict.items()})
+    _, found = read_layout({key: tuple(value.shape) for key, value in hf.state_dict.items()}, hf.stated.get("img_size"))
     config = dict(hf.config)
     if "id2label" in config:
         config.setdefault("num_labels", len(config["id2label"]))
@@ -217,13 +221,13 @@ def _check_config(path: Path, hf: HFCheckpoint) -> None:
         config.pop("num_labels", None)  # transformers' default (2) in an encoder's config means nothing
     for name, ours in _CHECKED.items():
         if name in config and ours in found:
-            stated = _square(config[name])
+            stated = image_size(config[name]) if name == "image_size" else _square(config[name])
             if stated != found[ours]:
                 raise ConversionError(f"{path}: config.json says {name} {stated}, the tensors hold {found[ours]}")
 
 
 def _square(value: Any) -> Any:
-    """transformers allows (h, w) pairs for image and patch sizes; the models take squares."""
+    """transformers allows (h, w) pairs for patch sizes; the models take square patches."""
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ConversionError(f"non-square size {value} is not supported")
@@ -266,6 +270,10 @@ def write_hf(
 def hf_config(arch: Architecture, hf_class: str, meta: Mapping[str, Any], dtype: str) -> dict[str, Any]:
     """transformers' config of `arch`: the saved one (if any, of the same model type) with the model's fields."""
     model = arch.config
+    if hf_class == "ViTMAEForPreTraining" and not isinstance(model["img_size"], int):
+        raise ConversionError(f"a {size_text(model['img_size'])} MAE cannot be written for transformers: its "
+                              "ViTMAEForPreTraining builds the sin-cos position table square, from the number of "
+                              "patches; write the MAE as .pth (to-torch), or its encoder (a ViT) to-hf")
     saved = dict(meta.get("transformers", {}).get("config", {}))
     config = saved if saved.get("model_type") == MODEL_TYPE[hf_class] else {}
     config.pop("transformers_version", None)
@@ -273,7 +281,8 @@ def hf_config(arch: Architecture, hf_class: str, meta: Mapping[str, Any], dtype:
         architectures=[hf_class], model_type=MODEL_TYPE[hf_class], dtype=dtype,
         hidden_size=model["embed_dim"], num_hidden_layers=model["depth"], num_attention_heads=model["num_heads"],
         intermediate_size=round(model["embed_dim"] * model["mlp_ratio"]), hidden_act="gelu", qkv_bias=model["qkv_bias"],
-        layer_norm_eps=model["layer_norm_eps"], image_size=model["img_size"], patch_size=model["patch_size"],
+        layer_norm_eps=model["layer_norm_eps"], image_size=_pair_or_side(model["img_size"]),
+        patch_size=model["patch_size"],
         num_channels=model["in_chans"],
     )  # fmt: skip
     config.setdefault("hidden_dropout_prob", 0.0)
@@ -288,6 +297,11 @@ def hf_config(arch: Architecture, hf_class: str, meta: Mapping[str, Any], dtype:
     if hf_class == "ViTForImageClassification":
         _set_labels(config, meta.get("id2label"), model["num_classes"], written_before=bool(saved))
     return config
+
+
+def _pair_or_side(size: ImageSize) -> int | list[int]:
+    """config.json's `image_size`: one side when square, else [height, width]."""
+    return size if isinstance(size, int) else list(size)
 
 
 def _set_labels(config: dict[str, Any], id2label: Mapping[str, str] | None, num_classes: int, written_before: bool) -> None:

@@ -51,11 +51,30 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, aliases:
             kind = (lambda v, b=base: None if v.lower() == "none" else b(v)) if optional else base
             choices = _inherited_metadata(config_cls, field.name, "choices")
             bare = _inherited_metadata(config_cls, field.name, "bare")  # the value of the flag given alone
+            join = _inherited_metadata(config_cls, field.name, "join")  # several values held as one
             shape = {} if bare is None else {"nargs": "?", "const": bare}
+            if join is not None:
+                shape = {"nargs": "+", "action": _Joined, "join": join}
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices, help=help_text,
                                 metavar=base.__name__.upper(), **shape)
     for flag, (dest, value) in (aliases or {}).items():
         parser.add_argument(flag, dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=f"same as --{dest}={value}")
+
+
+class _Joined(argparse.Action):
+    """A flag of several values that its field holds as one (`--input_size 96 160` -> (96, 160));
+    `join`'s ValueError is the flag's one-line error."""
+
+    def __init__(self, *args: Any, join: Callable[[list[Any]], Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.join = join
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        try:
+            setattr(namespace, self.dest, None if values == [None] else self.join(values))
+        except ValueError as error:
+            parser.error(f"{option_string}: {error}")
 
 
 def _inherited_metadata(config_cls: type, name: str, key: str) -> Any:

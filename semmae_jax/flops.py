@@ -62,7 +62,7 @@ def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
 
 def forward_flops(model: nn.Module, mask_ratio: float = 0.75) -> float:
     """Forward matmul FLOPs of one image through an MAE (`mask_ratio` of the patches dropped) or a ViT."""
-    patches, pixels = (model.img_size // model.patch_size) ** 2, model.patch_size**2 * model.in_chans
+    patches, pixels = model.num_patches, model.patch_size**2 * model.in_chans
     forward = 2 * patches * pixels * model.embed_dim  # MAE embeds every patch, then drops the masked ones
     if hasattr(model, "decoder_depth"):
         encoder, decoder = 1 + int(patches * (1 - mask_ratio)), 1 + patches

@@ -333,6 +333,39 @@ def test_img_size_resamples_both_tables():
         convert.torch_to_flax(state_dict, img_size=50)
 
 
+def test_interpolate_pos_embed_of_a_non_square_grid_matches_torch():
+    """Rows and columns each by their own factor, from a 6x10 grid to 8x12 (F.interpolate(size=(8, 12)))."""
+    table = np.random.default_rng(1).standard_normal((1, 1 + 6 * 10, 16)).astype(np.float32)
+    grid = torch.from_numpy(table[:, 1:]).reshape(1, 6, 10, 16).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(grid, size=(8, 12), mode="bicubic", align_corners=False)
+    expected = np.concatenate([table[:, :1], resized.permute(0, 2, 3, 1).flatten(1, 2).numpy()], axis=1)
+    np.testing.assert_allclose(interpolate_pos_embed(table, (8, 12), old_grid=(6, 10)), expected, atol=1e-5)
+
+
+NON_SQUARE = Architecture("mae_vit_test_patch4", {"img_size": (24, 40)})
+
+
+def test_a_non_square_table_is_read_at_the_size_given_and_otherwise_named_in_one_line(tmp_path, capsys):
+    """A table's shape cannot say 6x10 from 10x6: a file without a config needs `--img_size H W`;
+    a square grid is resampled to it as before."""
+    state_dict = random_state_dict(NON_SQUARE)
+    with pytest.raises(convert.ConversionError, match=r"holds 60 positions, not a square grid: give the image size "
+                                                      r"it was made for \(--img_size HEIGHT WIDTH\)"):
+        convert.torch_to_flax(state_dict)
+    params, name, overrides = convert.torch_to_flax(state_dict, img_size=(24, 40))
+    assert (name, overrides) == ("mae_vit_test_patch4", {"img_size": (24, 40)})
+    assert_same_bits(convert.flax_to_torch(params, name, model_overrides=overrides), state_dict)
+    square = convert.torch_to_flax(random_state_dict(MAE), img_size=(24, 40))  # 8x8 -> 6x10, resampled
+    assert square[2] == {"img_size": (24, 40)} and square[0]["pos_embed"].shape == (1, 61, 32)
+    torch.save({"model": tensors(state_dict)}, tmp_path / "in.pth")
+    cli.main(["to-flax", str(tmp_path / "in.pth"), str(tmp_path / "orbax"), "--img_size", "24", "40"])
+    _, meta = checkpoint.load_params(tmp_path / "orbax")
+    assert meta["model_overrides"] == {"img_size": [24, 40]}
+    cli.main(["to-torch", str(tmp_path / "orbax"), str(tmp_path / "out.pth")])  # the saved size, no flag
+    saved = torch.load(tmp_path / "out.pth", weights_only=True)["model"]
+    assert_same_bits(OrderedDict((k, tensor_to_numpy(v)) for k, v in saved.items()), state_dict)
+
+
 # --- files and the command line ----------------------------------------------------------
 
 

@@ -264,6 +264,37 @@ def test_to_hf_refuses_a_global_pool_classifier_and_points_to_to_torch(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_non_square_classifier_runs_as_in_transformers_and_goes_back_bit_exact(tmp_path):
+    """`image_size: [24, 40]` in config.json gives the table's grid: the same logits, and to-hf writes
+    the same tensors and size back."""
+    reference = tiny_hf("ViTForImageClassification", image_size=[24, 40])
+    reference.save_pretrained(tmp_path / "in")
+    params, name, overrides, _ = convert.read_checkpoint(tmp_path / "in")
+    assert overrides["img_size"] == (24, 40)
+    config = full_config(name, **overrides)
+    got, expected = jax_and_transformers("ViTForImageClassification", create_model(name, **overrides), params,
+                                         reference, config)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    cli.main(["to-flax", str(tmp_path / "in"), str(tmp_path / "orbax")])
+    cli.main(["to-hf", str(tmp_path / "orbax"), str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == [24, 40]
+    written = safetensors.numpy.load_file(tmp_path / "out" / "model.safetensors")
+    original = safetensors.numpy.load_file(tmp_path / "in" / "model.safetensors")
+    assert_same_bits(dict(sorted(written.items())), dict(sorted(original.items())))
+
+
+def test_to_hf_refuses_a_non_square_mae_and_says_why(tmp_path, capsys):
+    params = create_model("mae_vit_test_patch4", img_size=(24, 40)).init(
+        {"params": jax.random.key(0), "mask": jax.random.key(1)}, np.zeros((1, 24, 40, 3), np.float32))["params"]
+    checkpoint.save_params(tmp_path / "mae", nn.meta.unbox(params),
+                           meta={"model": "mae_vit_test_patch4", "model_overrides": {"img_size": [24, 40]}})
+    with pytest.raises(SystemExit):
+        cli.main(["to-hf", str(tmp_path / "mae"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "a 24x40 MAE cannot be written for transformers" in err and "builds the sin-cos position table square" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["mae_vit_test_patch4", "vit_test_patch4"])
 def test_flax_to_torch_takes_params_straight_from_init(name):
     boxed = create_model(name).init(

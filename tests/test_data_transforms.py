@@ -29,6 +29,7 @@ from semmae_jax.data.transforms import (
     patch_vote,
     random_resized_crop_window,
 )
+from semmae_jax.image_size import height_width
 
 MEAN, STD = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
 # Part id -> a flat colour far from the others; NO_PART is white.
@@ -144,20 +145,24 @@ def test_flip_mirrors_the_image_and_the_part_labels_together():
 # ---------------------------------------------------------------- eval transform
 
 
-def test_eval_transform_matches_torchvision_on_real_jpegs(tmp_path):
+@pytest.mark.parametrize(("size", "resized"), [(224, 256), ((160, 224), (182, 256))], ids=["square", "160x224"])
+def test_eval_transform_matches_torchvision_on_real_jpegs(tmp_path, size, resized):
+    """Square: the short side to 256, then the crop (MAE's). Non-square (H, W): the image to
+    (H, W) / crop_pct, then the crop, as timm's `transforms_factory` builds it for a pair."""
     write_large_jpegs(tmp_path, 3, size=(500, 375))
     write_large_jpegs(tmp_path / "tall", 2, size=(333, 500), seed=1)
     write_large_jpegs(tmp_path / "large", 1, size=(1000, 750), seed=2)
     paths = sorted(tmp_path.rglob("*.jpg"))
     reference = T.Compose(
         [
-            T.Resize(256, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(224),
+            T.Resize(resized, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
             T.ToTensor(),
             T.Normalize(MEAN, STD),
         ]
     )
-    transform = EvalTransform(224)
+    transform = EvalTransform(size)
+    assert transform.resize_size == resized
     differences = []
     for path in paths:
         ours = normalize(transform(raw(path.read_bytes()), tf.constant([0, 0], tf.int64))["image"]).numpy()
@@ -237,20 +242,23 @@ def nearest_part(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[distance.argmin(-1)].astype(np.uint8), distance.min(-1)
 
 
-def aligned_batches(tmp_path, map_factor: int, fmt: str, interpolation: str, epochs: int = 3):
+def aligned_batches(tmp_path, map_factor: int, fmt: str, interpolation: str, epochs: int = 3,
+                    img_size: int | tuple[int, int] = 32):
     write_palette_dataset(tmp_path, np.random.default_rng(map_factor), 8, map_factor, fmt)
     source = image_folder(tmp_path, "train", tmp_path / "parts")
-    transform = TrainTransform(img_size=32, patch_size=8, scale=(0.1, 1.0), interpolation=interpolation)
+    transform = TrainTransform(img_size=img_size, patch_size=8, scale=(0.1, 1.0), interpolation=interpolation)
     loader = TrainLoader(source, process_batch=4, transform=transform, seed=map_factor, process_index=0, process_count=1)
     for epoch in range(epochs):
         yield from loader.epoch_batches(epoch)
 
 
-@pytest.mark.parametrize("map_factor", [1, 2])
-def test_part_labels_follow_the_colours_exactly_under_crops_and_flips(tmp_path, map_factor):
-    """Nearest resampling keeps every pixel a palette colour: the colour vote must equal the label vote."""
+@pytest.mark.parametrize(("map_factor", "img_size"), [(1, 32), (2, 32), (2, (24, 40))], ids=["1", "2", "2-24x40"])
+def test_part_labels_follow_the_colours_exactly_under_crops_and_flips(tmp_path, map_factor, img_size):
+    """Nearest resampling keeps every pixel a palette colour: the colour vote must equal the label vote
+    (on a non-square output too: the map is warped on the image's H x W grid)."""
     checked = 0
-    for batch in aligned_batches(tmp_path, map_factor, "PNG", "nearest"):
+    for batch in aligned_batches(tmp_path, map_factor, "PNG", "nearest", img_size=img_size):
+        assert batch["image"].shape[1:3] == height_width(img_size)
         for image, labels in zip(batch["image"], batch["part_labels"], strict=True):
             parts, distance = nearest_part(pixels_of(image))
             assert distance.max() < 2  # lossless: every pixel exactly a palette colour

@@ -32,10 +32,11 @@ def dot_flops(jaxpr) -> int:
 
 @pytest.mark.parametrize(("name", "overrides", "mask_ratio"), [
     ("mae_vit_test_patch4", {}, 0.75), ("mae_vit_test_patch4", {}, 0.5), ("vit_test_patch4", {}, 0.75),
-    ("vit_test_patch4", {"num_classes": 0}, 0.75), ("mae_vit_demo_patch8", {"img_size": 48}, 0.75)])
+    ("vit_test_patch4", {"num_classes": 0}, 0.75), ("mae_vit_demo_patch8", {"img_size": 48}, 0.75),
+    ("mae_vit_test_patch4", {"img_size": (24, 40)}, 0.75), ("vit_test_patch4", {"img_size": (40, 24)}, 0.75)])
 def test_analytic_flops_equal_the_programs_matrix_products(name, overrides, mask_ratio):
     model = create_model(name, **overrides)
-    images = jnp.zeros((1, model.img_size, model.img_size, 3))
+    images = jnp.zeros((1, *model.image_hw, 3))
     variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "mask": jax.random.key(0)}, images))
     if name.startswith("mae_"):
         noise = jnp.zeros((1, model.num_patches))

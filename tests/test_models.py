@@ -163,6 +163,18 @@ def test_sincos_table_matches_an_independent_per_token_derivation():
     assert table.dtype == np.float32
 
 
+def test_a_non_square_mae_builds_its_tables_on_its_grid_and_names_the_images_it_expects():
+    model = create_model("mae_vit_test_patch4", img_size=[24, 40])  # a JSON list is the same size
+    assert (model.img_size, model.grid_hw, model.num_patches) == ((24, 40), (6, 10), 60)
+    params = nn.unbox(model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
+                                 jnp.zeros((1, 24, 40, 3)))["params"])
+    np.testing.assert_array_equal(params["pos_embed"][0], sincos_2d(32, (6, 10), cls_token=True))
+    with pytest.raises(ValueError, match=r"expects images \[N, 24, 40, 3\] \(NHWC\), got \(1, 40, 24, 3\)"):
+        model.apply({"params": params}, jnp.zeros((1, 40, 24, 3)), rngs={"mask": jax.random.key(0)})
+    with pytest.raises(ValueError, match="image size 24x30 is not a multiple of the patch size 4 of model mae_vit_test_patch4"):
+        create_model("mae_vit_test_patch4", img_size=(24, 30))
+
+
 def test_mlp_uses_the_exact_erf_gelu():
     dim = 8
     mlp = Mlp(hidden_dim=dim)

@@ -41,6 +41,21 @@ def test_classifier_logits_match_timm(name, global_pool):
     np.testing.assert_allclose(logits, expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("global_pool", [True, False], ids=["global_pool", "cls"])
+def test_non_square_classifier_logits_match_timm(global_pool):
+    """timm's ViT at img_size=(24, 40): its state dict read at that size, the same logits."""
+    config = full_config("vit_test_patch4", img_size=(24, 40), global_pool=global_pool)
+    reference = randomize_(references.timm_classifier(config), seed=2)
+    params, name, overrides = torch_to_flax(numpy_state_dict(reference), img_size=(24, 40))
+    assert name == "vit_test_patch4" and overrides["img_size"] == (24, 40)
+    x = images(config)
+    assert x.shape[1:3] == (24, 40)
+    with torch.no_grad():
+        expected = reference(nchw(x)).numpy()
+    logits = jax_apply(create_model(name, **overrides), params, x)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=ATOL)
+
+
 def test_layer_norm_eps_is_1e6_where_it_matters():
     """Random weights give LayerNorm inputs of variance >> eps, where eps cannot be seen; shrink
     the embeddings so the first LayerNorm sees variance ~1e-6, and eps (MAE's 1e-6, timm's

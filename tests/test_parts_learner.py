@@ -24,6 +24,7 @@ from semmae_jax.parts import (
     part_losses,
     part_scores,
 )
+from semmae_jax.parts.learner import PartTokens
 from semmae_jax.parts.losses import diversity_loss, foreground_area, token_reconstruction_loss
 from semmae_jax.train import optim
 
@@ -36,15 +37,19 @@ def tokens(seed: int = 0) -> tuple[jax.Array, jax.Array]:
         rng.standard_normal((BATCH, GRID * GRID, DIM)), jnp.float32)
 
 
-@pytest.mark.parametrize("background", [False, True])
-def test_learner_shapes_and_maps_sum_to_one(background):
+@pytest.mark.parametrize(("background", "grid"), [(False, (GRID, GRID)), (True, (GRID, GRID)), (False, (2, 8))])
+def test_learner_shapes_and_maps_sum_to_one(background, grid):
     learner = PartLearner(num_parts=3, background=background, blur_sigma=0.7, decoder_width=8, decoder_upsamples=2)
     cls, patches = tokens()
-    variables = learner.init(jax.random.key(0), cls, patches)
-    maps, blurred, token_recon, image = learner.apply(variables, cls, patches)
+    variables = learner.init(jax.random.key(0), cls, patches, grid)
+    maps, blurred, token_recon, image = learner.apply(variables, cls, patches, grid)
     parts = 3 + background
-    assert maps.shape == blurred.shape == (BATCH, parts, GRID, GRID)
-    assert token_recon.shape == patches.shape and image.shape == (BATCH, 4 * GRID, 4 * GRID, 3)
+    assert maps.shape == blurred.shape == (BATCH, parts, *grid)
+    assert token_recon.shape == patches.shape and image.shape == (BATCH, 4 * grid[0], 4 * grid[1], 3)
+    # row-major: a map's row r holds the tokens r * columns .. (r + 1) * columns - 1
+    queries = PartTokens(parts).apply({"params": variables["params"]["part_tokens"]}, cls)
+    logits = jnp.einsum("bpd,bld->bpl", queries, patches) / np.sqrt(DIM)
+    np.testing.assert_allclose(maps, jax.nn.softmax(logits, axis=1).reshape(BATCH, parts, *grid), atol=1e-6)
     np.testing.assert_allclose(maps.sum(axis=1), 1.0, atol=1e-6)
     np.testing.assert_allclose(blurred.sum(axis=1), 1.0, atol=1e-6)
     assert float(jnp.abs(blurred - maps).max()) > 1e-3  # the blur did something

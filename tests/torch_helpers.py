@@ -16,6 +16,7 @@ import transformers
 
 from convert.hf_files import read_hf
 from convert.safe_load import tensor_to_numpy
+from semmae_jax.image_size import height_width
 
 # transformers configs of `mae_vit_test_patch4` / `vit_test_patch4`'s shapes (hub defaults otherwise).
 TINY_ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
@@ -30,12 +31,13 @@ def numpy_state_dict(module: torch.nn.Module) -> OrderedDict[str, np.ndarray]:
 
 
 def images(config: dict, batch: int = 2) -> np.ndarray:
-    shape = (batch, config["img_size"], config["img_size"], config["in_chans"])
+    shape = (batch, *height_width(config["img_size"]), config["in_chans"])
     return np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
 
 
 def masking_noise(config: dict, batch: int = 2) -> np.ndarray:
-    return np.random.default_rng(1).random((batch, (config["img_size"] // config["patch_size"]) ** 2), dtype=np.float32)
+    rows, columns = (side // config["patch_size"] for side in height_width(config["img_size"]))
+    return np.random.default_rng(1).random((batch, rows * columns), dtype=np.float32)
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,7 @@ from convert.reader.adam_continuation import continue_adam_run
 from convert.reader.backbones import backbone_params
 from convert.reader.optimizer import torch_adam_state
 from semmae_jax.checkpoint import ResumeTarget, StatedModel
+from semmae_jax.image_size import ImageSize
 from semmae_jax.runtime.run_log import RunLog
 
 # Model fields that change what a model computes from the same params, read from checkpoints.
@@ -24,7 +25,7 @@ NUMERICS_FIELDS = ("layer_norm_eps", "qkv_bias")
 class ConverterReader:
     """`.pth` files (and orbax checkpoints) read through the converter."""
 
-    def params_for_model(self, path: str, model_name: str | None, img_size: int) -> Any:
+    def params_for_model(self, path: str, model_name: str | None, img_size: ImageSize) -> Any:
         """Params checked against `model_name` (or as saved, when None), position tables resized to `img_size`."""
         params, _, _ = params_from_checkpoint(path, model_name, img_size=img_size)
         return params
@@ -35,15 +36,15 @@ class ConverterReader:
         adam = None if Path(path).is_dir() else torch_adam_state(path, target.model_name)
         return None if adam is None else continue_adam_run(state, adam, path, target, log)
 
-    def encoder(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    def encoder(self, path: str, img_size: ImageSize | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder for stage 1: (params, registered model name, overrides)."""
         return backbone_params(path, img_size=img_size)
 
-    def whole_model(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    def whole_model(self, path: str, img_size: ImageSize | None) -> tuple[Any, str, dict[str, Any]]:
         """The whole model as saved (decoder included): (params, registered model name, overrides)."""
         return params_from_checkpoint(path, None, img_size=img_size)
 
-    def params_as_saved(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
+    def params_as_saved(self, path: str, img_size: ImageSize) -> tuple[Any, StatedModel]:
         """The params as saved (position tables resized to `img_size`) and, from the same read,
         the numerics fields the file states (a hub config's eps 1e-12, q, k, v without biases)
         and its class names (a transformers classifier's id2label, in id order)."""

@@ -37,6 +37,7 @@ from convert.core import params_from_checkpoint, torch_to_flax
 from convert.hf_files import is_hf_source
 from convert.safe_load import load_torch_checkpoint
 from convert.table import ConversionError, flatten, unflatten
+from semmae_jax.image_size import ImageSize
 from semmae_jax.models import model_family
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def backbone_state_dict(source: str | Path | Mapping[str, np.ndarray]) -> Ordere
     return encoder
 
 
-def backbone_params(path: str | Path, img_size: int | None = None) -> tuple[dict[str, Any], str, dict[str, Any]]:
+def backbone_params(path: str | Path, img_size: ImageSize | None = None) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """(encoder params, model name, overrides) from a `.pth` file, an orbax checkpoint, or a
     transformers directory / `.safetensors` file (read by `convert.read_checkpoint`).
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple, Protocol
 
+from semmae_jax.image_size import ImageSize
 from semmae_jax.runtime.run_log import RunLog
 from semmae_jax.training_length import TrainingLength
 
@@ -20,7 +21,7 @@ class ResumeTarget:
     """
 
     model_name: str
-    img_size: int
+    img_size: ImageSize
     length: TrainingLength
     betas: tuple[float, float] | None = None
 
@@ -35,18 +36,18 @@ class StatedModel(NamedTuple):
 class WeightsReader(Protocol):
     """Reads weight files of other frameworks for the jobs."""
 
-    def params_for_model(self, path: str, model_name: str | None, img_size: int) -> Any:
+    def params_for_model(self, path: str, model_name: str | None, img_size: ImageSize) -> Any:
         """Params of `path` as host arrays, checked against `model_name` (None: as saved), tables resized."""
 
     def continue_optimizer(self, state: Any, path: str, target: ResumeTarget, log: RunLog) -> Any | None:
         """`state` continued from the optimizer state of an original training file (its AdamW
         moments, its position in the run), or None for a file without one."""
 
-    def encoder(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    def encoder(self, path: str, img_size: ImageSize | None) -> tuple[Any, str, dict[str, Any]]:
         """A frozen ViT encoder (stage 1): (params, registered model name, overrides)."""
 
-    def whole_model(self, path: str, img_size: int | None) -> tuple[Any, str, dict[str, Any]]:
+    def whole_model(self, path: str, img_size: ImageSize | None) -> tuple[Any, str, dict[str, Any]]:
         """The whole model as saved (decoder included): (params, registered model name, overrides)."""
 
-    def params_as_saved(self, path: str, img_size: int) -> tuple[Any, StatedModel]:
+    def params_as_saved(self, path: str, img_size: ImageSize) -> tuple[Any, StatedModel]:
         """Params of `path` as saved (tables resized) and what it says beyond them, in one read."""

@@ -42,6 +42,7 @@ from PIL import Image
 from semmae_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from semmae_jax.data.part_maps import NO_PART, UNLABELLED
 from semmae_jax.data.tf_runtime import tf
+from semmae_jax.image_size import ImageSize, height_width, image_size, size_text
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 # An augmentation stage: (image, stateless seed [2]) -> image of the same shape.
@@ -92,15 +93,16 @@ class Window(NamedTuple):
 DECODE_RATIOS = (1, 2, 4, 8)  # libjpeg's DCT scalings that TensorFlow offers
 
 
-def decode_ratio(window: tf.Tensor, out_size: int) -> tf.Tensor:
+def decode_ratio(window: tf.Tensor, out_size: ImageSize) -> tf.Tensor:
     """Index into `DECODE_RATIOS` of the largest ratio r with the window >= 2 r x `out_size` on both sides.
 
     Decoded at 1/r the window still has at least twice the output's pixels per side
     (and r = 1 when it has less), so the resize keeps downscaling: its antialiasing
     filter, not the DCT, shapes the result.
     """
-    shortest = tf.minimum(window[2], window[3])
-    return tf.add_n([tf.cast(shortest >= 2 * r * out_size, tf.int32) for r in DECODE_RATIOS[1:]])
+    out_h, out_w = height_width(out_size)
+    return tf.add_n([tf.cast((window[2] >= 2 * r * out_h) & (window[3] >= 2 * r * out_w), tf.int32)
+                     for r in DECODE_RATIOS[1:]])
 
 
 def _jpeg_window(data: tf.Tensor, size: tf.Tensor, window: tf.Tensor, ratio: int) -> tf.Tensor:
@@ -112,7 +114,7 @@ def _jpeg_window(data: tf.Tensor, size: tf.Tensor, window: tf.Tensor, ratio: int
     return tf.io.decode_and_crop_jpeg(data, scaled, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
 
 
-def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn, out_size: int | None = None) -> Window:
+def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn, out_size: ImageSize | None = None) -> Window:
     """Decode only the window `window_fn(height, width)` of the image.
 
     A JPEG's size is read from its header and only the window is decoded; with
@@ -267,12 +269,12 @@ def torchvision_resize_size(height: tf.Tensor, width: tf.Tensor, size: int) -> t
     return tf.where(height <= width, tf.stack([size, new_long]), tf.stack([new_long, size]))
 
 
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+def center_crop(image: tf.Tensor, size: ImageSize) -> tf.Tensor:
     """`transforms.CenterCrop(size)` for an image at least `size` on each side (its rounding)."""
-    shape = tf.shape(image)
-    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float64) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float64) / 2.0), tf.int32)
-    return image[top : top + size, left : left + size]
+    shape, (height, width) = tf.shape(image), height_width(size)
+    top = tf.cast(tf.round(tf.cast(shape[0] - height, tf.float64) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[1] - width, tf.float64) / 2.0), tf.int32)
+    return image[top : top + height, left : left + width]
 
 
 def flip_columns(size: int, flip: tf.Tensor) -> tf.Tensor:
@@ -298,7 +300,7 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
 
 
 def warp_part_map(
-    part_map: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: int, flip: tf.Tensor
+    part_map: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: ImageSize, flip: tf.Tensor
 ) -> tf.Tensor:
     """Crop the [h, w] map with the image's window, resize (nearest) to out_size, flip.
 
@@ -307,13 +309,18 @@ def warp_part_map(
     scaled to the map's resolution. With a map at the image's resolution this is the
     nearest-neighbour resize of the cropped map.
     """
-    centers = (tf.range(out_size, dtype=tf.float64) + 0.5) / out_size
+    out_h, out_w = height_width(out_size)
     window = tf.cast(window, tf.float64)
     image_size = tf.cast(image_size, tf.float64)
     map_size = tf.shape(part_map, out_type=tf.int32)
-    rows = _sample_index(window[0] + centers * window[2], image_size[0], map_size[0])
-    cols = _sample_index(window[1] + centers * window[3], image_size[1], map_size[1])
-    return tf.gather(tf.gather(part_map, rows, axis=0), tf.gather(cols, flip_columns(out_size, flip)), axis=1)
+    rows = _sample_index(window[0] + _centers(out_h) * window[2], image_size[0], map_size[0])
+    cols = _sample_index(window[1] + _centers(out_w) * window[3], image_size[1], map_size[1])
+    return tf.gather(tf.gather(part_map, rows, axis=0), tf.gather(cols, flip_columns(out_w, flip)), axis=1)
+
+
+def _centers(count: int) -> tf.Tensor:
+    """Pixel centers of `count` output pixels, as fractions of the window."""
+    return (tf.range(count, dtype=tf.float64) + 0.5) / count
 
 
 # What `warped_part_labels` puts in every label of a map it refuses (the loader raises, naming the map):
@@ -322,7 +329,7 @@ OUT_OF_RANGE = -256  # minus the first bad value: an id >= num_parts that is not
 
 
 def warped_part_labels(
-    part_png: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: int, patch_size: int, flip: tf.Tensor,
+    part_png: tf.Tensor, window: tf.Tensor, image_size: tf.Tensor, out_size: ImageSize, patch_size: int, flip: tf.Tensor,
     num_parts: int | None = None,
 ) -> tf.Tensor:
     """Per-patch labels int32 [L] of an encoded part map warped as its image was (`warp_part_map`),
@@ -332,7 +339,8 @@ def warped_part_labels(
     255. A map that fails gets every label set to a code (`NOT_SINGLE_CHANNEL`, or
     `OUT_OF_RANGE - value`), which the loader turns into an error naming the map.
     """
-    num_patches = (out_size // patch_size) ** 2
+    out_h, out_w = height_width(out_size)
+    num_patches = (out_h // patch_size) * (out_w // patch_size)
 
     def vote() -> tf.Tensor:
         decoded = tf.io.decode_png(part_png, channels=0)
@@ -340,7 +348,7 @@ def warped_part_labels(
         bad = (part_map >= num_parts) & (part_map != NO_PART) if num_parts else tf.zeros_like(part_map, tf.bool)
         first_bad = tf.cast(tf.reduce_min(tf.where(bad, part_map, NO_PART)), tf.int32)
         warped = warp_part_map(part_map, window, image_size, out_size, flip)
-        labels = patch_vote(tf.ensure_shape(warped, [out_size, out_size]), patch_size)
+        labels = patch_vote(tf.ensure_shape(warped, [out_h, out_w]), patch_size)
         labels = tf.where(tf.reduce_any(bad), tf.fill([num_patches], OUT_OF_RANGE - first_bad), labels)
         return tf.where(tf.shape(decoded)[-1] != 1, tf.fill([num_patches], NOT_SINGLE_CHANNEL), labels)
 
@@ -384,13 +392,15 @@ def patch_vote(part_map: tf.Tensor, patch_size: int) -> tf.Tensor:
 class TrainTransform:
     """RandomResizedCrop + flip, the part map warped alongside (MAE pretraining).
 
-    Returns {'image': uint8 [S, S, 3], 'part_labels': int32 [L]} (all -1 without a
-    map); the pipeline normalises whole batches. `pixel_augment` (RandAugment's place)
+    Returns {'image': uint8 [H, W, 3], 'part_labels': int32 [L]} (all -1 without a
+    map); the pipeline normalises whole batches. A non-square `img_size` (H, W) gets the
+    same crop sampling (`ratio` is the crop's aspect, resized to H x W: timm's rule).
+    `pixel_augment` (RandAugment's place)
     acts on the image only: geometric operations would misalign the part map, so use
     it (fine-tuning) without part maps.
     """
 
-    img_size: int = 224
+    img_size: ImageSize = 224
     patch_size: int = 16
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -402,8 +412,8 @@ class TrainTransform:
     num_parts: int | None = None  # part ids must be below this (or NO_PART); None: only NO_PART is special
 
     def __post_init__(self) -> None:
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if any(side % self.patch_size for side in height_width(self.img_size)):
+            raise ValueError(f"img_size {size_text(self.img_size)} is not a multiple of patch_size {self.patch_size}")
         if self.resize_kernel == "torch" and _torch() is None:  # else every image would fail, skipped as unreadable
             raise ValueError("resize_kernel='torch' needs torch, which is not installed: "
                              "pip install 'semmae-jax[torch]', or leave resize_kernel to its default")
@@ -416,7 +426,7 @@ class TrainTransform:
             self.img_size if self.reduced_decode else None,
         )
         flip = tf.random.stateless_uniform([], flip_seed) < self.hflip
-        image = resize(decoded.pixels, (self.img_size, self.img_size), self.interpolation, self.resize_kernel, flip)
+        image = resize(decoded.pixels, height_width(self.img_size), self.interpolation, self.resize_kernel, flip)
         if self.pixel_augment is not None:
             image = self.pixel_augment(image, augment_seed)
         labels = warped_part_labels(raw["part"], decoded.window, decoded.size, self.img_size, self.patch_size, flip,
@@ -428,31 +438,36 @@ class TrainTransform:
 class EvalTransform:
     """Resize (short side) + center crop, torchvision's eval pipeline (normalised per batch).
 
-    Returns {'image': uint8 [S, S, 3]}. `crop_pct` 0.875 gives MAE's 256 -> 224. With
+    Returns {'image': uint8 [H, W, 3]}. `crop_pct` 0.875 gives MAE's 256 -> 224. A non-square
+    `img_size` (H, W) resizes the image to (H, W) / crop_pct, then crops (timm's rule). With
     `patch_size`, also 'part_labels' int32 [L]: the part map warped as the image was (the
     crop's window in the image's pixels), one label per patch (all -1 without a map).
     """
 
-    img_size: int = 224
+    img_size: ImageSize = 224
     crop_pct: float = 0.875
     interpolation: Interpolation = "bicubic"
     patch_size: int | None = None
 
     @property
-    def resize_size(self) -> int:
-        return int(self.img_size / self.crop_pct)
+    def resize_size(self) -> ImageSize:
+        """The short side before the crop (square), or the (height, width) resized to (non-square)."""
+        return image_size([int(side / self.crop_pct) for side in height_width(self.img_size)])
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         del seed  # deterministic
         image = decode_full(raw)
         size = tf.shape(image)[:2]
-        resized = torchvision_resize_size(size[0], size[1], self.resize_size)
+        target = self.resize_size
+        resized = (torchvision_resize_size(size[0], size[1], target) if isinstance(target, int)
+                   else tf.constant(target, tf.int32))
         image = resize(image, resized, self.interpolation)
-        out = {"image": tf.ensure_shape(center_crop(image, self.img_size), [self.img_size, self.img_size, 3])}
+        crop = height_width(self.img_size)
+        out = {"image": tf.ensure_shape(center_crop(image, crop), [*crop, 3])}
         if self.patch_size:
-            corner = tf.round(tf.cast(resized - self.img_size, tf.float64) / 2.0)  # center_crop's
+            corner = tf.round(tf.cast(resized - crop, tf.float64) / 2.0)  # center_crop's
             scale = tf.cast(size, tf.float64) / tf.cast(resized, tf.float64)  # resized pixel -> image pixels
-            window = tf.concat([corner * scale, self.img_size * scale], axis=0)
+            window = tf.concat([corner * scale, tf.constant(crop, tf.float64) * scale], axis=0)
             out["part_labels"] = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size,
                                                     tf.constant(False))
         return out
@@ -465,12 +480,12 @@ Transform = TrainTransform | EvalTransform
 class WholeImageTransform:
     """Stage 1's view: the whole image resized to the backbone's input (no crop), optional flip.
 
-    Returns {'image': uint8 [S, S, 3] (the pipeline normalises batches), 'part_labels':
+    Returns {'image': uint8 [H, W, 3] (the pipeline normalises batches), 'part_labels':
     int32 [L]} (all -1 without a part map), the map warped with the image, so a part
     map's pixels stay on their image's.
     """
 
-    img_size: int
+    img_size: ImageSize
     patch_size: int
     hflip: float = 0.0
 
@@ -478,8 +493,9 @@ class WholeImageTransform:
         image = decode_full(raw)
         size = tf.shape(image)[:2]
         flip = tf.random.stateless_uniform([], seed) < self.hflip
-        image = resize(image, (self.img_size, self.img_size), "bicubic")
-        image = tf.gather(image, flip_columns(self.img_size, flip), axis=1)
+        height, width = height_width(self.img_size)
+        image = resize(image, (height, width), "bicubic")
+        image = tf.gather(image, flip_columns(width, flip), axis=1)
         window = tf.concat([[0, 0], size], axis=0)
         labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)
         return {"image": image, "part_labels": labels}

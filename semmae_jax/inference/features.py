@@ -75,7 +75,7 @@ def encode(model: VisionTransformer, params: Any, images: jax.Array, tokens: Tok
            layers: Sequence[int] = ()) -> tuple[jax.Array, jax.Array | None]:
     """Float32 features of normalised NHWC `images` (no masking, no dropout): those of the final
     tokens after the norm, and those of blocks `layers` before it, stacked on axis 1 (None without)."""
-    grid = (model.grid_size, model.grid_size)
+    grid = model.grid_hw
     wanted = {f"blocks_{i}" for i in layers}
     final, state = model.apply({"params": params}, images, method=VisionTransformer.tokens,
                                capture_intermediates=lambda module, method: method == "__call__" and module.name in wanted)
@@ -88,7 +88,7 @@ def encode(model: VisionTransformer, params: Any, images: jax.Array, tokens: Tok
 
 def place_params(model: VisionTransformer, params: Any, mesh: jax.sharding.Mesh) -> Any:
     """`params` on `mesh` as the sharding rules place the model's params."""
-    images = jnp.zeros((1, model.img_size, model.img_size, 3), jnp.float32)
+    images = jnp.zeros((1, *model.image_hw, model.in_chans), jnp.float32)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images))["params"]
     specs = sharding.param_specs(nn.unbox(boxed), nn.get_partition_spec(boxed), mesh)
     return jax.device_put(params, sharding.named(mesh, specs))

@@ -5,6 +5,7 @@ Pure numpy + PIL, so it runs anywhere the logs are written.
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import numpy as np
@@ -86,9 +87,11 @@ def pretrain_panel(
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """uint8 image [H, W, 3] with per-patch part ids [L] painted over it (-1: left as is)."""
-    grid = int(np.sqrt(labels.size))
-    colours = part_colours(labels, (grid, grid), image.shape[:2]).astype(np.float32)
-    painted = np.repeat(np.repeat(labels.reshape(grid, grid) >= 0, image.shape[0] // grid, 0), image.shape[1] // grid, 1)
+    height, width = image.shape[:2]
+    patch = round(math.sqrt(height * width / labels.size))  # square patches: (H/p) * (W/p) = L
+    grid = (height // patch, width // patch)
+    colours = part_colours(labels, grid, (height, width)).astype(np.float32)
+    painted = np.repeat(np.repeat(labels.reshape(grid) >= 0, patch, 0), patch, 1)
     blend = np.where(painted[..., None], (1 - alpha) * image + alpha * colours, image)
     return blend.astype(np.uint8)
 
@@ -120,16 +123,17 @@ def titled_rows(rows: list[tuple[list[str], list[np.ndarray]]], caption: list[st
     strips = [panel_row(cells, min_size) for _, cells in rows]
     width = max(strip.shape[1] for strip in strips)
     caption = [part for line in caption for part in textwrap.wrap(line, max(20, width // 6))]  # ~6 px a character
-    cell = strips[0].shape[0]  # every cell is square and the same size: cell + 2 pixels a side with borders
-    height = len(rows) * (TEXT_BAND + cell) + len(caption) * TEXT_BAND
+    cell_height = strips[0].shape[0]  # every cell has the same size, + 2 pixels a side with borders
+    cell_width = strips[0].shape[1] // len(rows[0][1])
+    height = len(rows) * (TEXT_BAND + cell_height) + len(caption) * TEXT_BAND
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     top = 0
     for (titles, _), strip in zip(rows, strips, strict=True):
         for k, title in enumerate(titles):
-            draw.text((k * cell + 3, top + 1), title, fill="black")
+            draw.text((k * cell_width + 3, top + 1), title, fill="black")
         canvas.paste(Image.fromarray(strip), (0, top + TEXT_BAND))
-        top += TEXT_BAND + cell
+        top += TEXT_BAND + cell_height
     for line in caption:
         draw.text((3, top + 1), line, fill="black")
         top += TEXT_BAND

@@ -21,6 +21,7 @@ from typing import Any
 from semmae_jax import config as config_lib
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
+from semmae_jax.image_size import image_size, size_text
 from semmae_jax.inference.features import TOKENS, VECTORS, Features, extract, load_features, save_features
 from semmae_jax.inference.knn import KnnResult, knn_accuracy
 from semmae_jax.runtime.batch_geometry import BatchGeometry
@@ -37,7 +38,8 @@ class ExtractFlags:
     tfds_data_dir: str | None = field(None, "TFDS data dir")
     tokens: str = field("cls", "the cls token, the mean of the patch tokens, or the patch tokens as a map "
                                "[H/p, W/p, D] (after the final norm)", choices=TOKENS)
-    input_size: int | None = field(None, "image size (default: the checkpoint's)")
+    input_size: int | tuple[int, int] | None = field(None, "image size: one side or HEIGHT WIDTH (default: the "
+                                                           "checkpoint's)", join=image_size)
     batch_size: int = field(64, "images per device and batch")
     num_workers: int = field(8, "parallel decoding calls (tf.data)")
     mesh: str = field("data:-1,fsdp:1,tensor:1", "device mesh, e.g. data:-1,fsdp:2")
@@ -107,7 +109,7 @@ def features(config: ExtractFlags, reader: WeightsReader, split: str, layers: Se
     of_blocks = f", and of blocks {','.join(map(str, layers))} before it" if layers else ""
     print(f"{len(found.labels)} images of {data_path or config.dataset} ({split}): {config.tokens} features of shape "
           f"{list(found.features.shape[1:])} after the final norm{of_blocks}, from {config.checkpoint} at "
-          f"{model.img_size}x{model.img_size}{left_out}", flush=True)
+          f"{size_text(model.img_size)}{left_out}", flush=True)
     return found
 
 

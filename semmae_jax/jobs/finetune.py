@@ -220,7 +220,7 @@ class FinetuneJob(Job):
         model = build_classifier(c, **stated.fields)
         if stated.fields:
             log.print(f"model fields stated by {c.resume}: {stated.fields}")
-        example = (jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32),)
+        example = (jax.ShapeDtypeStruct((1, *model.image_hw, model.in_chans), jnp.float32),)
         plan = plan_state(model, lambda params: optax.identity(), example, mesh, c.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params, source)
         if missing or unused:

@@ -114,7 +114,7 @@ class LinprobeJob(Job):
         c = self.config
         if not c.finetune or self.reader is None:
             raise ValueError("linear probing needs --finetune PRETRAINED (an orbax checkpoint or a .pth)")
-        images = jax.ShapeDtypeStruct((1, self.encoder.img_size, self.encoder.img_size, 3), jnp.float32)
+        images = jax.ShapeDtypeStruct((1, *self.encoder.image_hw, self.encoder.in_chans), jnp.float32)
         plan = plan_state(self.encoder, lambda p: optax.identity(), (images,), mesh, c.seed)
         params, missing, unused = merge_pretrained(plan.abstract.params,
                                                    self.reader.params_for_model(c.finetune, None, self.encoder.img_size))

@@ -29,6 +29,7 @@ from semmae_jax import config as config_lib
 from semmae_jax import data, sharding
 from semmae_jax.checkpoint import ResumeTarget, WeightsReader
 from semmae_jax.config import field
+from semmae_jax.image_size import image_size, size_text
 from semmae_jax.inference import visualize
 from semmae_jax.parts import (
     LossWeights,
@@ -51,7 +52,9 @@ class PartsConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags):
 
     # Backbone and learner.
     backbone: str | None = field(None, "frozen ViT: a .pth (MAE, DINO, iBOT) or an orbax checkpoint / run directory")
-    input_size: int | None = field(None, "backbone input size (default: the checkpoint's; else the position table is resampled)")
+    input_size: int | tuple[int, int] | None = field(None, "backbone input size: one side or HEIGHT WIDTH (default: the "
+                                                           "checkpoint's; else the position table is resampled)",
+                                                     join=image_size)
     num_parts: int = field(6, "N, the number of parts (ids 0..N-1)")
     background: bool = field(False, "add a background part (exported as 'no part', 255)")
     blur_sigma: float = field(0.5, "Gaussian blur of the part maps, in patches (0: none)")
@@ -137,9 +140,10 @@ class PartsJob(Job):
         return optim.describe_param_groups(params, frozen=("backbone",))
 
     def describe(self, recipe: Recipe) -> str:
-        c, size, patch = self.config, recipe.model.img_size, recipe.model.patch_size
-        return (f"backbone {c.backbone}: {self.backbone_name} {self.backbone_overrides} at {size}x{size} "
-                f"({size // patch}x{size // patch} patches), frozen; {c.num_parts} parts"
+        c, backbone = self.config, recipe.model.backbone
+        rows, columns = backbone.grid_hw
+        return (f"backbone {c.backbone}: {self.backbone_name} {self.backbone_overrides} at "
+                f"{size_text(backbone.img_size)} ({rows}x{columns} patches), frozen; {c.num_parts} parts"
                 f"{' + background' if c.background else ''}")
 
     def resume_target(self, recipe: Recipe) -> ResumeTarget | None:

@@ -29,6 +29,7 @@ from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.config import field
 from semmae_jax.data.demo import data_or_demo
 from semmae_jax.data.part_maps import NO_PART, part_map_path, write_part_map
+from semmae_jax.image_size import ImageSize
 from semmae_jax.inference import visualize
 from semmae_jax.parts import (
     PartModel,
@@ -91,7 +92,7 @@ class PartsRun:
         return bool(self.config["background"])
 
     @property
-    def img_size(self) -> int:
+    def img_size(self) -> ImageSize:
         return self.model.backbone.img_size
 
     @property
@@ -99,8 +100,9 @@ class PartsRun:
         return self.model.backbone.patch_size
 
     @property
-    def grid(self) -> int:
-        return self.img_size // self.patch_size
+    def grid(self) -> tuple[int, int]:
+        """The backbone's patch grid (rows, columns)."""
+        return self.model.backbone.grid_hw
 
 
 def load_run(path: str) -> PartsRun:
@@ -282,7 +284,7 @@ def evaluate(args: ViewConfig) -> dict[str, dict[str, Any]]:
 
 def _report(results: dict[str, dict[str, Any]], run: PartsRun, args: ViewConfig, count: int) -> None:
     width = max(map(len, results))
-    print(f"{count} images ({args.split}), {run.grid}x{run.grid} patches; mIoU after Hungarian matching and ARI "
+    print(f"{count} images ({args.split}), {run.grid[0]}x{run.grid[1]} patches; mIoU after Hungarian matching and ARI "
           "over all patches pooled, ARI/img averaged over images")
     print(f"{'':<{width}}  {'mIoU':>6}  {'ARI':>6}  {'ARI/img':>7}  IoU per true part")
     for name, s in results.items():

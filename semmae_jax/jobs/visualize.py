@@ -25,6 +25,7 @@ from PIL import Image
 from semmae_jax import config as config_lib
 from semmae_jax import masking
 from semmae_jax.checkpoint import WeightsReader
+from semmae_jax.image_size import ImageSize, image_size, size_text
 from semmae_jax.inference import visualize
 from semmae_jax.runtime.storage import save_png
 
@@ -52,7 +53,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, nargs="+", default=[0.0, 0.5, 1.0],
                         help="setting 3: the alphas whose masks are drawn (0 intra-part .. 1 inter-part)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the masks")
-    parser.add_argument("--input_size", type=int, help="image size (default: the checkpoint's)")
+    parser.add_argument("--input_size", type=int, nargs="+", metavar="SIDE",
+                        help="image size: one side or HEIGHT WIDTH (default: the checkpoint's)")
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
                         help="the model predicts per-patch normalised pixels (default: what the checkpoint states)")
     parser.add_argument("--out", required=True, help="the figure to write (PNG)")
@@ -85,7 +87,7 @@ def check_inputs(images: Sequence[str], part_maps: Sequence[str] | None) -> None
                              "the map made for this image, at its size")
 
 
-def load_model(reader: WeightsReader, checkpoint: str, input_size: int | None,
+def load_model(reader: WeightsReader, checkpoint: str, input_size: ImageSize | None,
                norm_pix_loss: bool | None) -> tuple[Any, Any]:
     """(MAE model, params) of `checkpoint`; a checkpoint without a decoder is refused."""
     from semmae_jax.models import create_model, model_family
@@ -107,9 +109,9 @@ def _saved_config(path: str) -> dict[str, Any]:
     return open_step(path).json_item("config") or {}
 
 
-def load_images(images: Sequence[str], part_maps: Sequence[str] | None, img_size: int,
+def load_images(images: Sequence[str], part_maps: Sequence[str] | None, img_size: ImageSize,
                 patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised images [N, S, S, 3], per-patch part labels [N, L], -1 without a map), as evaluation crops."""
+    """(normalised images [N, H, W, 3], per-patch part labels [N, L], -1 without a map), as evaluation crops."""
     from semmae_jax.data.sources import needs_pil
     from semmae_jax.data.tf_runtime import tf
     from semmae_jax.data.transforms import EvalTransform, normalize, part_map_problem
@@ -184,12 +186,13 @@ def figure(v: Views, patch_size: int, norm_pix_loss: bool, alphas: Sequence[floa
 
 def draw(args: argparse.Namespace, reader: WeightsReader) -> Views:
     check_inputs(args.images, args.part_map)
-    model, params = load_model(reader, args.checkpoint, args.input_size, args.norm_pix_loss)
+    size = None if args.input_size is None else image_size(args.input_size)
+    model, params = load_model(reader, args.checkpoint, size, args.norm_pix_loss)
     images, labels = load_images(args.images, args.part_map, model.img_size, model.patch_size)
     v = views(model, params, images, labels if args.part_map else None, mask_ratio=args.mask_ratio,
               setting=args.setting, alphas=args.alpha, seed=args.seed)
     save_png(args.out, figure(v, model.patch_size, model.norm_pix_loss, args.alpha, args.setting))
-    print(f"wrote {args.out}: {len(images)} image(s) at {model.img_size}x{model.img_size}, {int(v.mask[0].sum())} of "
+    print(f"wrote {args.out}: {len(images)} image(s) at {size_text(model.img_size)}, {int(v.mask[0].sum())} of "
           f"{v.mask.shape[1]} patches removed" + (", norm_pix_loss" if model.norm_pix_loss else ""))
     return v
 

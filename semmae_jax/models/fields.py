@@ -13,13 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from semmae_jax.image_size import ImageSize, height_width
 from semmae_jax.models.layers import LN_EPS, Dtype
 
 
 class ViTFields(nn.Module):
     """The encoder's shape and numerics, shared by `VisionTransformer` and `MaskedAutoencoderViT`."""
 
-    img_size: int = 224
+    img_size: ImageSize = 224  # `image_size`'s form: an int when square, else (height, width)
     patch_size: int = 16
     in_chans: int = 3
     embed_dim: int = 768
@@ -33,12 +34,19 @@ class ViTFields(nn.Module):
     qkv_bias: bool = True  # False: q, k, v without biases (a transformers config's `qkv_bias: false`)
 
     @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
+    def image_hw(self) -> tuple[int, int]:
+        return height_width(self.img_size)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        """The patch grid (rows, columns)."""
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size**2
+        rows, columns = self.grid_hw
+        return rows * columns
 
     def block_options(self) -> dict[str, Any]:
         """`make_blocks`' keyword arguments shared by every block stack of the model."""
@@ -47,7 +55,7 @@ class ViTFields(nn.Module):
 
     def check_images(self, images: jax.Array) -> None:
         """One line naming the model and the shapes, instead of a shape error deep inside a layer."""
-        expected = (self.img_size, self.img_size, self.in_chans)
+        expected = (*self.image_hw, self.in_chans)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"{type(self).__name__} expects images [N, {', '.join(map(str, expected))}] (NHWC), "
                              f"got {tuple(images.shape)}")

@@ -102,7 +102,7 @@ class MaskedAutoencoderViT(ViTFields):
 
     def setup(self) -> None:
         tokens = logical(nn.initializers.normal(0.02), None, None, "embed")
-        table = logical(sincos_init(self.grid_size), None, None, "embed")
+        table = logical(sincos_init(self.grid_hw), None, None, "embed")
         blocks = self.block_options()
         # Encoder.
         self.patch_embed = PatchEmbed(self.patch_size, self.embed_dim, self.dtype)

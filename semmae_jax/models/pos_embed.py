@@ -49,27 +49,32 @@ def sincos_init(grid_size: int | tuple[int, int]):
 
 
 def interpolate_pos_embed(
-    pos_embed: np.ndarray | jax.Array, new_grid: int | tuple[int, int], num_extra_tokens: int = 1
+    pos_embed: np.ndarray | jax.Array, new_grid: int | tuple[int, int], num_extra_tokens: int = 1,
+    old_grid: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """Resample a [1, extra + gh*gw, D] table to another square (or given) grid.
+    """Resample a [1, extra + gh*gw, D] table of `old_grid` (rows, columns; square when None) to
+    another square (or given) grid.
 
     As MAE's `interpolate_pos_embed`: the extra (cls) rows are kept, the grid part is
-    resized bicubically with align_corners=False. Torch's bicubic (a = -0.75, no
+    resized bicubically with align_corners=False (rows and columns each by their own
+    factor, as torch's `F.interpolate(size=(gh, gw))`). Torch's bicubic (a = -0.75, no
     antialias) is what the original used, so it is the one computed here, for
     upsampling and downsampling alike.
     """
     pos_embed = np.asarray(pos_embed)
     extra, grid = pos_embed[:, :num_extra_tokens], pos_embed[:, num_extra_tokens:]
-    old = round(grid.shape[1] ** 0.5)
-    if old * old != grid.shape[1]:
-        raise ValueError(f"position table with {grid.shape[1]} grid rows is not a square grid")
+    if old_grid is None:
+        side = round(grid.shape[1] ** 0.5)
+        old_grid = (side, side)
+    if old_grid[0] * old_grid[1] != grid.shape[1]:
+        raise ValueError(f"position table with {grid.shape[1]} grid rows is not a {old_grid[0]}x{old_grid[1]} grid")
     gh, gw = (new_grid, new_grid) if isinstance(new_grid, int) else new_grid
-    if (gh, gw) == (old, old):
+    if (gh, gw) == tuple(old_grid):
         return pos_embed
     dim = grid.shape[-1]
-    grid = grid.reshape(old, old, dim).astype(np.float64)
-    rows = _bicubic_matrix(old, gh)
-    cols = _bicubic_matrix(old, gw)
+    grid = grid.reshape(*old_grid, dim).astype(np.float64)
+    rows = _bicubic_matrix(old_grid[0], gh)
+    cols = _bicubic_matrix(old_grid[1], gw)
     resized = np.einsum("ih,jw,hwd->ijd", rows, cols, grid).reshape(1, gh * gw, dim)
     return np.concatenate([extra, resized.astype(pos_embed.dtype)], axis=1)
 

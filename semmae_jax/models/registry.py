@@ -14,6 +14,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from semmae_jax.image_size import height_width, image_size, size_text
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS, remat_policy
 from semmae_jax.models.mae import FROZEN_PARAMS, MaskedAutoencoderViT
 from semmae_jax.models.vit import VisionTransformer
@@ -73,6 +74,11 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
     if config.get("attention", "xla") not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention {config['attention']!r}; choose from {list(ATTENTION_IMPLEMENTATIONS)}")
     remat_policy(config.get("remat", False))
+    if "img_size" in config:  # a JSON list from a saved config or checkpoint is the same size
+        config["img_size"] = image_size(config["img_size"])
+        if any(side % config["patch_size"] for side in height_width(config["img_size"])):
+            raise ValueError(f"image size {size_text(config['img_size'])} is not a multiple of the patch size "
+                             f"{config['patch_size']} of model {name}")
     return config
 
 

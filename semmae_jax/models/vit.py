@@ -49,7 +49,7 @@ class VisionTransformer(ViTFields):
             "cls_token", logical(nn.initializers.normal(0.02), None, None, "embed"), (1, 1, self.embed_dim)
         )
         self.pos_embed = self.param(
-            "pos_embed", logical(sincos_init(self.grid_size), None, None, "embed"), (1, self.num_patches + 1, self.embed_dim)
+            "pos_embed", logical(sincos_init(self.grid_hw), None, None, "embed"), (1, self.num_patches + 1, self.embed_dim)
         )
         self.blocks = make_blocks(self.depth, self.num_heads, **self.block_options(),
                                   drop_path_rates=drop_path_schedule(self.drop_path_rate, self.depth))

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semmae_jax.data.part_maps import UNLABELLED
+from semmae_jax.image_size import ImageSize
 from semmae_jax.models.vit import VisionTransformer
 from semmae_jax.parts.backbone import backbone_model
 
@@ -150,15 +151,16 @@ class PartLearner(nn.Module):
         return self.num_parts + int(self.background)
 
     @nn.compact
-    def __call__(self, cls: jax.Array, patches: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Returns (maps, blurred, token_recon, image_recon) as in `PartOutputs`."""
+    def __call__(self, cls: jax.Array, patches: jax.Array, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array,
+                                                                                           jax.Array, jax.Array]:
+        """Returns (maps, blurred, token_recon, image_recon) as in `PartOutputs`; `patches` are the
+        backbone's tokens of a `grid` (rows, columns) of patches, in row order."""
         n, length, dim = patches.shape
-        grid = math.isqrt(length)
-        if grid * grid != length:
-            raise ValueError(f"{length} patch tokens do not form a square grid")
+        if grid[0] * grid[1] != length:
+            raise ValueError(f"{length} patch tokens do not form a {grid[0]}x{grid[1]} grid")
         queries = PartTokens(self.num_maps, name="part_tokens")(cls)
         logits = jnp.einsum("bpd,bld->bpl", queries, patches) / math.sqrt(dim)
-        maps = jax.nn.softmax(logits.astype(jnp.float32), axis=1).reshape(n, self.num_maps, grid, grid)
+        maps = jax.nn.softmax(logits.astype(jnp.float32), axis=1).reshape(n, self.num_maps, *grid)
         blurred = gaussian_blur(maps, self.blur_sigma)
         bases = nn.Dense(dim, name="token_bases")(queries)
         token_recon = jnp.einsum("bpl,bpd->bld", blurred.reshape(n, self.num_maps, length), bases)
@@ -180,8 +182,16 @@ class PartModel(nn.Module):
     feature_loss: bool = False
 
     @property
-    def img_size(self) -> int:
+    def img_size(self) -> ImageSize:
         return self.backbone.img_size
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.backbone.image_hw
+
+    @property
+    def in_chans(self) -> int:
+        return self.backbone.in_chans
 
     @property
     def patch_size(self) -> int:
@@ -190,7 +200,7 @@ class PartModel(nn.Module):
     def __call__(self, images: jax.Array) -> PartOutputs:
         tokens = self.backbone.tokens(images)
         patches = tokens[:, 1:]
-        maps, blurred, token_recon, image_recon = self.learner(tokens[:, 0], patches)
+        maps, blurred, token_recon, image_recon = self.learner(tokens[:, 0], patches, self.backbone.grid_hw)
         recon_tokens = None
         if self.feature_loss:
             size = (images.shape[0], *images.shape[1:3], image_recon.shape[-1])

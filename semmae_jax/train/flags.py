@@ -15,6 +15,7 @@ from etils import epath
 from semmae_jax import sharding
 from semmae_jax.checkpoint.manager import RUN_CHECKPOINTS
 from semmae_jax.config import field
+from semmae_jax.image_size import image_size
 from semmae_jax.models import create_model
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from semmae_jax.runtime import distributed
@@ -63,7 +64,8 @@ class ModelFlags:
     """The registered model a job builds, its input size and compute dtype."""
 
     model: str = field("vit_large_patch16", "registered model name (see docs/architecture.md, Models)")
-    input_size: int | None = field(None, "image size (default: the model's own: 224 for the original's models)")
+    input_size: int | tuple[int, int] | None = field(None, "image size: one side (square) or HEIGHT WIDTH (default: "
+                                                           "the model's own: 224 for the original's models)", join=image_size)
     dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
 
     FOLLOWS: ClassVar[dict[str, str]] = {"input_size": "model"}  # `--model` alone: that model's own size
@@ -71,8 +73,8 @@ class ModelFlags:
     def __post_init__(self) -> None:
         """An unset `--input_size` becomes the model's registered size, so a config always states it
         (a run's saved config, and the resume check, see the size it trained at)."""
-        if self.input_size is None:
-            object.__setattr__(self, "input_size", create_model(self.model).img_size)
+        size = create_model(self.model).img_size if self.input_size is None else image_size(self.input_size)
+        object.__setattr__(self, "input_size", create_model(self.model, img_size=size).img_size)  # a size it takes
 
 
 @dataclasses.dataclass(frozen=True)

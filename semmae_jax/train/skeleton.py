@@ -102,8 +102,8 @@ class Job(abc.ABC):
 
     def example_inputs(self, recipe: Recipe) -> tuple[jax.ShapeDtypeStruct, ...]:
         """What `model.init` is traced with: a global batch of images."""
-        size = recipe.model.img_size
-        return (jax.ShapeDtypeStruct((recipe.batch.global_batch, size, size, 3), jnp.float32),)
+        model = recipe.model
+        return (jax.ShapeDtypeStruct((recipe.batch.global_batch, *model.image_hw, model.in_chans), jnp.float32),)
 
     def describe(self, recipe: Recipe) -> str:
         """The job's own start-up line (after the shared one)."""
