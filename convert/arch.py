@@ -38,7 +38,8 @@ from semmae_jax.models import create_model, model_family, model_names
 log = logging.getLogger(__name__)
 
 # Fields read from the shapes that a registered name fixes (it matches only if they agree).
-_STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_ratio", "decoder_embed_dim", "decoder_depth")
+# The image size, classes, pooling and bands (`in_chans`: a 4-band ViT-B/16 is still ViT-B/16) are free.
+_STRUCTURE = ("patch_size", "embed_dim", "depth", "mlp_ratio", "decoder_embed_dim", "decoder_depth")
 ENCODER_HEAD_DIM = 64  # ViT-B/L/H all use 64-wide heads
 DECODER_HEAD_DIM = 32  # MAE's decoder: 16 heads at width 512
 _SHOWN = 8  # wrong shapes listed in an error; a different model altogether would list them all

@@ -48,6 +48,8 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, aliases:
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
+            if typing.get_origin(base) is tuple:  # tuple[float, ...]: a flag of several values, each of this type
+                base = typing.get_args(base)[0]
             kind = (lambda v, b=base: None if v.lower() == "none" else b(v)) if optional else base
             choices = _inherited_metadata(config_cls, field.name, "choices")
             bare = _inherited_metadata(config_cls, field.name, "bare")  # the value of the flag given alone

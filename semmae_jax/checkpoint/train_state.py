@@ -70,7 +70,7 @@ def _check_saved_shapes(checkpoints: RunCheckpoints, step: int, target: dict[str
             shape = saved[name].get(path)
             if shape is not None and shape != tuple(leaf.shape):
                 raise ValueError(f"{checkpoints.directory}/{step} holds {name}/{path} of shape {shape}, this run's "
-                                 f"model {tuple(leaf.shape)}: the checkpoint is of another model (--model, --input_size?)")
+                                 f"model {tuple(leaf.shape)}: the checkpoint is of another model (--model, --input_size, --in_chans?)")
 
 
 def holds_training_state(checkpoints: RunCheckpoints) -> bool:

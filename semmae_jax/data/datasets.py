@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from semmae_jax.data.bands import Bands, scan
 from semmae_jax.data.packed import PACKED_INDEX, packed_source
-from semmae_jax.data.sources import MissingParts, Source, check_labelled, image_folder
+from semmae_jax.data.sources import FolderSource, MissingParts, Source, check_labelled, image_folder
 
 
 def open_source(
@@ -22,6 +23,7 @@ def open_source(
     part_path: str | Path | None = None,
     missing_parts: MissingParts = "error",
     labelled: bool = False,
+    bands: Bands | None = None,
 ) -> Source:
     """The dataset named by the command-line flags.
 
@@ -34,10 +36,16 @@ def open_source(
         `downloads/manual/`, as TFDS documents).
       part_path, missing_parts: part maps (see `image_folder`; for TFDS, `tfds_source`).
       labelled: refuse a split without labels (a folder of images without class folders).
+      bands: images that are not 8-bit RGB (`data.bands`): an image folder's files are checked
+        now, every header, against the band count and each other (packed data was, by `prepare`).
     """
+    if bands is not None and dataset != "folder":
+        raise ValueError(f"{bands.count}-band images are read from image folders or packed data, not {dataset}")
     source = _source(data_path, split, dataset, tfds_data_dir, part_path, missing_parts)
     if labelled:
         check_labelled(source, data_path, split)
+    if bands is not None and isinstance(source, FolderSource):
+        scan(source.paths, bands.count)
     return source
 
 

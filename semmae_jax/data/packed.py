@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from semmae_jax.data.bands import NPY_MAGIC, TIFF_MAGIC
 from semmae_jax.data.sources import (
     FolderSource,
     IndexedSource,
@@ -154,11 +155,12 @@ def packed_source(root: str | Path, split: str = "train", part_path: str | Path 
 
 
 def shrink_jpeg(data: bytes, max_size: int | None, quality: int) -> bytes:
-    """`data` itself, or re-encoded as a JPEG with its longer side `max_size` (bicubic, as PIL) if longer."""
-    if max_size is None:
+    """`data` itself, or re-encoded as a JPEG with its longer side `max_size` (bicubic, as PIL) if longer;
+    only 8-bit RGB or grey images (a JPEG holds nothing else: 16-bit or N-band images stay as they are)."""
+    if max_size is None or data[:4] in TIFF_MAGIC or data[:6] == NPY_MAGIC:
         return data
     with Image.open(io.BytesIO(data)) as image:
-        if max(image.size) <= max_size:
+        if max(image.size) <= max_size or image.mode not in ("RGB", "L", "P", "CMYK", "YCbCr"):
             return data
         scale = max_size / max(image.size)
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -45,8 +45,9 @@ Batch = dict[str, np.ndarray]
 
 
 def normalize_batch(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    """The batch with its uint8 'image' normalised (float32), whole batches at once."""
-    return {**batch, "image": normalize(batch["image"])}
+    """The batch with its uint8 'image' normalised (float32), whole batches at once (a float32 one,
+    of bands normalised by its transform, as it is)."""
+    return {**batch, "image": normalize(batch["image"])} if batch["image"].dtype == tf.uint8 else batch
 
 
 def make_shard(process_index: int | None, process_count: int | None) -> Shard:

@@ -38,8 +38,8 @@ from semmae_jax.data.tf_runtime import tf
 
 log = logging.getLogger(__name__)
 
-# torchvision.datasets.folder.IMG_EXTENSIONS
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision.datasets.folder.IMG_EXTENSIONS, and numpy arrays (images of any bands, `bands.py`)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".npy")
 _PIL_ONLY_PATTERN = r".*\.(ppm|pgm|tiff?)"  # formats tf.io cannot decode: PIL decodes them
 NO_LABEL = -1  # the label of an image in a folder without class folders
 MissingParts = Literal["error", "unlabelled"]

@@ -39,6 +39,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 from PIL import Image
 
+from semmae_jax.data.bands import Bands, read_pixels
 from semmae_jax.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from semmae_jax.data.part_maps import NO_PART, UNLABELLED
 from semmae_jax.data.tf_runtime import tf
@@ -143,6 +144,33 @@ def decode_window(raw: dict[str, tf.Tensor], window_fn: WindowFn, out_size: Imag
         return tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [3]], 0)), window, size
 
     return Window(*tf.cond(tf.logical_and(tf.io.is_jpeg(data), tf.logical_not(raw["pil"])), jpeg, whole))
+
+
+# ---------------------------------------------------------- bands (not 8-bit RGB)
+
+
+def decode_bands(raw: dict[str, tf.Tensor], count: int) -> tf.Tensor:
+    """Graph op: the image as float32 [H, W, count], the stored values unchanged."""
+
+    def read(data: np.ndarray) -> np.ndarray:
+        # The bytes travel as uint8: a numpy bytes scalar would drop trailing NUL bytes.
+        pixels = read_pixels(data.tobytes())
+        if pixels.shape[-1] != count:
+            raise ValueError(f"an image of {pixels.shape[-1]} band(s), the model takes {count}")
+        return pixels.astype(np.float32)
+
+    pixels = tf.numpy_function(read, [tf.io.decode_raw(raw["image"], tf.uint8)], tf.float32, stateful=False)
+    return tf.ensure_shape(pixels, [None, None, count])
+
+
+def resize_bands(image: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
+    """float32 [h, w, C] -> [*size, C], bicubic, antialiased when shrinking (TensorFlow's kernel)."""
+    return tf.image.resize(image, size, method="bicubic", antialias=True)
+
+
+def normalize_bands(image: tf.Tensor, bands: Bands) -> tf.Tensor:
+    """(x - mean) / std per band, float32."""
+    return (image - np.asarray(bands.mean, np.float32)) / np.asarray(bands.std, np.float32)
 
 
 # ------------------------------------------------------------------------- geometry
@@ -410,8 +438,12 @@ class TrainTransform:
     reduced_decode: bool = True  # JPEG windows >= 2x img_size decoded at 1/2, 1/4, 1/8 (`decode_ratio`)
     resize_kernel: ResizeKernel = dataclasses.field(default_factory=fastest_resize_kernel)  # see `resize`
     num_parts: int | None = None  # part ids must be below this (or NO_PART); None: only NO_PART is special
+    bands: Bands | None = None  # not 8-bit RGB: read as stored, resized in float32, normalised per band
 
     def __post_init__(self) -> None:
+        if self.bands is not None and self.pixel_augment is not None:
+            raise ValueError("RandAugment's operations are defined on 8-bit RGB pixels: with "
+                             f"{self.bands.count}-band images use --aa none")
         if any(side % self.patch_size for side in height_width(self.img_size)):
             raise ValueError(f"img_size {size_text(self.img_size)} is not a multiple of patch_size {self.patch_size}")
         if self.resize_kernel == "torch" and _torch() is None:  # else every image would fail, skipped as unreadable
@@ -420,12 +452,23 @@ class TrainTransform:
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         crop_seed, flip_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+        flip = tf.random.stateless_uniform([], flip_seed) < self.hflip
+        if self.bands is not None:
+            image = decode_bands(raw, self.bands.count)
+            size = tf.shape(image)[:2]
+            window = random_resized_crop_window(crop_seed, size[0], size[1], self.scale, self.ratio)
+            crop = tf.slice(image, tf.concat([window[:2], [0]], 0), tf.concat([window[2:], [-1]], 0))
+            resized = resize_bands(crop, height_width(self.img_size))
+            image = normalize_bands(tf.where(flip, tf.reverse(resized, [1]), resized), self.bands)
+            image = tf.ensure_shape(image, [*height_width(self.img_size), self.bands.count])
+            labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip,
+                                        self.num_parts)
+            return {"image": image, "part_labels": labels}
         decoded = decode_window(
             raw,
             lambda h, w: random_resized_crop_window(crop_seed, h, w, self.scale, self.ratio),
             self.img_size if self.reduced_decode else None,
         )
-        flip = tf.random.stateless_uniform([], flip_seed) < self.hflip
         image = resize(decoded.pixels, height_width(self.img_size), self.interpolation, self.resize_kernel, flip)
         if self.pixel_augment is not None:
             image = self.pixel_augment(image, augment_seed)
@@ -448,6 +491,7 @@ class EvalTransform:
     crop_pct: float = 0.875
     interpolation: Interpolation = "bicubic"
     patch_size: int | None = None
+    bands: Bands | None = None  # not 8-bit RGB: read as stored, resized in float32, normalised per band
 
     @property
     def resize_size(self) -> ImageSize:
@@ -456,14 +500,18 @@ class EvalTransform:
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
         del seed  # deterministic
-        image = decode_full(raw)
+        image = decode_full(raw) if self.bands is None else decode_bands(raw, self.bands.count)
         size = tf.shape(image)[:2]
         target = self.resize_size
         resized = (torchvision_resize_size(size[0], size[1], target) if isinstance(target, int)
                    else tf.constant(target, tf.int32))
-        image = resize(image, resized, self.interpolation)
         crop = height_width(self.img_size)
-        out = {"image": tf.ensure_shape(center_crop(image, crop), [*crop, 3])}
+        if self.bands is None:
+            image = tf.ensure_shape(center_crop(resize(image, resized, self.interpolation), crop), [*crop, 3])
+        else:
+            image = normalize_bands(center_crop(resize_bands(image, resized), crop), self.bands)
+            image = tf.ensure_shape(image, [*crop, self.bands.count])
+        out = {"image": image}
         if self.patch_size:
             corner = tf.round(tf.cast(resized - crop, tf.float64) / 2.0)  # center_crop's
             scale = tf.cast(size, tf.float64) / tf.cast(resized, tf.float64)  # resized pixel -> image pixels
@@ -488,13 +536,18 @@ class WholeImageTransform:
     img_size: ImageSize
     patch_size: int
     hflip: float = 0.0
+    bands: Bands | None = None  # not 8-bit RGB: read as stored, resized in float32, normalised per band
 
     def __call__(self, raw: dict[str, tf.Tensor], seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        image = decode_full(raw)
+        image = decode_full(raw) if self.bands is None else decode_bands(raw, self.bands.count)
         size = tf.shape(image)[:2]
         flip = tf.random.stateless_uniform([], seed) < self.hflip
         height, width = height_width(self.img_size)
-        image = resize(image, (height, width), "bicubic")
+        if self.bands is None:
+            image = resize(image, (height, width), "bicubic")
+        else:
+            image = tf.ensure_shape(normalize_bands(resize_bands(image, (height, width)), self.bands),
+                                    [height, width, self.bands.count])
         image = tf.gather(image, flip_columns(width, flip), axis=1)
         window = tf.concat([[0, 0], size], axis=0)
         labels = warped_part_labels(raw["part"], window, size, self.img_size, self.patch_size, flip)

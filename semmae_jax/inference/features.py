@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from semmae_jax import sharding
+from semmae_jax.data.bands import Bands
 from semmae_jax.data.global_arrays import global_batch
 from semmae_jax.models.vit import VisionTransformer
 from semmae_jax.runtime.batch_geometry import BatchGeometry
@@ -96,12 +97,13 @@ def place_params(model: VisionTransformer, params: Any, mesh: jax.sharding.Mesh)
 
 def extract(model: VisionTransformer, params: Any, source: Any, *, tokens: Tokens, batch: BatchGeometry,
             mesh: jax.sharding.Mesh, layers: Sequence[int] = (), num_workers: int | None = None,
-            ) -> tuple[Features, list[str]]:
+            bands: Bands | None = None) -> tuple[Features, list[str]]:
     """Features of every example of `source` (`EvalTransform` at the model's size).
 
     Args:
       tokens, layers: which tokens, of the final norm's output and of which blocks (`encode`).
       batch: the batch at every scope (each process reads its share, the mesh's batch axes split the global one).
+      bands: how images that are not 8-bit RGB are read (`data.bands`).
 
     Returns:
       (features in the source's order, names of the images that could not be read).
@@ -112,7 +114,7 @@ def extract(model: VisionTransformer, params: Any, source: Any, *, tokens: Token
     sharding.check_global_batch(batch.global_batch, mesh, "feature batch")
     check_host_memory(model, tokens, len(layers), source.num_examples)
     loader = data.EvalLoader(source, process_batch=batch.per_process,
-                             transform=data.EvalTransform(model.img_size), num_workers=num_workers)
+                             transform=data.EvalTransform(model.img_size, bands=bands), num_workers=num_workers)
     placed = place_params(model, params, mesh)
 
     @sharding.with_logical_rules

@@ -23,8 +23,16 @@ PALETTE = np.array(
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """ImageNet-normalised NHWC float -> uint8 pixels."""
-    return np.clip((images * IMAGENET_STD_F32 + IMAGENET_MEAN_F32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    """Normalised [..., H, W, C] float -> uint8 RGB pixels.
+
+    Three bands are ImageNet-normalised RGB: their pixels back. Other counts (`data.bands`, each
+    band normalised by its own mean and std) show bands 1-3 as red, green and blue, or band 1 in
+    grey with fewer than 3, stretched over mean +- 2 std.
+    """
+    if images.shape[-1] == 3:
+        return np.clip((images * IMAGENET_STD_F32 + IMAGENET_MEAN_F32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    shown = images[..., :3] if images.shape[-1] > 3 else np.repeat(images[..., :1], 3, axis=-1)
+    return np.clip((shown + 2.0) * (255.0 / 4.0) + 0.5, 0, 255).astype(np.uint8)
 
 
 def part_colours(labels: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -47,7 +55,8 @@ def reconstruction(images: np.ndarray, pred: np.ndarray, mask: np.ndarray, patch
         std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
         pred = pred * std + mean
     mixed = np.where(mask[..., None] > 0, pred, target)
-    return np.asarray(unpatchify(mixed, patch_size, grid=(images.shape[1] // patch_size, images.shape[2] // patch_size)))
+    return np.asarray(unpatchify(mixed, patch_size, grid=(images.shape[1] // patch_size, images.shape[2] // patch_size),
+                                  channels=images.shape[-1]))
 
 
 def masked_view(images: np.ndarray, mask: np.ndarray, patch_size: int) -> np.ndarray:
@@ -55,7 +64,8 @@ def masked_view(images: np.ndarray, mask: np.ndarray, patch_size: int) -> np.nda
     patches = np.asarray(patchify(images, patch_size))
     grey = np.zeros_like(patches)  # zero in normalised space = the dataset mean colour
     grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
-    return np.asarray(unpatchify(np.where(mask[..., None] > 0, grey, patches), patch_size, grid=grid))
+    return np.asarray(unpatchify(np.where(mask[..., None] > 0, grey, patches), patch_size, grid=grid,
+                                 channels=images.shape[-1]))
 
 
 def panel_row(cells: list[np.ndarray], min_size: int) -> np.ndarray:
@@ -109,7 +119,7 @@ def masked_parts(image: np.ndarray, labels: np.ndarray, mask: np.ndarray, patch_
     painted = overlay(image, labels)
     grid = (image.shape[0] // patch_size, image.shape[1] // patch_size)
     removed = np.repeat(np.repeat(mask.reshape(grid) > 0, patch_size, 0), patch_size, 1)
-    return np.where(removed[..., None], to_uint8(np.zeros(3, np.float32)), painted)
+    return np.where(removed[..., None], to_uint8(np.zeros(3, np.float32)), painted)  # the mean colour
 
 
 TEXT_BAND = 14  # pixels of the title band above each row of `titled_rows`

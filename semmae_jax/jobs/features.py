@@ -21,15 +21,16 @@ from typing import Any
 from semmae_jax import config as config_lib
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
+from semmae_jax.data.bands import data_bands
 from semmae_jax.image_size import image_size, size_text
 from semmae_jax.inference.features import TOKENS, VECTORS, Features, extract, load_features, save_features
 from semmae_jax.inference.knn import KnnResult, knn_accuracy
 from semmae_jax.runtime.batch_geometry import BatchGeometry
-from semmae_jax.train.flags import DistributedFlags
+from semmae_jax.train.flags import BandFlags, DistributedFlags
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractFlags:
+class ExtractFlags(BandFlags):
     """Which encoder, on which images, how."""
 
     checkpoint: str | None = field(None, "an orbax run (or its checkpoints/), a .pth, a transformers directory")
@@ -100,11 +101,12 @@ def features(config: ExtractFlags, reader: WeightsReader, split: str, layers: Se
     batch = BatchGeometry.from_flags(config.batch_size)
     model, params = encoder(reader, config.checkpoint, config.input_size)
     data_path, _ = data_or_demo(config.data_path, None, config.dataset)
-    source = open_source(data_path, split, dataset=config.dataset, tfds_data_dir=config.tfds_data_dir)
+    bands = data_bands(data_path, model.in_chans, config.mean, config.std)
+    source = open_source(data_path, split, dataset=config.dataset, tfds_data_dir=config.tfds_data_dir, bands=bands)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
         found, skipped = extract(model, params, source, tokens=config.tokens, layers=layers, mesh=mesh,
-                                 num_workers=config.num_workers, batch=batch)
+                                 num_workers=config.num_workers, batch=batch, bands=bands)
     left_out = f"; {len(skipped)} unreadable image(s) left out (named above)" if skipped else ""
     of_blocks = f", and of blocks {','.join(map(str, layers))} before it" if layers else ""
     print(f"{len(found.labels)} images of {data_path or config.dataset} ({split}): {config.tokens} features of shape "

@@ -104,7 +104,7 @@ def eval_main(argv: Sequence[str], reader: WeightsReader | None = None) -> None:
 
 def build_classifier(config: FinetuneConfig, **stated: Any) -> nn.Module:
     """The classifier of the flags (and the numerics fields a checkpoint states, for `eval`)."""
-    return create_model(config.model, img_size=config.input_size, num_classes=config.nb_classes,
+    return create_model(config.model, img_size=config.input_size, in_chans=config.in_chans, num_classes=config.nb_classes,
                         global_pool=config.global_pool, drop_path_rate=config.drop_path, dtype=config.dtype,
                         remat=config.remat, attention=config.attention, **stated)
 
@@ -113,12 +113,13 @@ def validation(config: FinetuneConfig, model: nn.Module, mesh: jax.sharding.Mesh
                params_sharding: Any, class_names: Sequence[str] | None = None) -> evaluate.Validation:
     """The validation split, scored by the classifier's logits (refused when `class_names`, the
     checkpoint's, order the dataset's class folders differently)."""
+    bands = config.bands(model.in_chans)
     val = data.open_source(config.data_paths()[0], "val", dataset=config.dataset, tfds_data_dir=config.tfds_data_dir,
-                           labelled=True)
+                           labelled=True, bands=bands)
     evaluate.check_classes(val.num_classes, config.nb_classes)
     evaluate.check_class_order(getattr(val, "classes", None), class_names, config.resume)
     return evaluate.Validation.build(
-        val, data.EvalTransform(model.img_size), config.eval_batch_geometry(),
+        val, data.EvalTransform(model.img_size, bands=bands), config.eval_batch_geometry(),
         config.num_workers, lambda variables, images: model.apply(variables, images, train=False),
         config.nb_classes, mesh, {"params": params_sharding})
 
@@ -165,10 +166,11 @@ class FinetuneJob(Job):
         from semmae_jax.data.augment import finetune_augment
 
         c = self.config
+        bands = c.bands(model.in_chans)
         train = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
-                                 labelled=True)
+                                 labelled=True, bands=bands)
         return train, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size, scale=(0.08, 1.0),
-                                          pixel_augment=finetune_augment(c.aa))
+                                          pixel_augment=finetune_augment(c.aa), bands=bands)
 
     def _scales(self, params: Any) -> Any:
         return optim.layer_decay_scales(params, self.build_model().depth, self.config.layer_decay)

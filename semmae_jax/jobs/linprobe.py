@@ -85,7 +85,7 @@ class LinprobeJob(Job):
 
     def __init__(self, config: LinprobeConfig, reader: WeightsReader | None = None) -> None:
         super().__init__(config, reader)
-        self.encoder = create_model(config.model, img_size=config.input_size, num_classes=0,
+        self.encoder = create_model(config.model, img_size=config.input_size, in_chans=config.in_chans, num_classes=0,
                                     global_pool=config.global_pool, dtype=config.dtype, attention=config.attention)
 
     def build_model(self) -> nn.Module:
@@ -95,10 +95,11 @@ class LinprobeJob(Job):
         return (jax.ShapeDtypeStruct((recipe.batch.global_batch, self.encoder.embed_dim), jnp.float32),)
 
     def train_data(self, model: nn.Module) -> tuple[Any, Any]:
-        c, size = self.config, self.encoder.img_size
+        c, size, bands = self.config, self.encoder.img_size, self.config.bands(self.encoder.in_chans)
         source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
-                                  labelled=True)
-        return source, data.TrainTransform(img_size=size, patch_size=self.encoder.patch_size, scale=(0.08, 1.0))
+                                  labelled=True, bands=bands)
+        return source, data.TrainTransform(img_size=size, patch_size=self.encoder.patch_size, scale=(0.08, 1.0),
+                                           bands=bands)
 
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
         return optim.lars(params, lr_schedule, weight_decay=self.config.weight_decay)
@@ -133,13 +134,16 @@ class LinprobeJob(Job):
     def _validation(self, mesh: jax.sharding.Mesh, shardings: TrainState) -> evaluate.Validation:
         """The validation split scored by the probe on the frozen encoder, for states placed as `shardings`."""
         c, encoder, head = self.config, self.encoder, self.build_model()
-        val = data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir, labelled=True)
+        bands = c.bands(encoder.in_chans)
+        val = data.open_source(c.data_paths()[0], "val", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir, labelled=True,
+                               bands=bands)
         evaluate.check_classes(val.num_classes, c.nb_classes)
 
         def logits_fn(variables: Any, images: jax.Array) -> jax.Array:
             return head.apply(variables["head"], encoder.apply({"params": variables["encoder"]}, images), train=False)
 
-        return evaluate.Validation.build(val, data.EvalTransform(encoder.img_size), c.batch_geometry(), c.num_workers,
+        return evaluate.Validation.build(val, data.EvalTransform(encoder.img_size, bands=bands), c.batch_geometry(),
+                                         c.num_workers,
                                          logits_fn, c.nb_classes, mesh, _variables(shardings))
 
     def epoch_end_hook(self, recipe: Recipe) -> evaluate.EpochEvaluation:

@@ -129,8 +129,10 @@ class PartsJob(Job):
 
     def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
-        source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir)
-        return source, data.WholeImageTransform(model.img_size, model.patch_size, c.hflip)
+        bands = c.bands(model.in_chans)
+        source = data.open_source(c.data_paths()[0], "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
+                                  bands=bands)
+        return source, data.WholeImageTransform(model.img_size, model.patch_size, c.hflip, bands=bands)
 
     def optimizer(self, params: Any, lr_schedule: optax.Schedule) -> optax.GradientTransformation:
         return optim.adamw(params, lr_schedule, weight_decay=self.config.weight_decay, betas=(0.9, 0.999),

@@ -27,6 +27,7 @@ from semmae_jax import config as config_lib
 from semmae_jax import sharding
 from semmae_jax.checkpoint import RunCheckpoints
 from semmae_jax.config import field
+from semmae_jax.data.bands import Bands, data_bands
 from semmae_jax.data.demo import data_or_demo
 from semmae_jax.data.part_maps import NO_PART, part_map_path, write_part_map
 from semmae_jax.image_size import ImageSize
@@ -104,6 +105,12 @@ class PartsRun:
         """The backbone's patch grid (rows, columns)."""
         return self.model.backbone.grid_hw
 
+    @property
+    def bands(self) -> Bands | None:
+        """How the run read its images (`data.bands`): its --mean / --std, or its dataset's statistics."""
+        return data_bands(self.config.get("data_path"), self.model.backbone.in_chans, self.config.get("mean"),
+                          self.config.get("std"))
+
 
 def load_run(path: str) -> PartsRun:
     """The latest checkpoint of a `parts train` run (its output dir or its `checkpoints/`)."""
@@ -134,7 +141,7 @@ def run_batches(run: PartsRun, source: Any, process_batch: int, num_workers: int
     from semmae_jax import data
 
     loader = data.EvalLoader(source, process_batch=process_batch,
-                             transform=data.WholeImageTransform(run.img_size, run.patch_size),
+                             transform=data.WholeImageTransform(run.img_size, run.patch_size, bands=run.bands),
                              num_workers=num_workers, process_index=0, process_count=1)
     return loader.batches()
 

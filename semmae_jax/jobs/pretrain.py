@@ -87,18 +87,19 @@ class PretrainJob(Job):
 
     def build_model(self) -> nn.Module:
         c = self.config
-        return create_model(c.model, img_size=c.input_size, norm_pix_loss=c.norm_pix_loss, dtype=c.dtype,
+        return create_model(c.model, img_size=c.input_size, in_chans=c.in_chans, norm_pix_loss=c.norm_pix_loss, dtype=c.dtype,
                             remat=c.remat, attention=c.attention)
 
     def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
         data_path, part_path = c.data_paths(c.part_path)
         random_masking = masking.MaskingSetting(c.setting) is masking.MaskingSetting.RANDOM
+        bands = c.bands(model.in_chans)
         source = data.open_source(data_path, "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
                                   part_path=None if random_masking else part_path,  # setting 0 never reads maps
-                                  missing_parts=c.missing_part_map)
+                                  missing_parts=c.missing_part_map, bands=bands)
         return source, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size,
-                                           num_parts=c.num_parts)
+                                           num_parts=c.num_parts, bands=bands)
 
     def _no_decay(self) -> tuple[str, ...]:
         return optim.ORIGINAL_PRETRAIN_NO_WEIGHT_DECAY if self.config.decay_tokens else optim.NO_WEIGHT_DECAY

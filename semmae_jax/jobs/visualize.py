@@ -25,6 +25,7 @@ from PIL import Image
 from semmae_jax import config as config_lib
 from semmae_jax import masking
 from semmae_jax.checkpoint import WeightsReader
+from semmae_jax.data.bands import Bands, data_bands
 from semmae_jax.image_size import ImageSize, image_size, size_text
 from semmae_jax.inference import visualize
 from semmae_jax.runtime.storage import save_png
@@ -55,6 +56,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="fixes the masks")
     parser.add_argument("--input_size", type=int, nargs="+", metavar="SIDE",
                         help="image size: one side or HEIGHT WIDTH (default: the checkpoint's)")
+    parser.add_argument("--mean", type=float, nargs="+", help="per-band mean of images that are not 8-bit RGB "
+                        "(the files' units; docs/data.md, Bands)")
+    parser.add_argument("--std", type=float, nargs="+", help="per-band std, as --mean")
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
                         help="the model predicts per-patch normalised pixels (default: what the checkpoint states)")
     parser.add_argument("--out", required=True, help="the figure to write (PNG)")
@@ -110,13 +114,14 @@ def _saved_config(path: str) -> dict[str, Any]:
 
 
 def load_images(images: Sequence[str], part_maps: Sequence[str] | None, img_size: ImageSize,
-                patch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised images [N, H, W, 3], per-patch part labels [N, L], -1 without a map), as evaluation crops."""
+                patch_size: int, bands: Bands | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised images [N, H, W, C], per-patch part labels [N, L], -1 without a map), as evaluation crops;
+    8-bit RGB, or `bands` (`data.bands`)."""
     from semmae_jax.data.sources import needs_pil
     from semmae_jax.data.tf_runtime import tf
     from semmae_jax.data.transforms import EvalTransform, normalize, part_map_problem
 
-    transform = EvalTransform(img_size, patch_size=patch_size)
+    transform = EvalTransform(img_size, patch_size=patch_size, bands=bands)
     pixels, labels = [], []
     for k, path in enumerate(images):
         part = Path(part_maps[k]).read_bytes() if part_maps else b""
@@ -126,7 +131,7 @@ def load_images(images: Sequence[str], part_maps: Sequence[str] | None, img_size
         problem = part_map_problem(out["part_labels"].numpy(), None)
         if problem:
             raise ValueError(f"part map {part_maps[k]} {problem}")
-        pixels.append(normalize(out["image"]).numpy())
+        pixels.append((out["image"] if bands else normalize(out["image"])).numpy())
         labels.append(out["part_labels"].numpy())
     return np.stack(pixels), np.stack(labels)
 
@@ -188,7 +193,8 @@ def draw(args: argparse.Namespace, reader: WeightsReader) -> Views:
     check_inputs(args.images, args.part_map)
     size = None if args.input_size is None else image_size(args.input_size)
     model, params = load_model(reader, args.checkpoint, size, args.norm_pix_loss)
-    images, labels = load_images(args.images, args.part_map, model.img_size, model.patch_size)
+    bands = data_bands(None, model.in_chans, args.mean, args.std)
+    images, labels = load_images(args.images, args.part_map, model.img_size, model.patch_size, bands)
     v = views(model, params, images, labels if args.part_map else None, mask_ratio=args.mask_ratio,
               setting=args.setting, alphas=args.alpha, seed=args.seed)
     save_png(args.out, figure(v, model.patch_size, model.norm_pix_loss, args.alpha, args.setting))

@@ -15,6 +15,7 @@ from etils import epath
 from semmae_jax import sharding
 from semmae_jax.checkpoint.manager import RUN_CHECKPOINTS
 from semmae_jax.config import field
+from semmae_jax.data.bands import Bands, data_bands
 from semmae_jax.image_size import image_size
 from semmae_jax.models import create_model
 from semmae_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
@@ -66,6 +67,8 @@ class ModelFlags:
     model: str = field("vit_large_patch16", "registered model name (see docs/architecture.md, Models)")
     input_size: int | tuple[int, int] | None = field(None, "image size: one side (square) or HEIGHT WIDTH (default: "
                                                            "the model's own: 224 for the original's models)", join=image_size)
+    in_chans: int = field(3, "bands of the images: 3 for RGB; another count reads TIFF / GeoTIFF, 8- or 16-bit PNG "
+                             "and .npy without loss (docs/data.md, Bands)")
     dtype: str = field("float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16"))
 
     FOLLOWS: ClassVar[dict[str, str]] = {"input_size": "model"}  # `--model` alone: that model's own size
@@ -75,6 +78,8 @@ class ModelFlags:
         (a run's saved config, and the resume check, see the size it trained at)."""
         size = create_model(self.model).img_size if self.input_size is None else image_size(self.input_size)
         object.__setattr__(self, "input_size", create_model(self.model, img_size=size).img_size)  # a size it takes
+        if self.in_chans < 1:
+            raise ValueError(f"--in_chans must be at least 1, got {self.in_chans}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +113,16 @@ class RematFlags:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataFlags:
+class BandFlags:
+    """Per-band statistics of images that are not 8-bit RGB (`data.bands`)."""
+
+    mean: tuple[float, ...] | None = field(None, "per-band mean, in the files' units (default: the dataset's "
+                                                 "stored statistics, else ImageNet's for RGB)", join=tuple)
+    std: tuple[float, ...] | None = field(None, "per-band std, in the files' units (as --mean)", join=tuple)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFlags(BandFlags):
     """Where the images come from."""
 
     data_path: str | None = field(None, "image folder root with train/ and val/ (default: the demo data)")
@@ -128,6 +142,10 @@ class DataFlags:
         from semmae_jax.data.demo import data_or_demo
 
         return data_or_demo(self.data_path, part_path, self.dataset)
+
+    def bands(self, in_chans: int) -> Bands | None:
+        """How the images are read (`data.bands`): None for 8-bit RGB with ImageNet's statistics."""
+        return data_bands(self.data_paths()[0], in_chans, self.mean, self.std)
 
 
 @dataclasses.dataclass(frozen=True)
