@@ -154,6 +154,9 @@ def test_a_4_band_16_bit_tiff_set_from_prepare_to_timm(tmp_path, capsys):
     cli_main(["finetune", "--model", "vit_test_patch4", "--data_path", str(data), "--nb_classes", "2", "--aa", "none",
               *flags, "--finetune", str(pretrained / "checkpoints"), "--output_dir", str(tuned)])
     assert 0 <= epoch_lines(tuned)[-1]["test_acc1"] <= 100
+    cli_main(["features", "--checkpoint", str(pretrained), "--data_path", str(packed), "--split", "val", "--tokens",
+              "patch", "--batch_size", "1", "--out", str(tmp_path / "features.npz")])  # bands and size: the run's
+    assert np.load(tmp_path / "features.npz")["features"].shape == (8, 6, 10, 32)
 
     convert_cli.main(["to-torch", str(tuned / "checkpoints"), str(tmp_path / "tuned.pth")])
     params, _ = checkpoint.load_params(tuned / "checkpoints")
