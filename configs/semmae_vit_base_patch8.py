@@ -5,7 +5,8 @@
 The release gives the patch-8 fine-tuned result (84.44 top-1; paper 84.5) but no
 pretraining command; this preset is the ViT-B/16 recipe with 8 x 8 patches (784 tokens).
 Note: the original's patch-8 data fed only 196 of the 784 grid positions per image (its
-`.npy` records, see `parts import-semmae`); this preset trains on the full grid.
+`.npy` records, see `parts import-semmae`); this preset trains on the full grid, and
+`semmae_vit_base_patch8_196` on the records' 196 positions.
 """
 
 import dataclasses

@@ -60,10 +60,12 @@ def block_flops(tokens: int, width: int, mlp_ratio: float) -> float:
     return (8 + 4 * mlp_ratio) * tokens * width**2 + 4 * tokens**2 * width
 
 
-def forward_flops(model: nn.Module, mask_ratio: float = 0.75) -> float:
-    """Forward matmul FLOPs of one image through an MAE (`mask_ratio` of the patches dropped) or a ViT."""
-    patches, pixels = model.num_patches, model.patch_size**2 * model.in_chans
-    forward = 2 * patches * pixels * model.embed_dim  # MAE embeds every patch, then drops the masked ones
+def forward_flops(model: nn.Module, mask_ratio: float = 0.75, tokens: int | None = None) -> float:
+    """Forward matmul FLOPs of one image through an MAE (`mask_ratio` of the patches dropped; of
+    `tokens` patches when it sees a subset, `--labelled_tokens`) or a ViT."""
+    pixels = model.patch_size**2 * model.in_chans
+    forward = 2 * model.num_patches * pixels * model.embed_dim  # every patch embedded, then the masked ones dropped
+    patches = tokens or model.num_patches
     if hasattr(model, "decoder_depth"):
         encoder, decoder = 1 + int(patches * (1 - mask_ratio)), 1 + patches
         forward += model.depth * block_flops(encoder, model.embed_dim, model.mlp_ratio)
@@ -79,6 +81,6 @@ def head_flops(width: int, classes: int) -> float:
     return 2 * width * classes
 
 
-def train_flops(model: nn.Module, mask_ratio: float = 0.75) -> float:
+def train_flops(model: nn.Module, mask_ratio: float = 0.75, tokens: int | None = None) -> float:
     """Model FLOPs of one image's training step: forward + backward = 3 x forward."""
-    return 3.0 * forward_flops(model, mask_ratio)
+    return 3.0 * forward_flops(model, mask_ratio, tokens)

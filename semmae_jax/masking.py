@@ -171,3 +171,29 @@ def masking_noise(
     if MaskingSetting(setting) is MaskingSetting.RANDOM:
         return random_noise(key, *part_labels.shape)
     return semantic_noise(key, part_labels, mask_ratio=mask_ratio, alpha=alpha, num_parts=num_parts)
+
+
+def labelled_positions(part_labels: jax.Array, count: int) -> jax.Array:
+    """int32 [N, count] grid indices: each sample's first `count` part-labelled positions, in grid order
+    (then its unlabelled ones, in order, where it has fewer). The original's ViT-B/8 saw only its
+    records' 196 of the 784 positions, exactly the labelled ones of their imported maps."""
+    return jnp.argsort((part_labels < 0).astype(jnp.int32), axis=1, stable=True)[:, :count].astype(jnp.int32)
+
+
+def tokens_and_noise(
+    key: jax.Array,
+    part_labels: jax.Array,
+    *,
+    labelled_tokens: int,
+    setting: MaskingSetting | int,
+    mask_ratio: float,
+    alpha: float | jax.Array,
+    num_parts: int = 8,
+) -> tuple[jax.Array, jax.Array | None]:
+    """(noise, positions) of a pretraining batch: with `labelled_tokens` K > 0 the model sees K
+    positions of each image (`labelled_positions`) and the noise is drawn over theirs alone (their
+    parts, their sizes); with 0, every patch (positions None) and `masking_noise` over the grid."""
+    positions = labelled_positions(part_labels, labelled_tokens) if labelled_tokens else None
+    labels = part_labels if positions is None else jnp.take_along_axis(part_labels, positions, axis=1)
+    noise = masking_noise(key, labels, setting=setting, mask_ratio=mask_ratio, alpha=alpha, num_parts=num_parts)
+    return noise, positions

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +26,7 @@ from semmae_jax import config as config_lib
 from semmae_jax import data, flops, masking, sharding
 from semmae_jax.checkpoint import WeightsReader
 from semmae_jax.config import field
+from semmae_jax.image_size import size_text
 from semmae_jax.inference import visualize
 from semmae_jax.models import create_model, frozen_param_names
 from semmae_jax.train import optim
@@ -51,12 +53,17 @@ class PretrainConfig(TrainFlags, DataFlags, ScheduleFlags, ComputeFlags, RematFl
     part_path: str | None = field(None, "part-map tree mirroring --data_path (default with the demo: its parts)")
     missing_part_map: str = field("error", "an image without a part map: 'error' or 'unlabelled'",
                                   choices=("error", "unlabelled"))
+    labelled_tokens: int = field(0, "K > 0: the model sees K patches of each image, the first K (grid order) that "
+                                    "its part map labels, on the whole image (flip only), as the original's ViT-B/8 "
+                                    "on its records (196 of 784); 0: every patch, crops")
     # Run (the original saved every 20 epochs).
     save_every: int = field(20)
     keep_checkpoints: int = field(3)
     vis_every: int = field(10, "picture of reconstructions every N epochs (and at the end)")
 
     def check(self) -> None:
+        if self.labelled_tokens < 0:
+            raise ValueError(f"--labelled_tokens must be 0 (every patch) or a count, got {self.labelled_tokens}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"--mask_ratio must be in [0, 1) (some patches must stay visible), got {self.mask_ratio}")
         if self.gamma <= 0 or self.num_parts < 1 or self.vis_every < 1:
@@ -83,7 +90,8 @@ class PretrainJob(Job):
 
     name = "pretrain"
     betas = (0.9, 0.95)  # AdamW's, as the original's pretraining
-    defining = Job.defining | {"mask_ratio", "setting", "gamma", "num_parts", "part_path", "norm_pix_loss"}
+    defining = Job.defining | {"mask_ratio", "setting", "gamma", "num_parts", "part_path", "norm_pix_loss",
+                               "labelled_tokens"}
 
     def build_model(self) -> nn.Module:
         c = self.config
@@ -93,11 +101,20 @@ class PretrainJob(Job):
     def train_data(self, model: nn.Module) -> tuple[Any, Any]:
         c = self.config
         data_path, part_path = c.data_paths(c.part_path)
-        random_masking = masking.MaskingSetting(c.setting) is masking.MaskingSetting.RANDOM
+        from semmae_jax.data.packed import PACKED_INDEX  # TensorFlow: the data is read now, not at import
+
+        reads_maps = c.labelled_tokens or masking.MaskingSetting(c.setting) is not masking.MaskingSetting.RANDOM
+        if c.labelled_tokens > model.num_patches:
+            raise ValueError(f"--labelled_tokens {c.labelled_tokens}: {c.model} at {size_text(model.img_size)} has "
+                             f"{model.num_patches} patches")
+        if c.labelled_tokens and part_path is None and not (Path(data_path) / PACKED_INDEX).is_file():
+            raise ValueError("--labelled_tokens picks the patches a part map labels: give --part_path")
         bands = c.bands(model.in_chans)
         source = data.open_source(data_path, "train", dataset=c.dataset, tfds_data_dir=c.tfds_data_dir,
-                                  part_path=None if random_masking else part_path,  # setting 0 never reads maps
+                                  part_path=part_path if reads_maps else None,  # setting 0 alone reads no maps
                                   missing_parts=c.missing_part_map, bands=bands)
+        if c.labelled_tokens:  # the maps' positions are the whole image's: no crop, as the original's records
+            return source, data.WholeImageTransform(model.img_size, model.patch_size, hflip=0.5, bands=bands)
         return source, data.TrainTransform(img_size=model.img_size, patch_size=model.patch_size,
                                            num_parts=c.num_parts, bands=bands)
 
@@ -113,16 +130,19 @@ class PretrainJob(Job):
                                            no_decay=self._no_decay())
 
     def describe(self, recipe: Recipe) -> str:
-        setting = self.config.setting
-        return f"masking setting {setting} ({masking.MaskingSetting(setting).name}), gamma {self.config.gamma}"
+        c = self.config
+        tokens = (f"; {c.labelled_tokens} labelled tokens of {recipe.model.num_patches} per image, whole images"
+                  if c.labelled_tokens else "")
+        return f"masking setting {c.setting} ({masking.MaskingSetting(c.setting).name}), gamma {c.gamma}{tokens}"
 
     def flops_per_image(self, recipe: Recipe) -> float:
-        return flops.train_flops(recipe.model, self.config.mask_ratio)
+        return flops.train_flops(recipe.model, self.config.mask_ratio, self.config.labelled_tokens or None)
 
     def step(self, recipe: Recipe, tx: optax.GradientTransformation) -> Step:
         c = self.config
         return make_pretrain_step(recipe.model, tx, mask_ratio=c.mask_ratio, setting=c.setting, num_parts=c.num_parts,
-                                  total_steps=recipe.length.total_steps, gamma=c.gamma)
+                                  total_steps=recipe.length.total_steps, gamma=c.gamma,
+                                  labelled_tokens=c.labelled_tokens)
 
     def epoch_end_hook(self, recipe: Recipe) -> Callable:
         return _picture_hook(recipe, self.config)
@@ -135,9 +155,14 @@ def _picture_hook(recipe: Recipe, config: PretrainConfig) -> Callable:
     @functools.partial(jax.jit, out_shardings=sharding.replicated(recipe.mesh))
     @sharding.with_logical_rules
     def reconstruct(params: Any, batch: dict[str, jax.Array], key: jax.Array, alpha: jax.Array) -> tuple:
-        noise = masking.masking_noise(key, batch["part_labels"], setting=config.setting,
-                                      mask_ratio=config.mask_ratio, alpha=alpha, num_parts=config.num_parts)
-        _, pred, mask = model.apply({"params": params}, batch["image"], config.mask_ratio, noise)
+        noise, positions = masking.tokens_and_noise(
+            key, batch["part_labels"], labelled_tokens=config.labelled_tokens, setting=config.setting,
+            mask_ratio=config.mask_ratio, alpha=alpha, num_parts=config.num_parts)
+        _, pred, mask = model.apply({"params": params}, batch["image"], config.mask_ratio, noise, positions)
+        if positions is not None:  # on the whole grid: the patches the model did not see count as removed
+            rows_of = jnp.arange(len(positions))[:, None]
+            mask = jnp.ones(batch["part_labels"].shape, mask.dtype).at[rows_of, positions].set(mask)
+            pred = jnp.zeros((*mask.shape, pred.shape[-1]), pred.dtype).at[rows_of, positions].set(pred)
         return batch["image"][:rows], batch["part_labels"][:rows], mask[:rows], pred[:rows]
 
     def hook(epoch: int, state: TrainState, batch: dict[str, jax.Array]) -> dict[str, float]:

@@ -76,14 +76,18 @@ def random_masking(x: jax.Array, mask_ratio: float, noise: jax.Array) -> tuple[j
 
 
 def masked_patch_loss(
-    images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int, norm_pix_loss: bool
+    images: jax.Array, pred: jax.Array, mask: jax.Array, patch_size: int, norm_pix_loss: bool,
+    positions: jax.Array | None = None,
 ) -> jax.Array:
     """Mean squared error per patch, averaged over the removed patches (float32).
 
     With `norm_pix_loss` each target patch is standardised with the **unbiased**
-    variance (torch's `Tensor.var` default, ddof=1), plus 1e-6, as MAE does.
+    variance (torch's `Tensor.var` default, ddof=1), plus 1e-6, as MAE does. With
+    `positions` [N, K], `pred` and `mask` are those of the K patches at these grid positions.
     """
     target = patchify(images.astype(jnp.float32), patch_size)
+    if positions is not None:
+        target = jnp.take_along_axis(target, positions[..., None], axis=1)
     if norm_pix_loss:
         mean = target.mean(axis=-1, keepdims=True)
         var = target.var(axis=-1, keepdims=True, ddof=1)
@@ -121,9 +125,11 @@ class MaskedAutoencoderViT(ViTFields):
         self.decoder_pred = dense(self.patch_size**2 * self.in_chans, ("embed", None), None, self.dtype)
 
     def forward_encoder(
-        self, images: jax.Array, mask_ratio: float, noise: jax.Array | None = None
+        self, images: jax.Array, mask_ratio: float, noise: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Embed, add positions, drop the masked tokens, prepend cls, run the blocks.
+        """Embed, add positions, keep the patches at `positions` [N, K] (grid indices; all when None),
+        drop the masked tokens, prepend cls, run the blocks.
 
         Returns (latent [N, 1 + keep, D] after the final norm, mask, ids_restore).
         """
@@ -131,6 +137,8 @@ class MaskedAutoencoderViT(ViTFields):
         x = self.patch_embed(images.astype(self.dtype))
         pos_embed = jax.lax.stop_gradient(self.pos_embed).astype(x.dtype)
         x = x + pos_embed[:, 1:]
+        if positions is not None:  # the original's ViT-B/8 on its records' tokens: a subset of the grid
+            x = jnp.take_along_axis(x, positions[..., None], axis=1)
         if noise is None:
             noise = jax.random.uniform(self.make_rng("mask"), x.shape[:2])
         x, mask, ids_restore = random_masking(x, mask_ratio, noise)
@@ -139,26 +147,33 @@ class MaskedAutoencoderViT(ViTFields):
         x = self.norm(apply_blocks(self.blocks, x))
         return x, mask, ids_restore
 
-    def forward_decoder(self, latent: jax.Array, ids_restore: jax.Array) -> jax.Array:
-        """Project, append mask tokens, unshuffle, add positions, decode to pixels (no cls)."""
+    def forward_decoder(self, latent: jax.Array, ids_restore: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Project, append mask tokens, unshuffle, add positions (those of `positions` [N, K] when
+        given), decode to pixels (no cls)."""
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         mask_tokens = jnp.broadcast_to(self.mask_token.astype(x.dtype), (n, length + 1 - x.shape[1], x.shape[-1]))
         x_ = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
         x_ = jnp.take_along_axis(x_, ids_restore[..., None], axis=1)
         x = jnp.concatenate([x[:, :1], x_], axis=1)
-        x = x + jax.lax.stop_gradient(self.decoder_pos_embed).astype(x.dtype)
+        table = jax.lax.stop_gradient(self.decoder_pos_embed).astype(x.dtype)
+        if positions is not None:  # the cls row, then the rows of the kept positions
+            cls_row = jnp.broadcast_to(table[:, :1], (n, 1, table.shape[-1]))
+            table = jnp.concatenate([cls_row, jnp.take(table[0, 1:], positions, axis=0)], axis=1)
+        x = x + table
         x = nn.with_logical_constraint(x, ACT)
         x = self.decoder_norm(apply_blocks(self.decoder_blocks, x))
         return self.decoder_pred(x)[:, 1:].astype(jnp.float32)
 
     def __call__(
-        self, images: jax.Array, mask_ratio: float = 0.75, noise: jax.Array | None = None
+        self, images: jax.Array, mask_ratio: float = 0.75, noise: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns (loss, pred [N, L, p*p*C] float32, mask [N, L] with 1 = removed)."""
-        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio, noise)
+        """Returns (loss, pred [N, L, p*p*C] float32, mask [N, L] with 1 = removed); with `positions`
+        [N, K] (grid indices), the model sees those K patches only, and pred and mask are theirs."""
+        latent, mask, ids_restore = self.forward_encoder(images, mask_ratio, noise, positions)
         self.sow("intermediates", "latent", latent)
         self.sow("intermediates", "ids_restore", ids_restore)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss = masked_patch_loss(images, pred, mask, self.patch_size, self.norm_pix_loss)
+        pred = self.forward_decoder(latent, ids_restore, positions)
+        loss = masked_patch_loss(images, pred, mask, self.patch_size, self.norm_pix_loss, positions)
         return loss, pred, mask

@@ -41,21 +41,24 @@ def make_pretrain_step(
     num_parts: int,
     total_steps: int = 1,
     gamma: float = 2.0,
+    labelled_tokens: int = 0,
 ) -> Step:
     """`step(state, batch) -> (state, metrics)`; batch has 'image' and 'part_labels'.
 
     The masking noise is drawn inside the step from a key that depends only on the
     run's seed and the step number, and alpha from the step over `total_steps`, so a
-    resumed run masks exactly as the first would.
+    resumed run masks exactly as the first would. `labelled_tokens` K > 0: the model sees
+    K part-labelled positions of each image (`masking.tokens_and_noise`).
     """
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, Any]]:
         alpha = alpha_at(state.step, setting, total_steps, gamma)
-        noise = masking.masking_noise(state.step_key(NOISE_STREAM), batch["part_labels"], setting=setting,
-                                      mask_ratio=mask_ratio, alpha=alpha, num_parts=num_parts)
+        noise, positions = masking.tokens_and_noise(
+            state.step_key(NOISE_STREAM), batch["part_labels"], labelled_tokens=labelled_tokens, setting=setting,
+            mask_ratio=mask_ratio, alpha=alpha, num_parts=num_parts)
 
         def loss_fn(params: Any) -> jax.Array:
-            loss, _, _ = model.apply({"params": params}, batch["image"], mask_ratio, noise)
+            loss, _, _ = model.apply({"params": params}, batch["image"], mask_ratio, noise, positions)
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
