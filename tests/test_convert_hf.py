@@ -264,20 +264,21 @@ def test_to_hf_refuses_a_global_pool_classifier_and_points_to_to_torch(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_a_non_square_classifier_runs_as_in_transformers_and_goes_back_bit_exact(tmp_path):
-    """`image_size: [24, 40]` in config.json gives the table's grid: the same logits, and to-hf writes
-    the same tensors and size back."""
-    reference = tiny_hf("ViTForImageClassification", image_size=[24, 40])
+def test_a_non_square_4_band_classifier_runs_as_in_transformers_and_goes_back_bit_exact(tmp_path):
+    """`image_size: [24, 40]` in config.json gives the table's grid, `num_channels: 4` the bands: the
+    same logits, and to-hf writes the same tensors and config back."""
+    reference = tiny_hf("ViTForImageClassification", image_size=[24, 40], num_channels=4)
     reference.save_pretrained(tmp_path / "in")
     params, name, overrides, _ = convert.read_checkpoint(tmp_path / "in")
-    assert overrides["img_size"] == (24, 40)
+    assert overrides["img_size"] == (24, 40) and overrides["in_chans"] == 4
     config = full_config(name, **overrides)
     got, expected = jax_and_transformers("ViTForImageClassification", create_model(name, **overrides), params,
                                          reference, config)
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
     cli.main(["to-flax", str(tmp_path / "in"), str(tmp_path / "orbax")])
     cli.main(["to-hf", str(tmp_path / "orbax"), str(tmp_path / "out")])
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["image_size"] == [24, 40]
+    written_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written_config["image_size"], written_config["num_channels"]) == ([24, 40], 4)
     written = safetensors.numpy.load_file(tmp_path / "out" / "model.safetensors")
     original = safetensors.numpy.load_file(tmp_path / "in" / "model.safetensors")
     assert_same_bits(dict(sorted(written.items())), dict(sorted(original.items())))

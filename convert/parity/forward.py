@@ -1,7 +1,7 @@
 """`python main.py parity`: run a checkpoint in JAX and in a PyTorch reference, compare.
 
     python main.py parity --checkpoint X.pth|HF_DIR [--model NAME] [--data_path DIR]
-                          [--batch_size N] [--img_size N] [--norm_pix_loss]
+                          [--batch_size N] [--img_size SIDE | HEIGHT WIDTH] [--norm_pix_loss]
     python main.py parity --train pretrain|finetune|linprobe ...   (training: `convert.parity.training`)
 
 The user's check that a converted release behaves as it did in PyTorch. The checkpoint
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
+import math
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +50,7 @@ from convert.arch import Architecture
 from convert.cli import exit_on_error
 from convert.core import Loaded, read_checkpoint
 from convert.hf_files import is_hf_source
+from semmae_jax.image_size import ImageSize, height_width, image_size, size_text
 from semmae_jax.models import create_model, model_family
 
 
@@ -78,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data_path", default=None, help="dataset root: compare on its first eval batch")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--all_images", action="store_true", help="classifiers: the whole val split, with Acc@1 on both sides")
-    p.add_argument("--img_size", type=int, default=None, help="resample the position tables to this image size")
+    p.add_argument("--img_size", type=int, nargs="+", default=None, metavar="SIDE",
+                   help="resample the position tables to this image size (one side, or HEIGHT WIDTH)")
     p.add_argument(
         "--norm_pix_loss", action="store_true", help="MAE: per-patch normalised pixel targets (default: the checkpoint's)"
     )
@@ -111,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def compare(args: argparse.Namespace) -> list[Row]:
     """Load, build both models, run them on one batch, and measure the differences."""
-    loaded = read_checkpoint(args.checkpoint, args.model, img_size=args.img_size, trust_pickle=args.trust_pickle)
+    size = None if args.img_size is None else image_size(args.img_size)
+    loaded = read_checkpoint(args.checkpoint, args.model, img_size=size, trust_pickle=args.trust_pickle)
     overrides = dict(loaded.overrides)
     if model_family(loaded.name) == "mae" and args.norm_pix_loss:
         overrides["norm_pix_loss"] = True
@@ -119,7 +123,8 @@ def compare(args: argparse.Namespace) -> list[Row]:
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else loaded.meta.get("mask_ratio", 0.75)
     batches = list(image_batches(args, arch.config))
     count = sum(len(images) for images, _ in batches)
-    print(f"model {arch}; {count} images of {arch.config['img_size']}px from {args.data_path or 'a seeded random batch'}")
+    print(f"model {arch}; {count} images of {size_text(arch.config['img_size'])}px from "
+          f"{args.data_path or 'a seeded random batch'}")
     model = create_model(arch.name, **arch.overrides)
     with jax.default_matmul_precision("float32"), torch.no_grad(), tempfile.TemporaryDirectory() as scratch:
         reference, hf_class = reference_model(args.checkpoint, loaded, arch, scratch, resampled=args.img_size is not None)
@@ -174,7 +179,7 @@ def mae_rows(
     model: Any, params: Any, reference: torch.nn.Module, config: dict, images: np.ndarray,
     args: argparse.Namespace, mask_ratio: float,
 ) -> list[Row]:
-    num_patches = (config["img_size"] // config["patch_size"]) ** 2
+    num_patches = math.prod(side // config["patch_size"] for side in height_width(config["img_size"]))
     noise = np.random.default_rng(args.seed + 1).random((len(images), num_patches), dtype=np.float32)
     out = reference(_nchw(images), noise=torch.from_numpy(noise))
     apply = jax.jit(functools.partial(model.apply, mask_ratio=mask_ratio))
@@ -196,12 +201,12 @@ def image_batches(args: argparse.Namespace, config: dict) -> Iterator[tuple[np.n
     if args.data_path:
         yield from dataset_batches(args.data_path, args.batch_size, config["img_size"], args.all_images)
         return
-    shape = (args.batch_size, config["img_size"], config["img_size"], config["in_chans"])
+    shape = (args.batch_size, *height_width(config["img_size"]), config["in_chans"])
     yield np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32), None
 
 
 def dataset_batches(
-    data_path: str, batch_size: int, img_size: int, every_batch: bool
+    data_path: str, batch_size: int, img_size: ImageSize, every_batch: bool
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Validation batches through the project's eval transform, padding dropped."""
     from semmae_jax.data import eval_batches, open_source  # imports TensorFlow: only now, after torch

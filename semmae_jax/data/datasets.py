@@ -37,7 +37,8 @@ def open_source(
       part_path, missing_parts: part maps (see `image_folder`; for TFDS, `tfds_source`).
       labelled: refuse a split without labels (a folder of images without class folders).
       bands: images that are not 8-bit RGB (`data.bands`): an image folder's files are checked
-        now, every header, against the band count and each other (packed data was, by `prepare`).
+        now, every header, against the band count and each other (packed data by `prepare --stats`;
+        else an image that disagrees is named and skipped as it is read).
     """
     if bands is not None and dataset != "folder":
         raise ValueError(f"{bands.count}-band images are read from image folders or packed data, not {dataset}")
