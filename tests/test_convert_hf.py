@@ -284,6 +284,17 @@ def test_a_non_square_4_band_classifier_runs_as_in_transformers_and_goes_back_bi
     assert_same_bits(dict(sorted(written.items())), dict(sorted(original.items())))
 
 
+@pytest.mark.parametrize("hf_class", ["ViTMAEForPreTraining", "ViTModel"])
+def test_a_4_band_mae_or_encoder_runs_as_in_transformers(tmp_path, hf_class):
+    reference = tiny_hf(hf_class, num_channels=4)
+    reference.save_pretrained(tmp_path)
+    params, name, overrides, _ = convert.read_checkpoint(tmp_path)
+    assert overrides["in_chans"] == 4
+    config = full_config(name, **overrides)
+    got, expected = jax_and_transformers(hf_class, create_model(name, **overrides), params, reference, config)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+
+
 def test_to_hf_refuses_a_non_square_mae_and_says_why(tmp_path, capsys):
     params = create_model("mae_vit_test_patch4", img_size=(24, 40)).init(
         {"params": jax.random.key(0), "mask": jax.random.key(1)}, np.zeros((1, 24, 40, 3), np.float32))["params"]
