@@ -1,7 +1,7 @@
 """Images that are not 8-bit RGB (`semmae_jax.data.bands`): TIFF / GeoTIFF of any bands, 16-bit PNG and
 `.npy` read without loss, per-band statistics measured and stored with the dataset, the bad-input lines,
-and a 4-band 16-bit TIFF set at 96 x 160 from `prepare` to pretraining, fine-tuning, `convert to-torch`
-and timm on the same weights."""
+and a 4-band 16-bit TIFF set at 96 x 160 from `prepare` to non-square pretraining (24 x 40), fine-tuning
+at another size (32 x 48), stage 1, features, `convert to-torch` and timm on the same weights."""
 
 from __future__ import annotations
 
@@ -152,21 +152,27 @@ def test_a_4_band_16_bit_tiff_set_from_prepare_to_timm(tmp_path, capsys):
         cli_main(["finetune", "--model", "vit_test_patch4", "--data_path", str(data), "--nb_classes", "2", *flags,
                   "--finetune", str(pretrained / "checkpoints"), "--output_dir", str(tmp_path / "refused")])
     cli_main(["finetune", "--model", "vit_test_patch4", "--data_path", str(data), "--nb_classes", "2", "--aa", "none",
-              *flags, "--finetune", str(pretrained / "checkpoints"), "--output_dir", str(tuned)])
+              *flags, "--input_size", "32", "48", "--finetune", str(pretrained / "checkpoints"),
+              "--output_dir", str(tuned)])  # at another size: the position table resampled, 6x10 -> 8x12
     assert 0 <= epoch_lines(tuned)[-1]["test_acc1"] <= 100
+    cli_main(["parts", "train", "--config", "parts_demo", "--backbone", str(pretrained), "--data_path", str(packed),
+              "--global_batch_size", "8", "--epochs", "1", "--steps_per_epoch", "2", "--warmup_epochs", "1",
+              "--num_workers", "2", "--output_dir", str(tmp_path / "parts")])  # stage 1 on the bands, on the 6x10 grid
+    assert "at 24x40 (6x10 patches)" in capsys.readouterr().out
+    assert np.isfinite(epoch_lines(tmp_path / "parts")[-1]["train_loss"])
     cli_main(["features", "--checkpoint", str(pretrained), "--data_path", str(packed), "--split", "val", "--tokens",
               "patch", "--batch_size", "1", "--out", str(tmp_path / "features.npz")])  # bands and size: the run's
     assert np.load(tmp_path / "features.npz")["features"].shape == (8, 6, 10, 32)
 
     convert_cli.main(["to-torch", str(tuned / "checkpoints"), str(tmp_path / "tuned.pth")])
     params, _ = checkpoint.load_params(tuned / "checkpoints")
-    config = full_config("vit_test_patch4", img_size=(24, 40), in_chans=4, num_classes=2)
+    config = full_config("vit_test_patch4", img_size=(32, 48), in_chans=4, num_classes=2)
     reference = references.timm_classifier(config)
     reference.load_state_dict(torch.load(tmp_path / "tuned.pth", weights_only=True)["model"], strict=True)
-    x = np.random.default_rng(4).standard_normal((2, 24, 40, 4)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal((2, 32, 48, 4)).astype(np.float32)
     with torch.no_grad():
         expected = reference(nchw(x)).numpy()
-    got = jax_apply(create_model("vit_test_patch4", img_size=(24, 40), in_chans=4, num_classes=2), params, x)
+    got = jax_apply(create_model("vit_test_patch4", img_size=(32, 48), in_chans=4, num_classes=2), params, x)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
 

@@ -82,12 +82,14 @@ def test_the_loss_is_over_the_masked_kept_patches_pixels(tiny_mae):
 @pytest.mark.slow
 @pytest.mark.usefixtures("demo_root")
 def test_pretraining_on_labelled_tokens_runs_on_whole_images(tmp_path, capsys):
-    cli_main(["pretrain", "--model", "mae_vit_test_patch4", "--input_size", "32", "--global_batch_size", "8",
+    """On a non-square grid too (24 x 40: 60 patches), semantic masking over the kept tokens' parts."""
+    cli_main(["pretrain", "--model", "mae_vit_test_patch4", "--input_size", "24", "40", "--global_batch_size", "8",
               "--epochs", "1", "--steps_per_epoch", "2", "--warmup_epochs", "1", "--setting", "3",
               "--labelled_tokens", str(KEPT), "--vis_every", "1", "--output_dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
-    assert f"{KEPT} labelled tokens of {GRID} per image, whole images" in out
-    assert np.isfinite(epoch_lines(tmp_path / "run")[-1]["train_loss"])
+    assert f"{KEPT} labelled tokens of 60 per image, whole images" in out
+    trained = epoch_lines(tmp_path / "run")[-1]
+    assert np.isfinite(trained["train_loss"]) and trained["train_alpha"] > 0
     assert (tmp_path / "run" / "reconstruction_epoch0000.png").is_file()
     with pytest.raises(SystemExit, match=f"--labelled_tokens {GRID + 1}: mae_vit_test_patch4 at 32 has {GRID} patches"):
         cli_main(["pretrain", "--model", "mae_vit_test_patch4", "--input_size", "32", "--labelled_tokens",

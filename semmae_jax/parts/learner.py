@@ -122,6 +122,7 @@ class PartDecoder(nn.Module):
 
     width: int = 64
     upsamples: int = 2
+    channels: int = 3  # the images' bands
 
     @nn.compact
     def __call__(self, maps: jax.Array, part_tokens: jax.Array, style: jax.Array) -> jax.Array:
@@ -134,7 +135,7 @@ class PartDecoder(nn.Module):
             width = max(width // 2, MIN_DECODER_WIDTH)
             x = nn.Conv(width, (3, 3), name=f"conv_{i}")(jax.image.resize(x, (n, 2 * h, 2 * w, c), "nearest"))
             x = nn.leaky_relu(AdaIN(name=f"adain_{i}")(x, style), 0.2)
-        return nn.Conv(3, (1, 1), name="to_rgb")(x)
+        return nn.Conv(self.channels, (1, 1), name="to_rgb")(x)
 
 
 class PartLearner(nn.Module):
@@ -151,10 +152,10 @@ class PartLearner(nn.Module):
         return self.num_parts + int(self.background)
 
     @nn.compact
-    def __call__(self, cls: jax.Array, patches: jax.Array, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array,
-                                                                                           jax.Array, jax.Array]:
+    def __call__(self, cls: jax.Array, patches: jax.Array, grid: tuple[int, int],
+                 channels: int = 3) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Returns (maps, blurred, token_recon, image_recon) as in `PartOutputs`; `patches` are the
-        backbone's tokens of a `grid` (rows, columns) of patches, in row order."""
+        backbone's tokens of a `grid` (rows, columns) of patches, in row order; the image has `channels` bands."""
         n, length, dim = patches.shape
         if grid[0] * grid[1] != length:
             raise ValueError(f"{length} patch tokens do not form a {grid[0]}x{grid[1]} grid")
@@ -164,7 +165,7 @@ class PartLearner(nn.Module):
         blurred = gaussian_blur(maps, self.blur_sigma)
         bases = nn.Dense(dim, name="token_bases")(queries)
         token_recon = jnp.einsum("bpl,bpd->bld", blurred.reshape(n, self.num_maps, length), bases)
-        image = PartDecoder(self.decoder_width, self.decoder_upsamples, name="decoder")(blurred, queries, cls)
+        image = PartDecoder(self.decoder_width, self.decoder_upsamples, channels, name="decoder")(blurred, queries, cls)
         return maps, blurred, token_recon, image
 
 
@@ -200,7 +201,8 @@ class PartModel(nn.Module):
     def __call__(self, images: jax.Array) -> PartOutputs:
         tokens = self.backbone.tokens(images)
         patches = tokens[:, 1:]
-        maps, blurred, token_recon, image_recon = self.learner(tokens[:, 0], patches, self.backbone.grid_hw)
+        maps, blurred, token_recon, image_recon = self.learner(tokens[:, 0], patches, self.backbone.grid_hw,
+                                                               self.backbone.in_chans)
         recon_tokens = None
         if self.feature_loss:
             size = (images.shape[0], *images.shape[1:3], image_recon.shape[-1])
