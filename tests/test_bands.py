@@ -69,6 +69,20 @@ def test_every_format_reads_as_stored(tmp_path):
         assert bands.header(tmp_path / name) == (expected.shape[-1], str(expected.dtype))
 
 
+def test_npy_arrays_are_images_where_bands_are_read_and_not_in_an_rgb_folder(tmp_path):
+    from semmae_jax.data.datasets import open_source
+
+    rng = np.random.default_rng(6)
+    for k in range(2):
+        (tmp_path / "train" / "c").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "train" / "c" / f"{k}.npy", rng.integers(0, 256, (8, 8, 2)).astype(np.uint8))
+    Image.fromarray(np.zeros((8, 8, 2), np.uint8), mode="LA").save(tmp_path / "train" / "c" / "grey_alpha.png")
+    stats = bands.Bands((0.0, 0.0), (1.0, 1.0))
+    listed = ["0.npy", "1.npy", "grey_alpha.png"]
+    assert [Path(p).name for p in open_source(tmp_path, "train", bands=stats).paths] == listed
+    assert [Path(p).name for p in open_source(tmp_path, "train").paths] == ["grey_alpha.png"]  # torchvision's listing
+
+
 def test_files_that_disagree_are_one_line_naming_the_file(tmp_path):
     rng = np.random.default_rng(2)
     written = {"a.tif": tile(rng, 0, (8, 8, 4)), "b.tif": tile(rng, 0, (8, 8, 3)),

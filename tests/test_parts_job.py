@@ -74,7 +74,7 @@ def test_training_lowers_the_loss_and_saves_a_checkpoint_and_pictures(run_dir):
     assert {"train_pixels", "train_tokens", "train_diversity", "train_foreground"} <= set(epochs[0])
     assert (run_dir / "checkpoints" / "12").is_dir() and (run_dir / "parts_epoch0003.png").is_file()
     run = parts_tools.load_run(str(run_dir))
-    assert (run.grid, run.model.learner.num_maps, run.background) == (8, 4, True)
+    assert (run.grid, run.model.learner.num_maps, run.background) == ((8, 8), 4, True)
 
 
 def test_export_writes_maps_the_pretraining_pipeline_reads(run_dir, demo_root, tmp_path):
@@ -106,13 +106,13 @@ def test_export_resumes_without_rewriting(run_dir, tmp_path, capsys):
     assert not list((tmp_path / "maps").rglob("*.partial.png"))
 
 
-def drawn_labels(cell: np.ndarray, image: np.ndarray, grid: int) -> np.ndarray:
-    """The per-patch part ids [grid * grid] that a picture cell paints over `image` (uint8 [S, S, 3]):
+def drawn_labels(cell: np.ndarray, image: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """The per-patch part ids [rows * columns] that a picture cell paints over `image` (uint8 [H, W, 3]):
     -1 where the cell is the image itself, else the palette colour that blended half and half
     with the image gives the cell (the id of that colour)."""
-    size = image.shape[0] // grid
+    size = image.shape[0] // grid[0]
     labels = []
-    for patch in np.ndindex(grid, grid):
+    for patch in np.ndindex(*grid):
         window = np.s_[patch[0] * size:(patch[0] + 1) * size, patch[1] * size:(patch[1] + 1) * size]
         drawn, under = cell[window].astype(int), image[window].astype(int)
         if np.array_equal(drawn, under):

@@ -11,7 +11,15 @@ from typing import Literal
 
 from semmae_jax.data.bands import Bands, scan
 from semmae_jax.data.packed import PACKED_INDEX, packed_source
-from semmae_jax.data.sources import FolderSource, MissingParts, Source, check_labelled, image_folder
+from semmae_jax.data.sources import (
+    BAND_EXTENSIONS,
+    IMG_EXTENSIONS,
+    FolderSource,
+    MissingParts,
+    Source,
+    check_labelled,
+    image_folder,
+)
 
 
 def open_source(
@@ -42,7 +50,8 @@ def open_source(
     """
     if bands is not None and dataset != "folder":
         raise ValueError(f"{bands.count}-band images are read from image folders or packed data, not {dataset}")
-    source = _source(data_path, split, dataset, tfds_data_dir, part_path, missing_parts)
+    source = _source(data_path, split, dataset, tfds_data_dir, part_path, missing_parts,
+                     IMG_EXTENSIONS if bands is None else BAND_EXTENSIONS)
     if labelled:
         check_labelled(source, data_path, split)
     if bands is not None and isinstance(source, FolderSource):
@@ -51,7 +60,7 @@ def open_source(
 
 
 def _source(data_path: str | Path | None, split: Literal["train", "val"], dataset: str, tfds_data_dir: str | None,
-            part_path: str | Path | None, missing_parts: MissingParts) -> Source:
+            part_path: str | Path | None, missing_parts: MissingParts, extensions: tuple[str, ...]) -> Source:
     if dataset.startswith("tfds:"):
         from semmae_jax.data.tfds_source import tfds_source  # lazily: TFDS is slow to import
 
@@ -62,4 +71,4 @@ def _source(data_path: str | Path | None, split: Literal["train", "val"], datase
         raise ValueError("an image-folder dataset needs --data_path")
     if (Path(data_path) / PACKED_INDEX).is_file():
         return packed_source(data_path, split, part_path)
-    return image_folder(data_path, split, part_path, missing_parts)
+    return image_folder(data_path, split, part_path, missing_parts, extensions)

@@ -38,6 +38,7 @@ from PIL import Image
 
 from semmae_jax.data.bands import NPY_MAGIC, TIFF_MAGIC
 from semmae_jax.data.sources import (
+    IMG_EXTENSIONS,
     FolderSource,
     IndexedSource,
     MissingParts,
@@ -235,8 +236,10 @@ def prepare(
     images_per_shard: int = 1024,
     quality: int = 90,
     missing_parts: MissingParts = "error",
+    extensions: tuple[str, ...] = IMG_EXTENSIONS,
 ) -> dict:
     """Pack the train (and val, if present) split of an image folder into `out`; returns the index.
+    `extensions`: the files that are images (`sources.BAND_EXTENSIONS` for images of other bands).
 
     The index is written last, so an interrupted run leaves no `packed.json` and is
     never read as a dataset.
@@ -254,7 +257,7 @@ def prepare(
         if split == "val" and not (Path(data_path) / "val").is_dir():
             continue
         split_dir(data_path, split)  # the clear error for a missing train/ folder
-        source = image_folder(data_path, split, part_path, missing_parts)
+        source = image_folder(data_path, split, part_path, missing_parts, extensions)
         splits[split] = write_split(source, out, split, images_per_shard, max_size, quality)
     index = {"format": FORMAT, "max_size": max_size, "splits": splits}
     (out / PACKED_INDEX).write_text(json.dumps(index, indent=1))

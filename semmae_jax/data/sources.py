@@ -38,8 +38,10 @@ from semmae_jax.data.tf_runtime import tf
 
 log = logging.getLogger(__name__)
 
-# torchvision.datasets.folder.IMG_EXTENSIONS, and numpy arrays (images of any bands, `bands.py`)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".npy")
+# torchvision.datasets.folder.IMG_EXTENSIONS
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Where images of other bands are read (`bands.py`), numpy arrays too; torchvision's list elsewhere.
+BAND_EXTENSIONS = (*IMG_EXTENSIONS, ".npy")
 _PIL_ONLY_PATTERN = r".*\.(ppm|pgm|tiff?)"  # formats tf.io cannot decode: PIL decodes them
 NO_LABEL = -1  # the label of an image in a folder without class folders
 MissingParts = Literal["error", "unlabelled"]
@@ -96,7 +98,7 @@ def eval_share(num_examples: int, shard: Shard) -> tuple[int, int]:
 # --------------------------------------------------------------------- image folders
 
 
-def find_classes(directory: str | Path) -> list[str]:
+def find_classes(directory: str | Path, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[str]:
     """Class folder names in label-id order, as torchvision's `find_classes`; [] for a folder of
     images without class folders (unlabelled). Images beside class folders are not read, as in
     torchvision."""
@@ -105,21 +107,19 @@ def find_classes(directory: str | Path) -> list[str]:
         raise FileNotFoundError(f"image folder {directory} does not exist or is not a directory")
     entries = list(os.scandir(directory))
     classes = sorted(entry.name for entry in entries if entry.is_dir())
-    if not classes and not any(_is_image(entry.name) for entry in entries if entry.is_file()):
+    if not classes and not any(entry.name.lower().endswith(extensions) for entry in entries if entry.is_file()):
         raise FileNotFoundError(f"no class folder and no image in {directory}: expected {directory}/<class>/<image> "
-                                f"(labelled) or {directory}/<image> (unlabelled; extensions: {', '.join(IMG_EXTENSIONS)})")
+                                f"(labelled) or {directory}/<image> (unlabelled; extensions: {', '.join(extensions)})")
     return classes
 
 
-def _is_image(file_name: str) -> bool:
-    return file_name.lower().endswith(IMG_EXTENSIONS)
-
-
-def list_images(directory: str | Path, classes: Sequence[str]) -> tuple[list[str], list[int]]:
+def list_images(directory: str | Path, classes: Sequence[str],
+                extensions: tuple[str, ...] = IMG_EXTENSIONS) -> tuple[list[str], list[int]]:
     """(paths, labels) in torchvision's `make_dataset` order; an empty class is an error. With no
     class, the images directly in `directory`, sorted, each labelled `NO_LABEL`."""
     if not classes:
-        names = sorted(entry.name for entry in os.scandir(directory) if entry.is_file() and _is_image(entry.name))
+        names = sorted(entry.name for entry in os.scandir(directory)
+                       if entry.is_file() and entry.name.lower().endswith(extensions))
         return [os.path.join(directory, name) for name in names], [NO_LABEL] * len(names)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
@@ -127,7 +127,7 @@ def list_images(directory: str | Path, classes: Sequence[str]) -> tuple[list[str
             os.path.join(root, fname)
             for root, _, fnames in sorted(os.walk(Path(directory) / name, followlinks=True))
             for fname in sorted(fnames)
-            if _is_image(fname)
+            if fname.lower().endswith(extensions)
         ]
         if not found:
             empty.append(str(Path(directory) / name))
@@ -135,7 +135,7 @@ def list_images(directory: str | Path, classes: Sequence[str]) -> tuple[list[str
         labels += [label] * len(found)
     if empty:
         raise FileNotFoundError(
-            f"no image in class folder(s) {', '.join(empty)} (extensions: {', '.join(IMG_EXTENSIONS)})"
+            f"no image in class folder(s) {', '.join(empty)} (extensions: {', '.join(extensions)})"
         )
     return paths, labels
 
@@ -278,6 +278,7 @@ def image_folder(
     split: str = "train",
     part_path: str | Path | None = None,
     missing_parts: MissingParts = "error",
+    extensions: tuple[str, ...] = IMG_EXTENSIONS,
 ) -> FolderSource:
     """List `data_path/split` (torchvision's order) and, with `part_path`, its part maps.
 
@@ -287,10 +288,11 @@ def image_folder(
       part_path: root of the part-map tree mirroring `data_path` (`--part_path`).
       missing_parts: an image without a part map is an error naming it ('error'), or
         trained with every patch unlabelled and counted ('unlabelled').
+      extensions: the files that are images (`BAND_EXTENSIONS` where bands are read).
     """
     root = split_dir(data_path, split)
-    classes = find_classes(root)
-    paths, labels = list_images(root, classes)
+    classes = find_classes(root, extensions)
+    paths, labels = list_images(root, classes, extensions)
     parts, absent = [""] * len(paths), []
     if part_path is not None:
         if not Path(part_path).is_dir():

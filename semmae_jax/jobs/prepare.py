@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from semmae_jax.data import bands, packed
 from semmae_jax.data.packed import prepare
-from semmae_jax.data.sources import image_folder
+from semmae_jax.data.sources import BAND_EXTENSIONS, IMG_EXTENSIONS, image_folder
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -43,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def pack(args: argparse.Namespace) -> None:
     start = time.perf_counter()
+    extensions = BAND_EXTENSIONS if args.stats else IMG_EXTENSIONS  # --stats: a dataset of bands, .npy too
     index = prepare(args.data_path, args.out, args.part_path, args.max_size, args.images_per_shard, args.quality,
-                    args.missing_part_map)
+                    args.missing_part_map, extensions)
     seconds = time.perf_counter() - start
     total = sum(entry["count"] for entry in index["splits"].values())
     for split, entry in index["splits"].items():
@@ -55,7 +56,7 @@ def pack(args: argparse.Namespace) -> None:
 
 def measure_bands(data_path: str, roots: Sequence[str]) -> None:
     """Each band's mean and std over the train split, stored in every one of `roots`."""
-    paths = list(image_folder(data_path, "train").paths)
+    paths = list(image_folder(data_path, "train", extensions=BAND_EXTENSIONS).paths)
     count, _ = bands.header(paths[0])
     sample_type = bands.scan(paths, count)
     measured = bands.measure(paths)
