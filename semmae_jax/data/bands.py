@@ -5,7 +5,8 @@ microscopy stacks: read without loss, as the file stores them, by tifffile (TIFF
 numpy (`.npy`, [H, W, C] or [H, W]) or PIL (8- and 16-bit PNG and the other formats), then
 resized in float32 and normalised per band, (x - mean) / std in the file's own units (the
 graph ops are `transforms.decode_bands`, `resize_bands`, `normalize_bands`; this module needs no
-TensorFlow).
+TensorFlow, and reads its files' libraries (PIL, tifffile) on first use: the training step's
+modules import it on hosts without them).
 
 `Bands` (a mean and a std per band) is what a dataset needs beyond its files; `--mean` /
 `--std` give it, or `main.py prepare --stats` measures it and stores it with the dataset
@@ -25,7 +26,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 STATS_FILE = "band_stats.json"
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
@@ -63,6 +63,8 @@ def read_pixels(data: bytes) -> np.ndarray:
     elif data[:6] == NPY_MAGIC:
         pixels = np.load(io.BytesIO(data), allow_pickle=False)
     else:
+        from PIL import Image
+
         with Image.open(io.BytesIO(data)) as image:
             pixels = np.asarray(image)
     if pixels.ndim == 2:
@@ -88,6 +90,8 @@ def header(path: str | Path) -> tuple[int, str]:
     if magic == NPY_MAGIC:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
         return (1 if array.ndim == 2 else array.shape[-1]), str(array.dtype)
+    from PIL import Image
+
     with Image.open(path) as image:
         bands = len(image.getbands())
         dtype = {"I;16": "uint16", "I;16B": "uint16", "I": "int32", "F": "float32"}.get(image.mode, "uint8")
