@@ -31,7 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("semmae_jax.jobs.visualize:main", "a checkpoint's reconstructions and SemMAE's masks of given images"),
     "features": ("semmae_jax.jobs.features:features_main", "encoder features of a dataset split as an .npz"),
     "knn": ("semmae_jax.jobs.features:knn_main", "weighted k-NN accuracy of encoder features (DINO's protocol)"),
-    "prepare": ("semmae_jax.jobs.prepare:main", "pack an image folder (and its part maps) into TFRecord shards for --data_path"),
+    "prepare": ("semmae_jax.jobs.prepare:main", "pack an image folder (and its part maps) into TFRecord shards for "
+                "--data_path; --stats: each band's mean and std, stored with the dataset"),
     "parts import-semmae": ("semmae_jax.jobs.parts_import:main", "the original's released part data -> PNG part maps"),
 }
 
