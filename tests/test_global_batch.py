@@ -52,8 +52,8 @@ def _losses(out: Path) -> list[float]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [
-    ["pretrain", "--epochs", "1", "--steps_per_epoch", "3", "--warmup_epochs", "1"],
-    ["finetune", "--config", "finetune_demo", "--finetune", "none", "--epochs", "1", "--steps_per_epoch", "3",
+    ["pretrain", "--epochs", "1", "--steps_per_epoch", "2", "--warmup_epochs", "1"],
+    ["finetune", "--config", "finetune_demo", "--finetune", "none", "--epochs", "1", "--steps_per_epoch", "2",
      "--warmup_epochs", "1"],
 ], ids=["pretrain", "finetune_demo"])
 def test_the_demo_presets_give_the_same_losses_on_1_and_8_devices(argv, demo_root, tmp_path):
