@@ -23,8 +23,9 @@ def test_input_size_takes_one_side_or_a_height_and_a_width():
     (["--input_size", "24", "40", "8"], "--input_size: an image size is one side or a height and a width"),
     (["--input_size", "24", "30"], "image size 24x30 is not a multiple of the patch size 4 of model mae_vit_test_patch4"),
 ])
-def test_a_bad_input_size_is_one_line_naming_the_flag(flags, message, capsys):
+def test_a_bad_input_size_is_one_line_naming_the_flag(flags, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["pretrain", "--model", "mae_vit_test_patch4", *flags, "--output_dir", "unused"])
+        cli_main(["pretrain", "--model", "mae_vit_test_patch4", *flags, "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()  # refused before anything is written
     said = exit_info.value.code if isinstance(exit_info.value.code, str) else capsys.readouterr().err.strip()
     assert message in said and "\n" not in said.split("error: ", 1)[-1]
