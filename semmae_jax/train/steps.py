@@ -80,15 +80,25 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: 
     gradient overflows AdamW's second moment to inf while the params it moves stay finite.
     A refused step leaves all of them as they were (only the step count moves on), so no
     state the loop can save ever holds a NaN or inf; the loop decides whether to stop
-    (`--max_nonfinite_steps`). The choice is made leaf by leaf (`jnp.where`), so no second
-    copy of the whole state outlives the select.
+    (`--max_nonfinite_steps`).
+
+    The update is computed twice: once only to ask whether it is finite (reductions to one
+    flag, nothing of it kept), then for real inside `lax.cond`, written over the donated
+    state. Computed once and chosen with `jnp.where(finite, new, old)`, the whole new state
+    would have to exist beside the old one until the flag is known: a second copy of the
+    params and moments at every step (`bench/memory_account.py --batch N`'s temporaries,
+    `tests/test_finite_guard.py`). The second pass reads the state once more, a small
+    fraction of a step's time.
     """
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = {"params": optax.apply_updates(state.params, updates), "opt_state": opt_state, **changes}
+    current = {"params": state.params, "opt_state": state.opt_state, **{name: getattr(state, name) for name in changes}}
+
+    def updated(current: dict[str, Any], grads: Any, changes: dict[str, Any]) -> dict[str, Any]:
+        updates, opt_state = tx.update(grads, current["opt_state"], current["params"])
+        return {"params": optax.apply_updates(current["params"], updates), "opt_state": opt_state, **changes}
+
     inputs_finite = jnp.isfinite(loss) & _all_finite(grads)
-    finite = inputs_finite & _all_finite(new)
-    kept = {name: jax.tree.map(lambda a, b: jnp.where(finite, a, b), value, getattr(state, name))
-            for name, value in new.items()}
+    finite = inputs_finite & _all_finite(updated(current, grads, changes))
+    kept = jax.lax.cond(finite, updated, lambda current, grads, changes: current, current, grads, changes)
     return state.replace(step=state.step + 1, **kept), {"nonfinite": 1.0 - finite.astype(jnp.float32),
                                                         "nonfinite_loss": 1.0 - inputs_finite.astype(jnp.float32)}
 
