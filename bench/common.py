@@ -67,7 +67,7 @@ def abstract_batch(job: Job, model: Any, batch: Any, mesh: jax.sharding.Mesh) ->
     """The batch `job`'s step takes, as shapes placed on `mesh` (`batch` may be a symbolic size): images,
     and part labels (pretraining) or class labels (fine-tuning)."""
     placed = sharding.batch_sharding(mesh)
-    images = jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32, sharding=placed)
+    images = jax.ShapeDtypeStruct((batch, *model.image_hw, model.in_chans), jnp.float32, sharding=placed)
     if job.name == "pretrain":
         return {"image": images, "part_labels": jax.ShapeDtypeStruct((batch, model.num_patches), jnp.int32,
                                                                      sharding=placed)}

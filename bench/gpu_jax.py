@@ -66,13 +66,12 @@ def ceilings(matmul_size: int, copy_bytes: int, repeats: int) -> dict[str, float
 
 def synthetic_batch(kind: str, job: Job, model: Any, batch: int, mesh: Any) -> dict[str, jax.Array]:
     """Normalised-looking images and random part labels (or class labels), drawn on the device."""
-    size, patches = model.img_size, (model.img_size // model.patch_size) ** 2
 
     def draw(key: jax.Array) -> dict[str, jax.Array]:
         k1, k2 = jax.random.split(key)
-        images = jax.random.normal(k1, (batch, size, size, 3), jnp.float32)
+        images = jax.random.normal(k1, (batch, *model.image_hw, model.in_chans), jnp.float32)
         if kind == "pretrain":
-            labels = jax.random.randint(k2, (batch, patches), -1, job.config.num_parts - 1)
+            labels = jax.random.randint(k2, (batch, model.num_patches), -1, job.config.num_parts - 1)
             return {"image": images, "part_labels": labels}
         return {"image": images, "label": jax.random.randint(k2, (batch,), 0, job.config.nb_classes)}
 

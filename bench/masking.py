@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     model = create_model(args.model)
     rng = np.random.default_rng(0)
     batch = {
-        "image": rng.standard_normal((args.batch, model.img_size, model.img_size, 3), np.float32),
+        "image": rng.standard_normal((args.batch, *model.image_hw, model.in_chans), np.float32),
         "part_labels": rng.integers(-1, 7, (args.batch, model.num_patches)).astype(np.int32),
     }
     runs = {"random (setting 0)": build(args.model, 0, batch, args.dtype),

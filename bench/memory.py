@@ -28,22 +28,15 @@ def measure(model_name: str, mesh_spec: str, batch: int, dtype: str, remat: bool
     """Compile `main.py pretrain`'s step (the job's recipe, setting 3) for the abstract state and batch;
     XLA's per-device memory figures."""
     import jax
-    import jax.numpy as jnp
 
-    from bench.common import abstract_job_step, flags_of, pretrain_job
+    from bench.common import abstract_batch, abstract_job_step, flags_of, pretrain_job
     from semmae_jax import sharding
 
     mesh = sharding.make_mesh(mesh_spec)
     job = pretrain_job(model_name, *flags_of({"dtype": dtype, "remat": remat, "mesh": mesh_spec, "setting": 3}))
     abstract, step, built = abstract_job_step(job, mesh, batch)
-    model, batch_sharding = built.model, sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
-        abstract_batch = {
-            "image": jax.ShapeDtypeStruct((batch, model.img_size, model.img_size, 3), jnp.float32,
-                                          sharding=batch_sharding),
-            "part_labels": jax.ShapeDtypeStruct((batch, model.num_patches), jnp.int32, sharding=batch_sharding),
-        }
-        compiled = step.lower(abstract, abstract_batch).compile()
+        compiled = step.lower(abstract, abstract_batch(job, built.model, batch, mesh)).compile()
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     params = sum(x.size for x in jax.tree.leaves(abstract.params))
