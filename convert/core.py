@@ -137,8 +137,9 @@ def read_checkpoint(
         converted = _named_errors(path, torch_to_flax, hf.state_dict, model_name, img_size=img_size, stated=hf.stated)
         return Loaded(*converted, hf.meta)
     if Path(path).is_dir():
-        params, meta = checkpoint.load_params(path)
-        run_size = (checkpoint.open_step(path).json_item("config") or {}).get("input_size")  # a training run's
+        step = checkpoint.open_step(path)
+        params, meta = step.params_and_meta()
+        run_size = (step.json_item("config") or {}).get("input_size")  # a training run's
         converted = _named_errors(path, _checked_params, params, meta, model_name, img_size, run_size)
         return Loaded(*converted, {k: v for k, v in meta.items() if k in CARRIED_META})
     state_dict, info = load_torch_checkpoint(path, trust_pickle=trust_pickle)

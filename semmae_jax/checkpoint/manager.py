@@ -216,6 +216,10 @@ class StepReader:
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata.tree)
             return self._restore(name, ocp.args.PyTreeRestore(restore_args=restore_args))
 
+    def params_and_meta(self) -> tuple[Any, dict[str, Any]]:
+        """The params as host numpy arrays and the JSON meta (empty if none): `load_params`."""
+        return self.host_arrays(PARAMS), self.json_item(META) or {}
+
     def json_item(self, name: str) -> dict[str, Any] | None:
         if name not in self._items:
             return None
@@ -276,5 +280,4 @@ def load_params(path: PathLike) -> tuple[Any, dict[str, Any]]:
 
     Callers place them on their own mesh (`jax.device_put` with their shardings).
     """
-    step = open_step(path)
-    return step.host_arrays(PARAMS), step.json_item(META) or {}
+    return open_step(path).params_and_meta()
