@@ -107,10 +107,14 @@ def find_classes(directory: str | Path, extensions: tuple[str, ...] = IMG_EXTENS
         raise FileNotFoundError(f"image folder {directory} does not exist or is not a directory")
     entries = list(os.scandir(directory))
     classes = sorted(entry.name for entry in entries if entry.is_dir())
-    if not classes and not any(entry.name.lower().endswith(extensions) for entry in entries if entry.is_file()):
+    if not classes and not any(_is_image(entry.name, extensions) for entry in entries if entry.is_file()):
         raise FileNotFoundError(f"no class folder and no image in {directory}: expected {directory}/<class>/<image> "
                                 f"(labelled) or {directory}/<image> (unlabelled; extensions: {', '.join(extensions)})")
     return classes
+
+
+def _is_image(file_name: str, extensions: tuple[str, ...]) -> bool:
+    return file_name.lower().endswith(extensions)
 
 
 def list_images(directory: str | Path, classes: Sequence[str],
@@ -119,7 +123,7 @@ def list_images(directory: str | Path, classes: Sequence[str],
     class, the images directly in `directory`, sorted, each labelled `NO_LABEL`."""
     if not classes:
         names = sorted(entry.name for entry in os.scandir(directory)
-                       if entry.is_file() and entry.name.lower().endswith(extensions))
+                       if entry.is_file() and _is_image(entry.name, extensions))
         return [os.path.join(directory, name) for name in names], [NO_LABEL] * len(names)
     paths, labels, empty = [], [], []
     for label, name in enumerate(classes):
@@ -127,7 +131,7 @@ def list_images(directory: str | Path, classes: Sequence[str],
             os.path.join(root, fname)
             for root, _, fnames in sorted(os.walk(Path(directory) / name, followlinks=True))
             for fname in sorted(fnames)
-            if fname.lower().endswith(extensions)
+            if _is_image(fname, extensions)
         ]
         if not found:
             empty.append(str(Path(directory) / name))

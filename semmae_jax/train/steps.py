@@ -87,8 +87,8 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: 
     state. Computed once and chosen with `jnp.where(finite, new, old)`, the whole new state
     would have to exist beside the old one until the flag is known: a second copy of the
     params and moments at every step (`bench/memory_account.py --batch N`'s temporaries,
-    `tests/test_finite_guard.py`). The second pass reads the state once more, a small
-    fraction of a step's time.
+    `tests/test_finite_guard.py`). The second pass reads the state once more: on a CPU the
+    step's time did not move beyond its noise (docs/benchmarks.md); on a GPU `bench/gpu.py` times it.
     """
     current = {"params": state.params, "opt_state": state.opt_state, **{name: getattr(state, name) for name in changes}}
 
